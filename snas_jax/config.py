@@ -1,0 +1,72 @@
+"""Configuration in one place: dataclasses whose fields become absl flags.
+
+Each experiment's config is a frozen dataclass; every field carries its help
+string in ``field(metadata={'help': ...})``. ``define_flags`` turns the fields
+into absl flags (so ``--flagfile`` works) and ``from_flags`` reads them back,
+so a field is declared once and a flag can never lack a help string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from absl import flags
+
+
+def field(default, help: str, choices: tuple | None = None):  # noqa: A002 (absl's name)
+  return dataclasses.field(default=default, metadata={'help': help, 'choices': choices})
+
+
+def define_flags(cls, flag_values=flags.FLAGS) -> None:
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    kind, help_text, choices = hints[f.name], f.metadata['help'], f.metadata.get('choices')
+    if choices:
+      flags.DEFINE_enum(f.name, f.default, list(choices), help_text, flag_values=flag_values)
+    elif kind is bool:
+      flags.DEFINE_bool(f.name, f.default, help_text, flag_values=flag_values)
+    elif kind is int:
+      flags.DEFINE_integer(f.name, f.default, help_text, flag_values=flag_values)
+    elif kind is float:
+      flags.DEFINE_float(f.name, f.default, help_text, flag_values=flag_values)
+    else:
+      flags.DEFINE_string(f.name, f.default, help_text, flag_values=flag_values)
+
+
+def from_flags(cls, flag_values=flags.FLAGS):
+  config = cls(**{f.name: flag_values[f.name].value for f in dataclasses.fields(cls)})
+  validate(config)
+  return config
+
+
+def validate(config) -> None:
+  """Checks every field's choices and the class's own ``check`` (one-line errors)."""
+  for f in dataclasses.fields(config):
+    choices = f.metadata.get('choices')
+    value = getattr(config, f.name)
+    if choices and value not in choices:
+      raise ValueError(f'--{f.name}={value!r} is not one of {", ".join(map(str, choices))}')
+  if hasattr(config, 'check'):
+    config.check()
+
+
+def to_dict(config) -> dict:
+  return dataclasses.asdict(config)
+
+
+def positive(config, *names: str) -> None:
+  for name in names:
+    if getattr(config, name) <= 0:
+      raise ValueError(f'--{name} must be positive, got {getattr(config, name)}')
+
+
+# Errors a user can fix from the command line: printed as one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def run_cli(fn, *args) -> None:
+  """Runs an entry point; a user error exits with its one-line message."""
+  try:
+    fn(*args)
+  except USER_ERRORS as e:
+    raise SystemExit(f'error: {e}') from None

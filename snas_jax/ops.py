@@ -1,0 +1,386 @@
+"""The candidate operations of a cell, as Flax Linen modules.
+
+Every op works on *edge-batched* tensors so that the edges leaving one state
+are computed together (the search cell's main speed lever, see
+``search_model.py``):
+
+* input  ``x``: ``[N, H, W, S, C]`` — S distinct source states;
+* output:       ``[N, H', W', G, C_out]`` — G = ``fan_out`` · S edges, edge
+  ``g = d * S + s`` reads source ``s`` (d indexes the destinations).
+
+Parameters carry a leading edge axis G, so each edge has its own weights. With
+S = fan_out = 1 an op is the plain single-edge op that the child networks use:
+one implementation of each op serves search and evaluation.
+
+The depthwise convolution and max pool have two implementations, picked per
+backend (``impl``): ``'lax'`` (XLA's convolution / reduce_window; fine on
+GPU/TPU) and ``'shift'`` (a sum/max over K² shifted views; on XLA:CPU
+4–26x faster, PERF_NOTES.md). ``'auto'`` picks ``'shift'`` on CPU only.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+from snas_jax.genotypes import PRIMITIVES
+
+# PyTorch BatchNorm momentum 0.1 == Flax momentum 0.9.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def resolve_impl(impl: str) -> str:
+  if impl == 'auto':
+    return 'shift' if jax.default_backend() == 'cpu' else 'lax'
+  if impl not in ('lax', 'shift'):
+    raise ValueError(f'unknown op implementation {impl!r}; use auto, lax or shift')
+  return impl
+
+
+def torch_uniform_init(fan_in: int):
+  """PyTorch's default conv/linear init: U(±1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound)
+
+
+def fan_out_edges(x: jax.Array, fan_out: int) -> jax.Array:
+  """[N,H,W,S,C] -> [N,H,W,fan_out*S,C]: each source feeds fan_out edges."""
+  if fan_out == 1:
+    return x
+  n, h, w, s, c = x.shape
+  return jnp.broadcast_to(x[:, :, :, None], (n, h, w, fan_out, s, c)).reshape(
+      n, h, w, fan_out * s, c)
+
+
+# ----------------------------------------------------------------------------
+# Functional kernels (pure jnp; no parameters of their own).
+# ----------------------------------------------------------------------------
+
+def _out_size(size: int, kernel: int, stride: int, dilation: int, pad: int) -> int:
+  return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _shifted_views(xp, kernel, stride, dilation, out_h, out_w):
+  """The K² strided windows of padded xp [N,Hp,Wp,...] that a KxK op reads."""
+  for i in range(kernel):
+    for j in range(kernel):
+      yield i, j, lax.slice_in_dim(
+          lax.slice_in_dim(xp, i * dilation, i * dilation + (out_h - 1) * stride + 1,
+                           stride, axis=1),
+          j * dilation, j * dilation + (out_w - 1) * stride + 1, stride, axis=2)
+
+
+def depthwise_conv(x, kernel, *, stride: int = 1, dilation: int = 1, impl: str = 'auto'):
+  """Per-edge depthwise conv with 'same'-style padding dilation*(K-1)/2.
+
+  x: [N,H,W,S,C]; kernel: [K,K,G,C] with G = fan_out*S -> [N,H',W',G,C].
+  """
+  k, _, g, c = kernel.shape
+  n, h, w, s, _ = x.shape
+  if resolve_impl(impl) == 'lax':
+    pad = dilation * (k - 1) // 2
+    xg = fan_out_edges(x, g // s).reshape(n, h, w, g * c)
+    y = lax.conv_general_dilated(
+        xg, kernel.reshape(k, k, 1, g * c), (stride, stride), [(pad, pad)] * 2,
+        rhs_dilation=(dilation, dilation), feature_group_count=g * c,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y.reshape(n, y.shape[1], y.shape[2], g, c)
+  y = _depthwise_shift(x, kernel.reshape(k, k, g // s, s, c), stride, dilation)
+  return y.reshape(n, y.shape[1], y.shape[2], g, c)
+
+
+def _depthwise_geometry(x, k, stride, dilation):
+  pad = dilation * (k - 1) // 2
+  out_h = _out_size(x.shape[1], k, stride, dilation, pad)
+  out_w = _out_size(x.shape[2], k, stride, dilation, pad)
+  return pad, out_h, out_w
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shift(x, kernel, stride, dilation):
+  """Σ over K² shifted views of x times the tap's weights.
+
+  x: [N,H,W,S,C]; kernel: [K,K,D,S,C] -> [N,H',W',D,S,C]. The fan-out axis D
+  broadcasts against the source, so the fanned-out input is never built.
+  The custom VJP keeps only x and the kernel for the backward pass: plain
+  autodiff would keep all K² shifted views (25x the input for a 5x5).
+  """
+  k = kernel.shape[0]
+  pad, out_h, out_w = _depthwise_geometry(x, k, stride, dilation)
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0), (0, 0)))
+  out = None
+  for i, j, view in _shifted_views(xp, k, stride, dilation, out_h, out_w):
+    term = view[:, :, :, None] * kernel[i, j]
+    out = term if out is None else out + term
+  return out
+
+
+def _depthwise_shift_fwd(x, kernel, stride, dilation):
+  return _depthwise_shift(x, kernel, stride, dilation), (x, kernel)
+
+
+def _depthwise_shift_bwd(stride, dilation, residuals, g):
+  x, kernel = residuals
+  k = kernel.shape[0]
+  n, h, w, fan_out = x.shape[0], x.shape[1], x.shape[2], kernel.shape[2]
+  pad, out_h, out_w = _depthwise_geometry(x, k, stride, dilation)
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0), (0, 0)))
+  # dK: one reduction per tap (these are large; XLA:CPU does them well).
+  grad_kernel = jnp.stack([(view[:, :, :, None] * g).sum((0, 1, 2))
+                           for _, _, view in _shifted_views(xp, k, stride, dilation, out_h, out_w)])
+  # dx: the transposed conv, written as a forward shift-and-add over g
+  # upsampled by the stride (interior zeros) and padded, with the flipped
+  # kernel. Sums over small axes are unrolled: XLA:CPU fuses a chain of adds
+  # into one loop but materialises a reduce over a short axis (10x slower).
+  reach = (k - 1) * dilation
+  g_full = lax.pad(g, jnp.zeros((), g.dtype), (
+      (0, 0, 0),
+      (reach - pad, h + pad - (out_h - 1) * stride - 1, stride - 1),
+      (reach - pad, w + pad - (out_w - 1) * stride - 1, stride - 1),
+      (0, 0, 0), (0, 0, 0), (0, 0, 0)))
+  acc = None
+  for i, j, view in _shifted_views(g_full, k, 1, dilation, h, w):
+    term = view * kernel[k - 1 - i, k - 1 - j]
+    acc = term if acc is None else acc + term
+  grad_x = functools.reduce(jnp.add, [acc[:, :, :, d] for d in range(fan_out)])
+  return grad_x, grad_kernel.reshape(kernel.shape)
+
+
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+
+
+def pointwise_conv(x, kernel):
+  """Per-edge 1x1 conv. x: [N,H,W,S,C]; kernel: [G,C,F], G = fan_out*S -> [N,H,W,G,F]."""
+  g, c, f = kernel.shape
+  n, h, w, s, _ = x.shape
+  y = jnp.einsum('nhwsc,dscf->nhwdsf', x, kernel.reshape(g // s, s, c, f))
+  return y.reshape(n, h, w, g, f)
+
+
+def _scatter_to_padded(tap, i, j, stride, dilation, padded_hw, out_hw):
+  """Sends a tap's output-side values back to the padded input positions it read."""
+  lo_h, lo_w = i * dilation, j * dilation
+  hi_h = padded_hw[0] - lo_h - ((out_hw[0] - 1) * stride + 1)
+  hi_w = padded_hw[1] - lo_w - ((out_hw[1] - 1) * stride + 1)
+  config = ((0, 0, 0), (lo_h, hi_h, stride - 1), (lo_w, hi_w, stride - 1))
+  return lax.pad(tap, jnp.zeros((), tap.dtype), config + ((0, 0, 0),) * (tap.ndim - 3))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_shift(x, stride):
+  """Max over the 9 shifted views of x padded with -inf. x: [N,H,W,...].
+
+  Custom VJP: keeps x and the output (autodiff of a max chain keeps every
+  partial max) and routes each gradient to the first maximal tap, as XLA's
+  select-and-scatter does.
+  """
+  xp, out_hw = _max_pool_padded(x, stride)
+  return functools.reduce(jnp.maximum, [v for _, _, v in _shifted_views(xp, 3, stride, 1, *out_hw)])
+
+
+def _max_pool_padded(x, stride):
+  out_hw = (_out_size(x.shape[1], 3, stride, 1, 1), _out_size(x.shape[2], 3, stride, 1, 1))
+  pad = ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * (x.ndim - 3)
+  return jnp.pad(x, pad, constant_values=-jnp.inf), out_hw
+
+
+def _max_pool_shift_fwd(x, stride):
+  y = _max_pool_shift(x, stride)
+  return y, (x, y)
+
+
+def _max_pool_shift_bwd(stride, residuals, g):
+  x, y = residuals
+  xp, out_hw = _max_pool_padded(x, stride)
+  taken = jnp.zeros(y.shape, bool)
+  g_src = None
+  for i, j, view in _shifted_views(xp, 3, stride, 1, *out_hw):
+    hit = (view == y) & ~taken
+    taken = taken | hit
+    term = _scatter_to_padded(jnp.where(hit, g, 0.0), i, j, stride, 1, xp.shape[1:3], out_hw)
+    g_src = term if g_src is None else g_src + term
+  return (g_src[:, 1:1 + x.shape[1], 1:1 + x.shape[2]],)
+
+
+_max_pool_shift.defvjp(_max_pool_shift_fwd, _max_pool_shift_bwd)
+
+
+def max_pool_3x3(x, *, stride: int = 1, impl: str = 'auto'):
+  """3x3 max pool, pad 1 with -inf. x: [N,H,W,...] (any trailing axes)."""
+  if resolve_impl(impl) == 'lax':
+    window = (1, 3, 3) + (1,) * (x.ndim - 3)
+    strides = (1, stride, stride) + (1,) * (x.ndim - 3)
+    padding = ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * (x.ndim - 3)
+    return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)
+  return _max_pool_shift(x, stride)
+
+
+def avg_pool_3x3(x, *, stride: int = 1):
+  """3x3 average pool, pad 1, padding excluded from the count (PyTorch
+  count_include_pad=False). Linear, so one form serves every backend."""
+  n, h, w = x.shape[:3]
+  out_h, out_w = _out_size(h, 3, stride, 1, 1), _out_size(w, 3, stride, 1, 1)
+  pad = ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * (x.ndim - 3)
+  total = sum(v for _, _, v in _shifted_views(jnp.pad(x, pad), 3, stride, 1, out_h, out_w))
+  ones = jnp.pad(jnp.ones((1, h, w) + (1,) * (x.ndim - 3), x.dtype), pad)
+  count = sum(v for _, _, v in _shifted_views(ones, 3, stride, 1, out_h, out_w))
+  return total / count
+
+
+# ----------------------------------------------------------------------------
+# Modules. Each maps [N,H,W,S,C_in] -> [N,H',W',fan_out*S,C_out].
+# ----------------------------------------------------------------------------
+
+class EdgeBatchNorm(nn.Module):
+  """BatchNorm with one channel per (edge, channel): x [N,H,W,G,C]."""
+  affine: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    n, h, w, g, c = x.shape
+    y = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                     epsilon=BN_EPSILON, use_scale=self.affine, use_bias=self.affine,
+                     name='bn')(x.reshape(n, h, w, g * c))
+    return y.reshape(n, h, w, g, c)
+
+
+class DepthwiseConv(nn.Module):
+  kernel_size: int
+  stride: int = 1
+  dilation: int = 1
+  fan_out: int = 1
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x):
+    s, c = x.shape[-2:]
+    kernel = self.param('kernel', torch_uniform_init(self.kernel_size ** 2),
+                        (self.kernel_size, self.kernel_size, self.fan_out * s, c))
+    return depthwise_conv(x, kernel, stride=self.stride, dilation=self.dilation,
+                          impl=self.impl)
+
+
+class PointwiseConv(nn.Module):
+  features: int
+  fan_out: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    s, c = x.shape[-2:]
+    kernel = self.param('kernel', torch_uniform_init(c), (self.fan_out * s, c, self.features))
+    return pointwise_conv(x, kernel)
+
+
+class DilConv(nn.Module):
+  """ReLU -> depthwise KxK (dilation, stride) -> 1x1 -> BN."""
+  c_out: int
+  kernel_size: int
+  stride: int = 1
+  dilation: int = 1
+  fan_out: int = 1
+  affine: bool = True
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = DepthwiseConv(self.kernel_size, self.stride, self.dilation, self.fan_out,
+                      self.impl)(nn.relu(x))
+    x = PointwiseConv(self.c_out)(x)
+    return EdgeBatchNorm(self.affine)(x, train)
+
+
+class SepConv(nn.Module):
+  """DilConv(stride) then DilConv(stride 1), both with dilation 1."""
+  c_out: int
+  kernel_size: int
+  stride: int = 1
+  fan_out: int = 1
+  affine: bool = True
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c_in = x.shape[-1]
+    x = DilConv(c_in, self.kernel_size, self.stride, 1, self.fan_out, self.affine,
+                self.impl)(x, train)
+    return DilConv(self.c_out, self.kernel_size, 1, 1, 1, self.affine, self.impl)(x, train)
+
+
+class Pool(nn.Module):
+  """3x3 max or average pool -> BN (the reference's search cells add the BN)."""
+  kind: str  # 'max' | 'avg'
+  stride: int = 1
+  fan_out: int = 1
+  affine: bool = True
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.kind == 'max':
+      y = max_pool_3x3(x, stride=self.stride, impl=self.impl)
+    else:
+      y = avg_pool_3x3(x, stride=self.stride)
+    if self.affine:
+      return EdgeBatchNorm(True)(fan_out_edges(y, self.fan_out), train)
+    # Without affine parameters the BN of every edge leaving one source is the
+    # same function of the same tensor: normalise once, then fan out.
+    return fan_out_edges(EdgeBatchNorm(False)(y, train), self.fan_out)
+
+
+class FactorizedReduce(nn.Module):
+  """ReLU -> concat(1x1/2 conv of x, 1x1/2 conv of x shifted by a pixel) -> BN."""
+  c_out: int
+  fan_out: int = 1
+  affine: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.c_out % 2:
+      raise ValueError(f'FactorizedReduce needs an even channel count, got {self.c_out}')
+    x = nn.relu(x)
+    a = PointwiseConv(self.c_out // 2, self.fan_out)(x[:, ::2, ::2])
+    b = PointwiseConv(self.c_out // 2, self.fan_out)(x[:, 1::2, 1::2])
+    return EdgeBatchNorm(self.affine)(jnp.concatenate([a, b], axis=-1), train)
+
+
+class ReLUConvBN(nn.Module):
+  """ReLU -> 1x1 conv -> BN (cell preprocessing)."""
+  c_out: int
+  affine: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return EdgeBatchNorm(self.affine)(PointwiseConv(self.c_out)(nn.relu(x)), train)
+
+
+class Identity(nn.Module):
+  fan_out: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    return fan_out_edges(x, self.fan_out)
+
+
+def make_op(name: str, c: int, stride: int, *, fan_out: int = 1, affine: bool = True,
+            impl: str = 'auto', op_name: str | None = None) -> nn.Module | None:
+  """The module for PRIMITIVES ``name`` (None for 'none': it is never computed)."""
+  kw = dict(name=op_name)
+  if name == 'none':
+    return None
+  if name in ('max_pool_3x3', 'avg_pool_3x3'):
+    return Pool(name[:3], stride, fan_out, affine, impl, **kw)
+  if name == 'skip_connect':
+    return (Identity(fan_out, **kw) if stride == 1
+            else FactorizedReduce(c, fan_out, affine, **kw))
+  if name in ('sep_conv_3x3', 'sep_conv_5x5'):
+    return SepConv(c, int(name[-1]), stride, fan_out, affine, impl, **kw)
+  if name in ('dil_conv_3x3', 'dil_conv_5x5'):
+    return DilConv(c, int(name[-1]), stride, 2, fan_out, affine, impl, **kw)
+  raise ValueError(f'unknown op {name!r}; choose one of {", ".join(PRIMITIVES)}')

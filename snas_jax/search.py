@@ -1,0 +1,451 @@
+"""SNAS search: the configuration, the jitted step, evaluation and the loop.
+
+Read top to bottom: Config, Model & Optimizer, Update Step, Evals, Checkpoint,
+Train Loop, Hand-off. One pure step updates w and α from the same backward
+pass on the same batch (single-level, SPEC §3): a Gumbel-softmax sample Z per
+cell type (one per step, shared by the batch and all cells of that type),
+cross-entropy plus η·resource penalty, one optax transformation partitioned
+into SGD for w and Adam for α.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from snas_jax import checkpoint, config as config_lib, costs, data, genotypes, parallel
+from snas_jax import reporting, sampling
+from snas_jax.config import field
+from snas_jax.search_model import SearchNetwork
+
+# ----------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  # Data.
+  data_dir: str = field('', 'Folder with the CIFAR-10 npz copy (e.g. ../shared/data/cifar10), '
+                        'read in place. Empty: tensorflow-datasets cifar10.')
+  tfds_data_dir: str = field('', 'tensorflow-datasets data dir for cifar10 when --data_dir is empty.')
+  num_train_images: int = field(0, 'Search on this many training images (class-balanced '
+                                'subset); 0 = all 50,000 (or all but the held-out ones).')
+  heldout_images: int = field(0, 'Hold out this many training images for search validation; '
+                              '0 = validate on the test set, as the reference does.')
+  num_eval_images: int = field(0, 'Evaluate on this many images of the validation set; 0 = all.')
+  # Network.
+  channels: int = field(16, 'Initial channels C of the search network.')
+  layers: int = field(8, 'Cells in the search network; reductions at L//3 and 2L//3.')
+  drop_path: float = field(0.0, 'Per-sample drop probability of each edge during search. The '
+                           'reference uses 0.3; the paper does not mention it.')
+  impl: str = field('auto', 'Depthwise conv / max pool implementation: shift (fast on CPU), '
+                    'lax (XLA native; fast on GPU/TPU) or auto (by backend).',
+                    choices=('auto', 'shift', 'lax'))
+  remat: bool = field(False, 'Recompute each cell in the backward pass: less memory, '
+                      'about a third more compute (the reference\'s --use_ckpt).')
+  # Method.
+  method: str = field('snas', 'snas: Gumbel-softmax samples Z; darts: Z = softmax(α) '
+                      '(single-level DARTS baseline) with DARTS top-2 derivation.',
+                      choices=('snas', 'darts'))
+  tau0: float = field(1.0, 'Initial Gumbel-softmax temperature.')
+  tau_min: float = field(0.03, 'Final temperature, reached at the last epoch (linear per epoch).')
+  resource_eta: float = field(0.0, 'Weight η of the resource penalty; 0 = no constraint. See '
+                              'README for the mild / moderate / aggressive levels.')
+  resource_estimator: str = field('score', 'Gradient of the penalty: score (eq. 11, per-edge '
+                                  'credit), pathwise (through the soft sample), exact (expectation).',
+                                  choices=costs.ESTIMATORS)
+  resource_kinds: str = field('params,flops,mac', 'Comma-separated costs in the penalty.')
+  resource_transform: str = field('log', 'Each cost enters as its log (clamped at 1) or as is.',
+                                  choices=('log', 'linear'))
+  # Optimisation (SPEC §5).
+  batch_size: int = field(64, 'Global batch size (split over all devices of all hosts).')
+  epochs: int = field(150, 'Search epochs; τ and the w learning rate follow this count.')
+  w_lr: float = field(0.025, 'SGD learning rate of the weights w (cosine-annealed per epoch).')
+  w_lr_min: float = field(0.001, 'Final learning rate of w.')
+  w_momentum: float = field(0.9, 'SGD momentum of w.')
+  w_weight_decay: float = field(3e-4, 'L2 weight decay of w.')
+  grad_clip: float = field(5.0, 'Global-norm clip of the w gradient.')
+  alpha_lr: float = field(3e-4, 'Adam learning rate of α.')
+  alpha_beta1: float = field(0.5, 'Adam β1 of α.')
+  alpha_beta2: float = field(0.999, 'Adam β2 of α.')
+  alpha_weight_decay: float = field(1e-3, 'L2 weight decay of α (added to the gradient, as torch Adam).')
+  seed: int = field(0, 'Seed of initialisation, data order, augmentation and Gumbel noise.')
+  # Bookkeeping.
+  eval_batch_size: int = field(256, 'Global batch size of evaluation.')
+  checkpoint_every_steps: int = field(500, 'Also checkpoint every this many steps (and at each epoch end).')
+  stop_after_step: int = field(0, 'Checkpoint and stop once this global step is done, as if '
+                               'preempted (0 = run to the end). For testing resume.')
+
+  def check(self):
+    config_lib.positive(self, 'channels', 'layers', 'batch_size', 'epochs', 'eval_batch_size',
+                        'tau0', 'tau_min', 'w_lr', 'alpha_lr', 'checkpoint_every_steps')
+    if not 0 <= self.drop_path < 1:
+      raise ValueError(f'--drop_path={self.drop_path} must lie in [0, 1)')
+    if self.resource_eta < 0:
+      raise ValueError(f'--resource_eta={self.resource_eta} must be >= 0')
+    if self.tau_min > self.tau0:
+      raise ValueError(f'--tau_min={self.tau_min} must not exceed --tau0={self.tau0}')
+    if self.method == 'darts' and self.resource_eta > 0 and self.resource_estimator == 'score':
+      raise ValueError('--method=darts has no discrete sample: use --resource_estimator=exact '
+                       'or pathwise with --resource_eta')
+    self.kinds()
+
+  def kinds(self) -> tuple:
+    kinds = tuple(k.strip() for k in self.resource_kinds.split(',') if k.strip())
+    if not kinds or set(kinds) - set(costs.COST_KINDS):
+      raise ValueError(f'--resource_kinds={self.resource_kinds!r}: use a comma-separated subset '
+                       f'of {",".join(costs.COST_KINDS)}')
+    return kinds
+
+
+# Fields a resumed run may change: they alter neither shapes nor results.
+RESUMABLE_FIELDS = frozenset({'data_dir', 'tfds_data_dir', 'impl', 'remat', 'eval_batch_size',
+                              'checkpoint_every_steps', 'stop_after_step'})
+
+# ----------------------------------------------------------------------------
+# Model & Optimizer
+# ----------------------------------------------------------------------------
+
+
+@struct.dataclass
+class SearchState:
+  step: jax.Array        # int32 scalar: global steps done
+  params: dict           # {'w': network weights, 'alpha': {'normal','reduce'}: [14, 8]}
+  batch_stats: dict      # BatchNorm running statistics
+  opt_state: optax.OptState
+  rng: jax.Array         # uint32[2]; step t uses fold_in(rng, t)
+
+
+def make_network(cfg: SearchConfig, num_classes: int = 10) -> SearchNetwork:
+  return SearchNetwork(c=cfg.channels, num_classes=num_classes, layers=cfg.layers,
+                       drop_path=cfg.drop_path, remat=cfg.remat, impl=cfg.impl)
+
+
+def learning_rate_schedule(cfg: SearchConfig, steps_per_epoch: int):
+  """Cosine from w_lr to w_lr_min, stepped per epoch (PyTorch CosineAnnealingLR)."""
+  def schedule(count):
+    epoch = jnp.minimum(count // steps_per_epoch, cfg.epochs - 1)
+    return cfg.w_lr_min + 0.5 * (cfg.w_lr - cfg.w_lr_min) * (1 + jnp.cos(jnp.pi * epoch / cfg.epochs))
+  return schedule
+
+
+def make_optimizer(cfg: SearchConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD for w, Adam for α (SPEC §5), as one partitioned transformation."""
+  w_tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.add_decayed_weights(cfg.w_weight_decay),
+                     optax.sgd(learning_rate_schedule(cfg, steps_per_epoch), momentum=cfg.w_momentum))
+  alpha_tx = optax.chain(optax.add_decayed_weights(cfg.alpha_weight_decay),
+                         optax.adam(cfg.alpha_lr, b1=cfg.alpha_beta1, b2=cfg.alpha_beta2))
+  labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
+  return optax.partition({'w': w_tx, 'alpha': alpha_tx}, labels)
+
+
+def init_state(cfg: SearchConfig, net: SearchNetwork, tx, image_shape) -> SearchState:
+  """Initial state (call under jit). α ~ N(1, 0.01) as the reference (the mean
+  cancels in the softmax)."""
+  key = jax.random.PRNGKey(cfg.seed)
+  k_init, k_alpha_n, k_alpha_r, k_run = jax.random.split(key, 4)
+  z = jnp.full((genotypes.NUM_EDGES, genotypes.NUM_OPS), 1.0 / genotypes.NUM_OPS)
+  # The dead forward pass of init is traced with the compact lax ops: the
+  # parameters are the same for every impl and it compiles much faster.
+  variables = net.clone(impl='lax').init(k_init, jnp.zeros((1,) + tuple(image_shape)), z, z, False)
+  alpha_shape = (genotypes.NUM_EDGES, genotypes.NUM_OPS)
+  params = {'w': variables['params'],
+            'alpha': {'normal': 1.0 + 1e-2 * jax.random.normal(k_alpha_n, alpha_shape),
+                      'reduce': 1.0 + 1e-2 * jax.random.normal(k_alpha_r, alpha_shape)}}
+  return SearchState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=variables['batch_stats'], opt_state=tx.init(params), rng=k_run)
+
+# ----------------------------------------------------------------------------
+# Update Step
+# ----------------------------------------------------------------------------
+
+
+def arch_weights(cfg: SearchConfig, alpha: dict, key, tau):
+  """Edge weights the network runs with: {'normal','reduce'} -> (soft Z, hard Z)."""
+  out = {}
+  for i, cell_type in enumerate(('normal', 'reduce')):
+    if cfg.method == 'snas':
+      soft, hard, _ = sampling.sample_arch_weights(jax.random.fold_in(key, i), alpha[cell_type], tau)
+    else:
+      soft, hard = jax.nn.softmax(alpha[cell_type], axis=-1), None
+    out[cell_type] = (soft, hard)
+  return out
+
+
+def make_train_step(cfg: SearchConfig, net: SearchNetwork, tx, penalty_tables: dict, mesh):
+  """The jitted, data-parallel step: (state, batch, tau) -> (state, metrics)."""
+  tables = {k: jnp.asarray(v) for k, v in penalty_tables.items()}
+
+  def train_step(state: SearchState, batch: dict, tau):
+    key = jax.random.fold_in(state.rng, state.step)
+    k_arch, k_drop = jax.random.split(key)
+
+    def loss_fn(params):
+      z = arch_weights(cfg, params['alpha'], k_arch, tau)
+      logits, new_vars = net.apply(
+          {'params': params['w'], 'batch_stats': state.batch_stats}, batch['image'],
+          z['normal'][0], z['reduce'][0], True, mutable=['batch_stats'], rngs={'dropout': k_drop})
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+      penalty = jnp.zeros(())
+      if cfg.resource_eta > 0:
+        penalty = cfg.resource_eta * sum(
+            costs.resource_penalty(params['alpha'][t], z[t][0], z[t][1], tables[t],
+                                   cfg.resource_estimator) for t in ('normal', 'reduce'))
+      return ce + penalty, (ce, logits, new_vars['batch_stats'])
+
+    grads, (ce, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': ce,
+               'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+               'grad_norm_w': optax.global_norm(grads['w'])}
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(train_step, in_shardings=(repl, sharded, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+
+# ----------------------------------------------------------------------------
+# Evals
+# ----------------------------------------------------------------------------
+
+
+def make_eval_step(net: SearchNetwork, mesh):
+  """(state, batch, z_normal, z_reduce) -> summed loss / correct / count, BN in eval mode."""
+  def eval_step(state: SearchState, batch: dict, z_normal, z_reduce):
+    logits = net.apply({'params': state.params['w'], 'batch_stats': state.batch_stats},
+                       batch['image'], z_normal, z_reduce, False)
+    mask = batch['mask'].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    return {'loss': (ce * mask).sum(), 'correct': ((jnp.argmax(logits, -1) == batch['label']) * mask).sum(),
+            'count': mask.sum()}
+  repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(eval_step, in_shardings=(repl, sharded, repl, repl), out_shardings=repl)
+
+
+def evaluate(eval_step, state, iterator, mesh, z_fn) -> dict:
+  """Accuracy and loss over one pass; ``z_fn(batch_index)`` -> (z_normal, z_reduce)."""
+  sums = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+  for i, batch in enumerate(iterator.epoch(0)):
+    out = eval_step(state, parallel.to_global(batch, mesh), *z_fn(i))
+    for k in sums:
+      sums[k] += float(out[k])
+  return {'accuracy': sums['correct'] / max(sums['count'], 1), 'loss': sums['loss'] / max(sums['count'], 1)}
+
+
+def derive_genotypes(alpha: dict) -> dict:
+  """Both derivation rules on the current α: {'snas': Genotype, 'darts': Genotype}."""
+  a_n, a_r = np.asarray(alpha['normal']), np.asarray(alpha['reduce'])
+  return {rule: genotypes.derive(a_n, a_r, rule) for rule in ('snas', 'darts')}
+
+
+def child_arch_weights(cfg: SearchConfig, alpha: dict):
+  """One-hot Z of the derived child (the method's own derivation rule)."""
+  geno = derive_genotypes(alpha)[cfg.method]
+  return (jnp.asarray(genotypes.cell_to_one_hot(geno.normal)),
+          jnp.asarray(genotypes.cell_to_one_hot(geno.reduce)))
+
+
+def arch_summary(cfg: SearchConfig, alpha: dict, image_size: int) -> dict:
+  """α entropy per edge and the expected / derived-child cell costs."""
+  out = {}
+  for cell_type in ('normal', 'reduce'):
+    ent = np.asarray(sampling.entropy(alpha[cell_type]))
+    out[f'alpha_entropy_{cell_type}'] = float(ent.mean())
+    out[f'alpha_entropy_{cell_type}_per_edge'] = [round(float(e), 5) for e in ent]
+  probs = {t: jax.nn.softmax(alpha[t], axis=-1) for t in ('normal', 'reduce')}
+  child = child_arch_weights(cfg, alpha)
+  for prefix, (zn, zr) in (('expected', (probs['normal'], probs['reduce'])), ('child', child)):
+    for kind, value in costs.network_costs(zn, zr, cfg.channels, cfg.layers, image_size).items():
+      out[f'{prefix}_{kind}'] = float(value)
+  return out
+
+# ----------------------------------------------------------------------------
+# Checkpoint
+# ----------------------------------------------------------------------------
+
+
+def check_resume_config(saved: dict, cfg: SearchConfig, workdir: str) -> None:
+  """A resume must not change anything that alters shapes or results."""
+  current = config_lib.to_dict(cfg)
+  for name, value in current.items():
+    if name in RESUMABLE_FIELDS or name not in saved:
+      continue
+    if saved[name] != value:
+      raise checkpoint.CheckpointError(
+          f'{workdir} holds a search with --{name}={saved[name]!r} but this run asks '
+          f'--{name}={value!r}; rerun with the same flags or use a new --workdir')
+
+
+def load_genotype(search_workdir: str, rule: str = 'snas') -> genotypes.Genotype:
+  """The genotype of a finished search, restored through its Orbax checkpoint."""
+  if not os.path.isdir(os.path.join(search_workdir, checkpoint.CHECKPOINT_DIR)):
+    raise checkpoint.CheckpointError(
+        f'--search_workdir={search_workdir} holds no search checkpoint; run '
+        f'experiments/search_cifar.py with --workdir={search_workdir} first')
+  meta = checkpoint.Checkpointer(search_workdir, read_only=True).restore_meta()
+  if not meta.get('finished'):
+    raise checkpoint.CheckpointError(
+        f'--search_workdir={search_workdir} holds an unfinished search (epoch {meta["epoch"]} '
+        f'of {meta["config"]["epochs"]}); rerun its command to finish it')
+  if rule not in meta['genotypes']:
+    raise ValueError(f'unknown derivation rule {rule!r}; use one of {sorted(meta["genotypes"])}')
+  return genotypes.Genotype.from_dict(meta['genotypes'][rule])
+
+# ----------------------------------------------------------------------------
+# Train Loop
+# ----------------------------------------------------------------------------
+
+
+def load_data(cfg: SearchConfig) -> dict:
+  """Train / validation / test arrays; fails (one line) before anything compiles."""
+  cifar = data.load_cifar10(cfg.data_dir or None, cfg.tfds_data_dir or None)
+  train = (cifar['train_images'], cifar['train_labels'])
+  test = (cifar['test_images'], cifar['test_labels'])
+  val = test
+  if cfg.heldout_images:
+    train, val = data.split_train(*train, cfg.heldout_images, seed=cfg.seed)
+  if cfg.num_train_images:
+    train = data.subset(*train, cfg.num_train_images, seed=cfg.seed)
+  if cfg.num_eval_images:
+    val = data.subset(*val, cfg.num_eval_images, seed=cfg.seed)
+    test = data.subset(*test, cfg.num_eval_images, seed=cfg.seed)
+  if len(train[0]) < cfg.batch_size:
+    raise ValueError(f'--batch_size={cfg.batch_size} exceeds the {len(train[0])} training images')
+  return {'train': train, 'val': val, 'test': test}
+
+
+def run(cfg: SearchConfig, workdir: str) -> dict:
+  """Searches (or resumes the search in ``workdir``) and writes every output."""
+  config_lib.validate(cfg)
+  if not workdir:
+    raise ValueError('--workdir is required: the folder for checkpoints and outputs')
+  arrays = load_data(cfg)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(cfg.batch_size, mesh)
+  parallel.check_batch_size(cfg.eval_batch_size, mesh, '--eval_batch_size')
+  pid, nproc = jax.process_index(), jax.process_count()
+  train_iter = data.BatchIterator(*arrays['train'], cfg.batch_size, seed=cfg.seed, train=True,
+                                  process_index=pid, process_count=nproc)
+  eval_iter = lambda split: data.BatchIterator(*arrays[split], cfg.eval_batch_size, seed=cfg.seed,
+                                               train=False, process_index=pid, process_count=nproc)
+  val_iter = eval_iter('val')
+  steps_per_epoch = train_iter.steps_per_epoch
+  image_shape = arrays['train'][0].shape[1:]
+  image_size = image_shape[0]
+
+  net = make_network(cfg)
+  tx = make_optimizer(cfg, steps_per_epoch)
+  tables = costs.penalty_tables(cfg.channels, cfg.layers, image_size, cfg.kinds(),
+                                cfg.resource_transform)
+  repl = parallel.replicated(mesh)
+  init_fn = jax.jit(lambda: init_state(cfg, net, tx, image_shape), out_shardings=repl)
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(workdir)
+  meta = {'config': config_lib.to_dict(cfg), 'epoch': 0, 'epoch_sums': None, 'records': [],
+          'finished': False, 'elapsed_s': 0.0}
+  t0 = time.time()
+  if ckpt.latest_step() is not None:
+    check_resume_config(ckpt.restore_meta()['config'], cfg, workdir)
+    abstract = jax.eval_shape(lambda: init_state(cfg, net, tx, image_shape))
+    state, meta = ckpt.restore(checkpoint.abstract_like(abstract, repl))
+  else:
+    state = init_fn()
+  step = int(state.step)
+  if meta['finished']:
+    print(f'search in {workdir} already finished; outputs are in place')
+    return meta
+  writer = reporting.MetricsWriter(workdir, resume_step=step)
+  train_step = make_train_step(cfg, net, tx, tables, mesh)
+  eval_step = make_eval_step(net, mesh)
+  elapsed_before = meta['elapsed_s']
+
+  def save(state, meta):
+    meta['elapsed_s'] = elapsed_before + time.time() - t0
+    ckpt.save(int(state.step), state, meta)
+
+  for epoch in range(meta['epoch'], cfg.epochs):  # meta['epoch']: epochs fully done
+    tau = sampling.temperature(epoch, cfg.epochs, cfg.tau0, cfg.tau_min)
+    start = step - epoch * steps_per_epoch
+    sums = meta['epoch_sums'] if (start and meta['epoch_sums']) else {'loss': 0.0, 'accuracy': 0.0, 'steps': 0}
+    epoch_t0 = time.time()
+    bar = reporting.ProgressBar(steps_per_epoch - start, desc=f'epoch {epoch + 1}/{cfg.epochs}')
+    for batch in train_iter.epoch(epoch, start_step=start):
+      state, metrics = train_step(state, parallel.to_global(batch, mesh), tau)
+      step += 1
+      loss = float(metrics['loss'])
+      if not math.isfinite(loss):
+        raise FloatingPointError(
+            f'loss is {loss} at step {step} (epoch {epoch + 1}); the last checkpoint is kept: '
+            f'lower --w_lr / --alpha_lr or check the data, then rerun')
+      sums['loss'] += loss
+      sums['accuracy'] += float(metrics['accuracy'])
+      sums['steps'] += 1
+      bar.update(1, loss=loss, acc=sums['accuracy'] / sums['steps'])
+      epoch_end = step % steps_per_epoch == 0  # saved below, after the evals
+      if step == cfg.stop_after_step or (step % cfg.checkpoint_every_steps == 0 and not epoch_end):
+        meta.update(epoch=epoch, epoch_sums=dict(sums))
+        save(state, meta)
+      if step == cfg.stop_after_step:
+        bar.close()
+        ckpt.close()
+        writer.close()
+        print(f'stopped after step {step} as asked (--stop_after_step); rerun to resume')
+        return meta
+    bar.close()
+    train_time = time.time() - epoch_t0
+
+    # Evals: stochastic samples at the current τ (the paper's "search
+    # validation"), and the derived child without finetuning (Table 1).
+    alpha = state.params['alpha']
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), epoch)
+    sample_z = lambda i: tuple(z[0] for z in arch_weights(cfg, alpha, jax.random.fold_in(eval_key, i),
+                                                          tau).values())
+    search_val = evaluate(eval_step, state, val_iter, mesh, sample_z)
+    child_z = child_arch_weights(cfg, alpha)
+    child = evaluate(eval_step, state, val_iter, mesh, lambda i: child_z)
+    record = {'epoch': epoch + 1, 'step': step, 'tau': float(tau),
+              'lr': float(learning_rate_schedule(cfg, steps_per_epoch)(step - 1)),
+              'train_loss': sums['loss'] / sums['steps'], 'train_acc': sums['accuracy'] / sums['steps'],
+              'search_val_loss': search_val['loss'], 'search_val_acc': search_val['accuracy'],
+              'child_loss': child['loss'], 'child_acc': child['accuracy'],
+              'epoch_time_s': train_time,
+              'images_per_s': sums['steps'] * cfg.batch_size / max(train_time, 1e-9),
+              **arch_summary(cfg, alpha, image_size)}
+    writer.write(step, record, epoch=epoch + 1)
+    writer.flush()
+    print(f'epoch {epoch + 1}: train acc {record["train_acc"]:.4f}, search val acc '
+          f'{record["search_val_acc"]:.4f}, child acc {record["child_acc"]:.4f}, tau {float(tau):.3f}')
+    meta.update(epoch=epoch + 1, epoch_sums=None, records=meta['records'] + [record])
+    if epoch + 1 == cfg.epochs:
+      # Hand-off: the genotypes go into the checkpoint (train.py restores them).
+      test = evaluate(eval_step, state, eval_iter('test'), mesh, lambda i: child_z)
+      meta.update(finished=True, child_test_acc=test['accuracy'], genotypes={
+          k: g.to_dict() for k, g in derive_genotypes(alpha).items()})
+    save(state, meta)
+  ckpt.close()
+  final = derive_genotypes(state.params['alpha'])
+  alpha_np = {k: np.asarray(v) for k, v in state.params['alpha'].items()}
+  writer.close()
+  if jax.process_index() == 0:
+    reporting.write_search_report(workdir, final, alpha_np, meta['records'])
+    summary = {'child_test_acc': meta['child_test_acc'], 'elapsed_s': meta['elapsed_s'],
+               'method': cfg.method, 'genotype': final[cfg.method].to_dict(),
+               'last_epoch': meta['records'][-1] if meta['records'] else None}
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=1)
+  print(f'search finished: child test accuracy {meta["child_test_acc"]:.4f}; genotype in '
+        f'{os.path.join(workdir, "genotype.json")}')
+  return meta

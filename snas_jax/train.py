@@ -1,0 +1,689 @@
+"""Retraining a derived cell from scratch: CIFAR-10 and ImageNet (SPEC §7).
+
+Read top to bottom: Config, Architecture, Model size, Input, Model &
+Optimizer, Update steps, Checkpoint, Train loop, Summary.
+
+The architecture comes from exactly one of a finished search's workdir
+(``--search_workdir``, through ``search.load_genotype``), a genotype JSON file
+(``--genotype_json``, ``Genotype.to_json`` format) or a published cell
+(``--arch``). The network is ``child_model.NetworkCIFAR`` / ``NetworkImageNet``.
+
+Data parallelism: one 'data' mesh over every device of every host; the train
+state is replicated, each batch is split along its rows, and ``jax.jit``
+inserts the gradient all-reduce (BN statistics are those of the global
+batch). The learning rate and the drop-path rate enter the jitted step as
+arrays, so a new epoch never recompiles. A run resumes from its latest
+checkpoint (every ``--checkpoint_every_steps`` and at each epoch end),
+mid-epoch exactly on CIFAR-10 (batches are a pure function of seed, epoch and
+index).
+
+Outputs in ``--workdir``: ``checkpoints/``, ``metrics.jsonl`` (one record per
+epoch), ``tensorboard/`` and, at the end, ``final.json`` with the test error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.extend import core as jax_core
+
+from snas_jax import checkpoint, child_model, data, genotypes, parallel, reporting
+from snas_jax import config as config_lib
+from snas_jax.config import field
+
+NUM_CLASSES = {'cifar10': 10, 'imagenet': 1000}
+CIFAR_IMAGE_SIZE = 32
+MOBILE_MULTIPLY_ADDS = 600e6  # the ImageNet mobile setting's limit (SPEC §7)
+FINAL_FILE = 'final.json'
+
+
+# ----------------------------------------------------------------------------
+# Config.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Retraining flags. Defaults: CIFAR-10, SPEC §7 / App. G.2 (IMAGENET_DEFAULTS for ImageNet)."""
+  # Architecture: exactly one of the three sources.
+  search_workdir: str = field('', 'Workdir of a finished search: its derived genotype is trained '
+                              '(restored through Orbax). One of --search_workdir, --genotype_json, '
+                              '--arch.')
+  derive_rule: str = field('snas', 'With --search_workdir: derive the child with the SNAS rule '
+                           '(argmax of all 8 ops per edge) or the DARTS rule (top-2 edges per node).',
+                           choices=('snas', 'darts'))
+  genotype_json: str = field('', 'Path to a genotype JSON file ({"normal": [[[op, input], ...] x 4], '
+                             '"reduce": ..., "concat": [2, 3, 4, 5]}), as a search writes it.')
+  arch: str = field('', 'A published cell: ' + ', '.join(genotypes.PUBLISHED) + '.')
+  # Network.
+  dataset: str = field('cifar10', 'Data set to train and test on.', choices=tuple(NUM_CLASSES))
+  channels: int = field(36, 'Initial channels C (the first cells have C per node; doubles at each '
+                        'reduction). Paper: 36 on CIFAR-10, 48 on ImageNet.')
+  layers: int = field(20, 'Number of cells L; reduction cells at L//3 and 2L//3. Paper: 20 on '
+                      'CIFAR-10, 14 on ImageNet.')
+  image_size: int = field(224, 'ImageNet only: side of the square training/eval crops (CIFAR-10 is '
+                          'always 32). Smaller values are for smoke tests.')
+  auxiliary_weight: float = field(0.4, 'Weight of the auxiliary head\'s loss (head after cell 2L//3, '
+                                  'training only); 0 removes the head.')
+  drop_path_prob: float = field(0.2, 'Final drop-path rate, ramped linearly from 0 over the epochs; '
+                                'per-sample, on every edge but the identity.')
+  remat: bool = field(False, 'Recompute each cell in the backward pass: less memory, ~1/3 more '
+                      'compute.')
+  op_impl: str = field('auto', 'Depthwise conv / max pool implementation: auto (shift-and-add on '
+                       'CPU, XLA elsewhere), lax or shift.', choices=('auto', 'lax', 'shift'))
+  # Optimisation.
+  batch_size: int = field(96, 'Global batch size (all devices and hosts together).')
+  epochs: int = field(600, 'Training epochs.')
+  learning_rate: float = field(0.025, 'Initial SGD learning rate.')
+  lr_schedule: str = field('cosine', 'Per-epoch learning-rate schedule: cosine (to --lr_min at the '
+                           'end; CIFAR-10) or exponential (x --lr_decay per epoch; ImageNet).',
+                           choices=('cosine', 'exponential'))
+  lr_min: float = field(0.0, 'Cosine schedule: the learning rate it anneals to.')
+  lr_decay: float = field(0.97, 'Exponential schedule: factor per epoch.')
+  momentum: float = field(0.9, 'SGD momentum.')
+  weight_decay: float = field(3e-4, 'L2 weight decay (added to the gradient, as PyTorch SGD does).')
+  grad_clip: float = field(5.0, 'Clip the gradient\'s global norm to this; 0 disables clipping.')
+  label_smoothing: float = field(0.0, 'Label smoothing of the training loss (0.1 on ImageNet).')
+  # Data.
+  data_dir: str = field('', 'CIFAR-10: folder with train.npz / test.npz (e.g. '
+                        '../shared/data/cifar10); empty: tfds cifar10 from --tfds_data_dir.')
+  tfds_data_dir: str = field('', 'tfds data folder (ImageNet: imagenet2012, prepared from the manual '
+                             'download); empty: the tfds default.')
+  cutout: int = field(16, 'CIFAR-10: side of the cutout square (0 = off).')
+  num_train_images: int = field(0, 'Train on only this many images (class-balanced subset on '
+                                'CIFAR-10, the first batches on ImageNet); 0 = all. For quick runs.')
+  num_eval_images: int = field(0, 'Evaluate on only this many test images; 0 = all.')
+  # Run.
+  seed: int = field(0, 'Seed of the initialisation, data order, augmentation and drop-path.')
+  checkpoint_every_steps: int = field(1000, 'Save a checkpoint every N steps (and at each epoch '
+                                      'end); 0 = epoch ends only.')
+  allow_large: bool = field(False, 'ImageNet: allow a network above the mobile setting\'s 600M '
+                            'multiply-adds per image.')
+  progress: bool = field(True, 'Show a progress bar per epoch.')
+  stop_after_step: int = field(0, 'Checkpoint and stop once this global step is done, as if '
+                               'preempted (0 = run to the end). For testing resume.')
+
+  def check(self) -> None:
+    config_lib.positive(self, 'channels', 'layers', 'image_size', 'batch_size', 'epochs',
+                        'learning_rate')
+    if self.channels % 2:
+      raise ValueError(f'--channels={self.channels} must be even (FactorizedReduce halves it)')
+    if not 0 <= self.drop_path_prob < 1:
+      raise ValueError(f'--drop_path_prob={self.drop_path_prob} must lie in [0, 1)')
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f'--label_smoothing={self.label_smoothing} must lie in [0, 1)')
+    for name in ('auxiliary_weight', 'cutout', 'num_train_images', 'num_eval_images',
+                 'checkpoint_every_steps', 'stop_after_step', 'weight_decay', 'grad_clip', 'lr_min', 'seed'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'--{name} must be >= 0, got {getattr(self, name)}')
+    if self.dataset == 'imagenet' and self.cutout:
+      raise ValueError(f'--cutout={self.cutout} is CIFAR-10 only; pass --cutout=0 with ImageNet')
+    arch_source(self)
+
+
+# train_imagenet.py's defaults (SPEC §7, App. G.3 and the reference's
+# train_imagenet.py: drop-path 0, no cutout, grad clip 5).
+IMAGENET_DEFAULTS = dict(dataset='imagenet', channels=48, layers=14, batch_size=128, epochs=250,
+                         learning_rate=0.1, lr_schedule='exponential', lr_decay=0.97,
+                         weight_decay=3e-5, label_smoothing=0.1, drop_path_prob=0.0, cutout=0)
+
+
+def imagenet_config(**overrides) -> TrainConfig:
+  """A TrainConfig with the ImageNet mobile-setting defaults, then ``overrides``."""
+  config = TrainConfig(**{**IMAGENET_DEFAULTS, **overrides})
+  config_lib.validate(config)
+  return config
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+  """The learning rate of epoch ``epoch`` (0-based); constant within an epoch (ref)."""
+  if config.lr_schedule == 'cosine':
+    cos = 0.5 * (1 + math.cos(math.pi * epoch / config.epochs))
+    return config.lr_min + (config.learning_rate - config.lr_min) * cos
+  return config.learning_rate * config.lr_decay ** epoch
+
+
+def drop_path_rate(config: TrainConfig, epoch: int) -> float:
+  """Linear ramp 0 -> drop_path_prob over the run, per epoch (ref)."""
+  return config.drop_path_prob * epoch / config.epochs
+
+
+# ----------------------------------------------------------------------------
+# Architecture.
+
+
+def arch_source(config: TrainConfig) -> str:
+  """'search_workdir' | 'genotype_json' | 'arch', or a one-line error unless exactly one is set."""
+  given = [name for name in ('search_workdir', 'genotype_json', 'arch') if getattr(config, name)]
+  if len(given) != 1:
+    got = 'none' if not given else ' and '.join(f'--{g}' for g in given)
+    raise ValueError(f'give exactly one of --search_workdir, --genotype_json, --arch (got {got})')
+  return given[0]
+
+
+def resolve_genotype(config: TrainConfig) -> genotypes.Genotype:
+  """The genotype to train. Errors (bad source, unknown op, no finished search) are one line."""
+  source = arch_source(config)
+  if source == 'arch':
+    return genotypes.published(config.arch)
+  if source == 'genotype_json':
+    path = config.genotype_json
+    try:
+      with open(path) as f:
+        text = f.read()
+    except OSError as e:
+      raise ValueError(f'--genotype_json={path} cannot be read ({e.strerror})') from None
+    try:
+      return genotypes.Genotype.from_json(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'--genotype_json={path} is not valid JSON ({e.msg} at line {e.lineno})') from None
+    except (ValueError, TypeError) as e:
+      raise ValueError(f'--genotype_json={path}: {" ".join(str(e).split())}') from None
+  # Imported here: the search loop is only needed for this source.
+  from snas_jax import search  # pylint: disable=g-import-not-at-top
+  return search.load_genotype(config.search_workdir, config.derive_rule)
+
+
+def describe_arch(config: TrainConfig) -> str:
+  source = arch_source(config)
+  return f'--{source}={getattr(config, source)}'
+
+
+def build_model(genotype: genotypes.Genotype, config: TrainConfig, *, auxiliary: bool | None = None,
+                impl: str | None = None):
+  """The child network for ``config.dataset``.
+
+  Reads config.dataset, channels, layers, auxiliary_weight, remat, op_impl
+  (a TrainConfig or the steps' cache key, which has the same fields).
+  """
+  cls = child_model.NetworkCIFAR if config.dataset == 'cifar10' else child_model.NetworkImageNet
+  if auxiliary is None:
+    auxiliary = config.auxiliary_weight > 0
+  return cls(genotype, config.channels, config.layers, NUM_CLASSES[config.dataset],
+             auxiliary=auxiliary, remat=config.remat, impl=impl or config.op_impl)
+
+
+def image_size(config: TrainConfig) -> int:
+  return CIFAR_IMAGE_SIZE if config.dataset == 'cifar10' else config.image_size
+
+
+# ----------------------------------------------------------------------------
+# Model size.
+
+
+def count_params(params) -> int:
+  """Trainable parameters (BN scale/offset included, running statistics not), auxiliary head
+  excluded, as the papers count."""
+  params = flax.core.unfreeze(params)
+  return sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
+             if not any(getattr(k, 'key', None) == child_model.AUX_SCOPE for k in path))
+
+
+def abstract_variables(model, config: TrainConfig, batch: int = 2):
+  """ShapeDtypeStructs of the model's variables (jax.eval_shape: no compute, no memory)."""
+  size = image_size(config)
+  rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
+  return jax.eval_shape(lambda: model.init(rngs, jnp.zeros((batch, size, size, 3)), jnp.float32(0),
+                                           train=True))
+
+
+def count_multiply_adds(genotype: genotypes.Genotype, config: TrainConfig) -> int:
+  """Multiply-adds of one image's inference forward pass (auxiliary head excluded).
+
+  Counted from the traced program, not a formula: the forward's jaxpr (XLA
+  convolutions forced, impl='lax') is walked and every convolution adds
+  output size x kernel taps x input channels per group, every dot (1x1 convs,
+  the classifier) output size x contracted size. Pools, BN, ReLU and sums are
+  not multiply-adds, as in the mobile-setting convention (NASNet, DARTS).
+  """
+  model = build_model(genotype, config, auxiliary=False, impl='lax')
+  variables = abstract_variables(model, config)
+  size = image_size(config)
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, jnp.float32(0), train=False))(
+      variables, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  return _jaxpr_multiply_adds(jaxpr.jaxpr)
+
+
+def _jaxpr_multiply_adds(jaxpr) -> int:
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'conv_general_dilated':
+      rhs = eqn.invars[1].aval.shape
+      rhs_spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, *spatial)
+      taps = int(np.prod([rhs[d] for d in rhs_spec[2:]]))
+      total += int(np.prod(eqn.outvars[0].aval.shape)) * taps * rhs[rhs_spec[1]]
+    elif eqn.primitive.name == 'dot_general':
+      (lhs_contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in lhs_contract]))
+    for value in eqn.params.values():  # pjit, custom_jvp/vjp, remat bodies
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax_core.ClosedJaxpr):
+          total += _jaxpr_multiply_adds(sub.jaxpr)
+        elif isinstance(sub, jax_core.Jaxpr):
+          total += _jaxpr_multiply_adds(sub)
+  return total
+
+
+def summarize(config: TrainConfig, genotype: genotypes.Genotype | None = None) -> dict:
+  """{'params', 'multiply_adds', 'params_M', 'multiply_adds_M', ...} of the configured child."""
+  genotype = genotype or resolve_genotype(config)
+  model = build_model(genotype, config, auxiliary=False)
+  params = count_params(abstract_variables(model, config)['params'])
+  madds = count_multiply_adds(genotype, config)
+  return {'arch': describe_arch(config), 'dataset': config.dataset, 'channels': config.channels,
+          'layers': config.layers, 'image_size': image_size(config), 'params': params,
+          'multiply_adds': madds, 'params_M': round(params / 1e6, 3),
+          'multiply_adds_M': round(madds / 1e6, 1)}
+
+
+def format_summary(s: dict) -> str:
+  """One line: '<arch> on <dataset> (C, L, size): params P.PPM (n), multiply-adds M.MM (n) ...'."""
+  line = (f'{s["arch"]} on {s["dataset"]} (C={s["channels"]}, L={s["layers"]}, '
+          f'{s["image_size"]}x{s["image_size"]}): params {s["params"] / 1e6:.2f}M ({s["params"]}, '
+          f'auxiliary head excluded), multiply-adds {s["multiply_adds"] / 1e6:.1f}M '
+          f'({s["multiply_adds"]}) per image')
+  if s['dataset'] == 'imagenet' and s['multiply_adds'] > MOBILE_MULTIPLY_ADDS:
+    line += f' (above the mobile setting\'s {MOBILE_MULTIPLY_ADDS / 1e6:.0f}M)'
+  return line
+
+
+def check_mobile_setting(config: TrainConfig, multiply_adds: int) -> None:
+  if (config.dataset == 'imagenet' and not config.allow_large
+      and multiply_adds > MOBILE_MULTIPLY_ADDS):
+    raise ValueError(f'this network needs {multiply_adds / 1e6:.0f}M multiply-adds per image, above '
+                     f'the mobile setting\'s {MOBILE_MULTIPLY_ADDS / 1e6:.0f}M; lower --channels or '
+                     f'--layers, or pass --allow_large')
+
+
+# ----------------------------------------------------------------------------
+# Input.
+
+
+class DataSource(NamedTuple):
+  """Host-side batches of this process: {'image', 'label', 'mask'}."""
+  train: Callable[[int, int], Iterable[dict]]  # (epoch, start_step) -> batches start_step..
+  evaluate: Callable[[], Iterable[dict]]
+  steps_per_epoch: int
+  num_train: int
+  num_eval: int
+
+
+def cifar_iterators(config: TrainConfig, arrays: dict):
+  """(train, test) data.BatchIterators over ``load_cifar10``'s arrays; cutout on train only."""
+  train_images, train_labels = data.subset(arrays['train_images'], arrays['train_labels'],
+                                           config.num_train_images, seed=config.seed)
+  test_images, test_labels = data.subset(arrays['test_images'], arrays['test_labels'],
+                                         config.num_eval_images, seed=0)
+  procs = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_it = data.BatchIterator(train_images, train_labels, config.batch_size, seed=config.seed,
+                                train=True, cutout=config.cutout, **procs)
+  test_it = data.BatchIterator(test_images, test_labels, config.batch_size, seed=config.seed,
+                               train=False, **procs)
+  return train_it, test_it
+
+
+def make_data(config: TrainConfig) -> DataSource:
+  if config.dataset == 'cifar10':
+    arrays = data.load_cifar10(config.data_dir or None, config.tfds_data_dir or None)
+    train_it, test_it = cifar_iterators(config, arrays)
+    return DataSource(train_it.epoch, lambda: test_it.epoch(0), train_it.steps_per_epoch,
+                      len(train_it.labels), len(test_it.labels))
+  train_factory, eval_factory, num_train, num_eval = data.imagenet_datasets(
+      config.tfds_data_dir or None, config.batch_size, seed=config.seed,
+      image_size=config.image_size, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  if config.num_train_images:
+    num_train = min(num_train, config.num_train_images)
+  steps = num_train // config.batch_size
+  if steps == 0:
+    raise ValueError(f'--batch_size={config.batch_size} exceeds the {num_train} training images')
+  eval_batches = None
+  if config.num_eval_images and config.num_eval_images < num_eval:
+    num_eval = config.num_eval_images
+    eval_batches = -(-num_eval // config.batch_size)
+  # tf.data cannot seek: a mid-epoch resume reads and drops the skipped batches.
+  train = lambda epoch, start: itertools.islice(train_factory(epoch), start, steps)
+  evaluate = lambda: itertools.islice(eval_factory(0), eval_batches)
+  return DataSource(train, evaluate, steps, steps * config.batch_size, num_eval)
+
+
+# ----------------------------------------------------------------------------
+# Model & Optimizer.
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates done
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2] base key; step t uses fold_in(rng, t)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """Clip -> + wd·w -> momentum, as PyTorch's clip_grad_norm + SGD(weight_decay) do.
+
+  Reads config.grad_clip, weight_decay, momentum. The learning rate is
+  applied in the step (an array input), not here, so the schedule changes
+  nothing that is traced.
+  """
+  return optax.chain(
+      optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
+      optax.add_decayed_weights(config.weight_decay),
+      optax.trace(decay=config.momentum))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """Per-example CE against (1 - ε)·one_hot + ε/K targets. logits [N,K], labels [N] -> [N]."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  if smoothing:
+    targets = optax.smooth_labels(targets, smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def training_loss(logits, aux_logits, labels, *, aux_weight: float, smoothing: float):
+  """(total, main CE, aux CE): mean CE + aux_weight · mean aux CE (the aux head shares the smoothing)."""
+  main = cross_entropy(logits, labels, smoothing).mean()
+  if aux_logits is None:
+    return main, main, jnp.zeros_like(main)
+  aux = cross_entropy(aux_logits, labels, smoothing).mean()
+  return main + aux_weight * aux, main, aux
+
+
+class Steps(NamedTuple):
+  init: Callable  # (seed int32) -> TrainState, replicated
+  train: Callable  # (state, batch, lr, drop_rate) -> (state, metrics); state donated
+  evaluate: Callable  # (state, batch) -> sums {'loss', 'correct', 'correct_top5', 'count'}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepSpec:
+  """Everything the compiled steps depend on (lru_cache key: equal specs share compiles)."""
+  genotype: genotypes.Genotype
+  dataset: str
+  channels: int
+  layers: int
+  image_size: int
+  auxiliary_weight: float
+  label_smoothing: float
+  remat: bool
+  op_impl: str
+  grad_clip: float
+  weight_decay: float
+  momentum: float
+
+
+def make_steps(config: TrainConfig, genotype: genotypes.Genotype, mesh) -> Steps:
+  spec = _StepSpec(genotype, config.dataset, config.channels, config.layers, image_size(config),
+                   config.auxiliary_weight, config.label_smoothing, config.remat, config.op_impl,
+                   config.grad_clip, config.weight_decay, config.momentum)
+  return _make_steps(spec, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_steps(spec: _StepSpec, mesh) -> Steps:
+  model = build_model(spec.genotype, spec)
+  tx = make_optimizer(spec)
+  size = spec.image_size
+
+  def init(seed):
+    # lazy_init traces the forward only for shapes and skips its compute, the
+    # compact lax ops trace small, and an 'rbg' key compiles its ~100 draws in
+    # seconds where partitionable threefry takes ~20 s on XLA:CPU. The
+    # parameters do not depend on the impl.
+    key = jax.random.key(seed, impl='rbg')
+    params_key, dropout_key = jax.random.split(key)
+    images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    variables = model.clone(impl='lax').lazy_init(
+        {'params': params_key, 'dropout': dropout_key}, images, jnp.float32(0), train=True)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
+                      rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+
+  def train_step(state: TrainState, batch: dict, lr, drop_rate):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      (logits, aux_logits), updates = model.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, batch['image'], drop_rate,
+          train=True, rngs={'dropout': rng}, mutable=['batch_stats'])
+      loss, main, aux = training_loss(logits, aux_logits, batch['label'],
+                                      aux_weight=spec.auxiliary_weight,
+                                      smoothing=spec.label_smoothing)
+      return loss, (logits, main, aux, updates['batch_stats'])
+
+    (loss, (logits, main, aux, batch_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
+    metrics = {'loss': loss, 'ce': main, 'aux_ce': aux, 'grad_norm': optax.global_norm(grads),
+               'acc': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  def eval_step(state: TrainState, batch: dict):
+    logits, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                            batch['image'], jnp.float32(0), train=False)
+    mask = batch['mask'].astype(jnp.float32)
+    labels = batch['label']
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {'loss': jnp.sum(cross_entropy(logits, labels) * mask),
+            'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            'correct_top5': jnp.sum(jnp.any(top5 == labels[:, None], -1) * mask),
+            'count': jnp.sum(mask)}
+
+  rep, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return Steps(
+      init=jax.jit(init, out_shardings=rep),
+      train=jax.jit(train_step, in_shardings=(rep, rows, rep, rep), out_shardings=(rep, rep),
+                    donate_argnums=0),
+      evaluate=jax.jit(eval_step, in_shardings=(rep, rows), out_shardings=rep))
+
+
+def evaluate(steps: Steps, state: TrainState, source: DataSource, mesh) -> dict:
+  """{'eval_loss', 'eval_acc', 'eval_top5', 'eval_count'} over the (whole) eval set."""
+  sums = None
+  for batch in source.evaluate():
+    out = steps.evaluate(state, parallel.to_global(batch, mesh))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.tree.map(float, sums)
+  count = max(sums['count'], 1.0)
+  return {'eval_loss': sums['loss'] / count, 'eval_acc': sums['correct'] / count,
+          'eval_top5': sums['correct_top5'] / count, 'eval_count': int(sums['count'])}
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint.
+
+# Fields a resumed run may change: where data lives, how often to save,
+# display, the op implementation (same parameters, same function), and how
+# the genotype was given (the genotype itself is compared).
+RESUMABLE_FIELDS = frozenset({'search_workdir', 'derive_rule', 'genotype_json', 'arch',
+                              'data_dir', 'tfds_data_dir', 'checkpoint_every_steps',
+                              'stop_after_step', 'allow_large', 'progress', 'op_impl', 'remat'})
+
+
+def check_resumable(meta: dict, config: TrainConfig, genotype: genotypes.Genotype,
+                    workdir: str) -> None:
+  """One-line CheckpointError if ``meta`` was written by a run with another configuration."""
+  saved = meta.get('config', {})
+  now = config_lib.to_dict(config)
+  diffs = [f'--{k}={saved.get(k)!r} there, {now[k]!r} now' for k in sorted(now)
+           if k not in RESUMABLE_FIELDS and saved.get(k) != now[k]]
+  if meta.get('genotype') != genotype.to_dict():
+    diffs.append('another genotype')
+  if diffs:
+    raise checkpoint.CheckpointError(
+        f'{workdir} holds a training run with another configuration ({"; ".join(diffs)}); '
+        f'rerun with the same flags or use a new --workdir')
+
+
+def _write_json(path: str, value: dict) -> None:
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=2)
+    f.write('\n')
+  os.replace(tmp, path)  # atomic: never a half-written final.json
+
+
+def _checked_loss(metrics: dict, step: int, epoch: int) -> float:
+  """The step's loss as a float; a one-line FloatingPointError if it is not finite."""
+  loss = float(metrics['loss'])
+  if not math.isfinite(loss):
+    raise FloatingPointError(
+        f'loss is {loss} at step {step} (epoch {epoch + 1}); the last checkpoint is kept: '
+        f'lower --learning_rate or check the data, then rerun')
+  return loss
+
+
+# ----------------------------------------------------------------------------
+# Train loop.
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
+  """Trains the configured child from scratch (or resumes), evaluates each epoch.
+
+  Returns the contents of ``<workdir>/final.json`` ({'stopped_at_step': s}
+  instead when --stop_after_step ends the run early).
+  """
+  config_lib.validate(config)
+  # Every cheap check (genotype, size limit, data) comes before any compile.
+  genotype = resolve_genotype(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  summary = summarize(config, genotype)
+  check_mobile_setting(config, summary['multiply_adds'])
+  source = make_data(config)
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    print(format_summary(summary), flush=True)
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(workdir)
+  steps = make_steps(config, genotype, mesh)
+  seed = jnp.int32(config.seed)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = steps.init(seed)
+    meta = {'epoch': 0, 'step_in_epoch': 0, 'epoch_sums': {}, 'elapsed_s': 0.0,
+            'last_eval': None, 'finished': False}
+  else:
+    check_resumable(ckpt.restore_meta(latest), config, genotype, workdir)
+    abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, seed),
+                                        parallel.replicated(mesh))
+    state, meta = ckpt.restore(abstract, latest)
+  meta.update(config=config_lib.to_dict(config), genotype=genotype.to_dict())
+  writer = reporting.MetricsWriter(workdir, resume_step=latest)
+  try:
+    if not meta['finished']:
+      stopped_at = _train_loop(config, steps, state, meta, source, mesh, ckpt, writer)
+      if stopped_at is not None:
+        if is_writer:
+          print(f'stopped after step {stopped_at} as asked (--stop_after_step); rerun to resume')
+        return {'stopped_at_step': stopped_at}
+    last = meta['last_eval']
+    final = {'dataset': config.dataset, 'arch': describe_arch(config),
+             'genotype': genotype.to_dict(), 'epochs': config.epochs,
+             'test_error': 100 * (1 - last['eval_acc']),
+             'test_top5_error': 100 * (1 - last['eval_top5']),
+             'test_loss': last['eval_loss'], 'eval_images': last['eval_count'],
+             'params_M': summary['params_M'], 'multiply_adds_M': summary['multiply_adds_M'],
+             'elapsed_s': round(meta['elapsed_s'], 1)}
+    if is_writer:
+      _write_json(os.path.join(workdir, FINAL_FILE), final)
+      print(f'test error {final["test_error"]:.2f}% on {final["eval_images"]} images; '
+            f'{os.path.join(workdir, FINAL_FILE)}', flush=True)
+    return final
+  finally:
+    writer.close()
+    ckpt.close()
+
+
+def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer) -> int | None:
+  """Runs the remaining epochs, updating ``meta``; the step it stopped at, or None at the end."""
+  n_steps = source.steps_per_epoch
+  rep = parallel.replicated(mesh)
+  elapsed_before, t_start = meta['elapsed_s'], time.perf_counter()
+
+  def save(step):
+    meta['elapsed_s'] = elapsed_before + time.perf_counter() - t_start
+    ckpt.save(step, state, meta)
+
+  for epoch in range(meta['epoch'], config.epochs):  # meta['epoch']: epochs fully done
+    start = meta['step_in_epoch'] if epoch == meta['epoch'] else 0
+    sums = {k: jnp.float32(v) for k, v in meta['epoch_sums'].items()} if start else {}
+    lr, rate = learning_rate(config, epoch), drop_path_rate(config, epoch)
+    lr_arr, rate_arr = (jax.device_put(jnp.float32(x), rep) for x in (lr, rate))
+    bar = reporting.ProgressBar(n_steps, desc=f'epoch {epoch + 1}/{config.epochs}',
+                                enabled=config.progress)
+    bar.update(start)
+    epoch_t0, pending = time.perf_counter(), None
+    for i, batch in enumerate(source.train(epoch, start), start=start):
+      state, metrics = steps.train(state, parallel.to_global(batch, mesh), lr_arr, rate_arr)
+      step = epoch * n_steps + i + 1
+      sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
+      # The finiteness check trails one step, so the next step is already queued.
+      if pending is not None:
+        bar.update(1, loss=_checked_loss(*pending, epoch))
+      pending = (metrics, step)
+      stop = step == config.stop_after_step
+      periodic = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+      if (stop or periodic) and i + 1 < n_steps:  # the epoch end saves after its eval
+        bar.update(1, loss=_checked_loss(*pending, epoch))  # never save a diverged state
+        pending = None
+        meta.update(epoch=epoch, step_in_epoch=i + 1,
+                    epoch_sums={k: float(v) for k, v in sums.items()})
+        save(step)
+        if stop:
+          bar.close()
+          return step
+    if pending is not None:
+      bar.update(1, loss=_checked_loss(*pending, epoch))
+    bar.close()
+    epoch_time = time.perf_counter() - epoch_t0
+    train_metrics = {f'train_{k}': float(v) / n_steps for k, v in sums.items()}
+    eval_metrics = evaluate(steps, state, source, mesh)
+    step = (epoch + 1) * n_steps
+    record = {**train_metrics, **eval_metrics, 'lr': lr, 'drop_path_rate': rate,
+              'epoch_time_s': epoch_time,
+              'train_images_per_s': (n_steps - start) * config.batch_size / epoch_time}
+    writer.write(step, record, epoch=epoch + 1)
+    writer.flush()
+    if jax.process_index() == 0:
+      print(f'epoch {epoch + 1}/{config.epochs}: train loss {record["train_loss"]:.4f} '
+            f'acc {record["train_acc"]:.4f}, test loss {record["eval_loss"]:.4f} '
+            f'acc {record["eval_acc"]:.4f} ({epoch_time:.0f} s)', flush=True)
+    meta.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums={}, last_eval=eval_metrics,
+                finished=epoch + 1 == config.epochs)
+    save(step)
+    if step == config.stop_after_step and epoch + 1 < config.epochs:
+      return step
+  return None
+
+
+# ----------------------------------------------------------------------------
+# Entry point (experiments/train_*.py).
+
+
+def main(config: TrainConfig, workdir: str | None, summary: bool = False) -> dict:
+  """--summary: prints params and multiply-adds and returns them; else trains in ``workdir``."""
+  config_lib.validate(config)
+  if summary:
+    s = summarize(config)
+    print(format_summary(s), flush=True)
+    return s
+  if not workdir:
+    raise ValueError('--workdir is required (or pass --summary)')
+  return train_and_evaluate(config, workdir)

@@ -1,0 +1,277 @@
+"""Tests for snas_jax.ops: fast ('shift') vs plain ('lax') kernels, pools,
+FactorizedReduce, parameter counts (SPEC §4 sizes) and edge batching.
+
+Tolerances: 'shift' and 'lax' compute the same sums of products in a
+different order, so in float32 they agree to a few ulps of the largest term;
+we allow 1e-5 relative to the largest magnitude of each compared array
+(O(25) products of O(1) numbers: a few 1e-7 expected, measured ≤ 4e-7).
+"""
+import functools
+import itertools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from snas_jax import ops
+from snas_jax.genotypes import PRIMITIVES
+
+
+def _assert_close(a, b, rel=1e-5):
+  """Leaf by leaf, in numpy: |a − b| ≤ rel·|b| + rel·max|b|."""
+  def check(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert x.shape == y.shape, (x.shape, y.shape)
+    scale = max(float(np.max(np.abs(y))), 1e-6)
+    np.testing.assert_allclose(x, y, rtol=rel, atol=rel * scale)
+  jax.tree_util.tree_map(check, a, b)
+
+
+# ----------------------------------------------------------------------------
+# depthwise_conv: shift == lax, values and gradients.
+
+# The 8 (kernel, dilation, stride) geometries of the real ops (sep3/5:
+# dilation 1, dil3/5: dilation 2; stride 1 and 2), each with one of the 4
+# edge layouts (fan_out, S) in {1, 3} x {1, 2}, every layout twice. Geometry
+# (padding, strided slicing, the transposed conv in dx) and edge layout (the
+# broadcast over D, the sum over D in dx) are separate code paths, so this
+# covers both without the full 32-way product (each config costs a compile).
+_LAYOUTS = [(1, 1), (3, 2), (1, 2), (3, 1)]
+DW_CONFIGS = [(k, d, s) + _LAYOUTS[(i + (k == 5)) % 4]
+              for i, (k, d, s) in enumerate(itertools.product([3, 5], [1, 2], [1, 2]))]
+
+
+@functools.partial(jax.jit, static_argnames=('stride', 'dilation'))
+def _dw_fwd_bwd(x, kernel, cotangent, stride, dilation):
+  """(y, dx, dkernel) for 'lax' and for 'shift': one compile for both."""
+  def one(impl):
+    y, vjp = jax.vjp(lambda x, k: ops.depthwise_conv(
+        x, k, stride=stride, dilation=dilation, impl=impl), x, kernel)
+    return (y,) + vjp(cotangent)
+  return one('lax'), one('shift')
+
+
+@pytest.mark.parametrize('k,dilation,stride,fan_out,s', DW_CONFIGS)
+def test_depthwise_shift_equals_lax(k, dilation, stride, fan_out, s):
+  rng = np.random.default_rng(k * 100 + dilation * 10 + stride)
+  x = rng.normal(size=(2, 8, 7, s, 3)).astype(np.float32)  # non-square: catches an H/W swap
+  kernel = rng.normal(size=(k, k, fan_out * s, 3)).astype(np.float32)
+  pad = dilation * (k - 1) // 2
+  out_h, out_w = (8 + 2 * pad - dilation * (k - 1) - 1) // stride + 1, (7 + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+  cotangent = rng.normal(size=(2, out_h, out_w, fan_out * s, 3)).astype(np.float32)
+  (y_lax, dx_lax, dk_lax), (y_sh, dx_sh, dk_sh) = _dw_fwd_bwd(x, kernel, cotangent, stride, dilation)
+  chex.assert_shape(y_lax, (2, out_h, out_w, fan_out * s, 3))
+  assert out_h == (8 if stride == 1 else 4) and out_w == (7 if stride == 1 else 4)  # 'same'
+  for a, b in ((y_sh, y_lax), (dx_sh, dx_lax), (dk_sh, dk_lax)):
+    chex.assert_equal_shape([a, b])
+    _assert_close(a, b)
+  # Edge g = d*S + src reads source src with kernel [..., g, :]: check one
+  # edge against a plain single-channel-group convolution.
+  g = fan_out * s - 1
+  single = lax.conv_general_dilated(
+      x[:, :, :, g % s], kernel[:, :, g, None, :], (stride, stride), [(pad, pad)] * 2,
+      rhs_dilation=(dilation, dilation), feature_group_count=3,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  _assert_close(y_sh[:, :, :, g], single)
+
+
+def test_depthwise_hand_example():
+  """3x3 all-ones kernel on a 3x3 ramp: each output = sum of its in-bounds window."""
+  x = jnp.arange(9, dtype=jnp.float32).reshape(1, 3, 3, 1, 1)
+  kernel = jnp.ones((3, 3, 1, 1))
+  want = np.array([[8, 15, 12], [21, 36, 27], [20, 33, 24]], np.float32)
+  for impl in ('lax', 'shift'):
+    np.testing.assert_array_equal(ops.depthwise_conv(x, kernel, impl=impl)[0, :, :, 0, 0], want)
+  with pytest.raises(ValueError, match='unknown op implementation'):
+    ops.depthwise_conv(x, kernel, impl='cuda')
+
+
+# ----------------------------------------------------------------------------
+# Pools.
+
+
+@functools.partial(jax.jit, static_argnames=('stride',))
+def _mp_fwd_bwd(x, cotangent, stride):
+  """(y, dx) for 'lax' and for 'shift': one compile for both."""
+  def one(impl):
+    y, vjp = jax.vjp(lambda x: ops.max_pool_3x3(x, stride=stride, impl=impl), x)
+    return y, vjp(cotangent)[0]
+  return one('lax'), one('shift')
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_max_pool_shift_equals_lax_with_ties(stride):
+  """Values from {0, 1, 2}: most windows hold tied maxima. Each output's
+  cotangent must go to exactly one tap, the one XLA's select-and-scatter
+  (the gradient of lax.reduce_window) picks."""
+  rng = np.random.default_rng(stride)
+  x = rng.integers(0, 3, (2, 8, 7, 2, 3)).astype(np.float32)
+  out = (2, 8 if stride == 1 else 4, 7 if stride == 1 else 4, 2, 3)
+  cotangent = rng.normal(size=out).astype(np.float32)
+  (y_lax, dx_lax), (y_sh, dx_sh) = _mp_fwd_bwd(x, cotangent, stride)
+  chex.assert_shape(y_sh, out)
+  chex.assert_trees_all_equal(y_sh, y_lax)  # a max is exact
+  _assert_close(dx_sh, dx_lax)  # sums of a few cotangents
+  # Mass is conserved (one tap per output), and ties exist in this input.
+  np.testing.assert_allclose(float(dx_sh.sum()), float(cotangent.sum()), rtol=1e-5)
+  assert int((dx_sh != 0).sum()) < int((cotangent != 0).sum())
+
+
+def test_max_pool_tie_gradient_hand_example():
+  """Constant 3x3 input: every window is all ties; the gradient goes to the
+  window's first in-bounds tap (row-major), i.e. (max(i−1,0), max(j−1,0))."""
+  x = jnp.zeros((1, 3, 3, 1))
+  want = np.array([[4, 2, 0], [2, 1, 0], [0, 0, 0]], np.float32)
+  for impl, (_, dx) in zip(('lax', 'shift'), _mp_fwd_bwd(x, jnp.ones((1, 3, 3, 1)), 1)):
+    np.testing.assert_array_equal(dx[0, :, :, 0], want, err_msg=impl)
+  # And the values pad with −inf, not 0: an all-negative input keeps its max.
+  neg = -1.0 - jnp.arange(9, dtype=jnp.float32).reshape(1, 3, 3, 1)
+  for impl in ('lax', 'shift'):
+    np.testing.assert_array_equal(
+        ops.max_pool_3x3(neg, impl=impl)[0, :, :, 0],
+        [[-1, -1, -2], [-1, -1, -2], [-4, -4, -5]])
+
+
+def test_avg_pool_excludes_padding():
+  x = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4, 1)
+  y = ops.avg_pool_3x3(x)[0, :, :, 0]
+  # Corner: mean of 4 pixels (0, 1, 4, 5), not their sum / 9.
+  assert float(y[0, 0]) == pytest.approx((0 + 1 + 4 + 5) / 4)
+  assert float(y[0, 1]) == pytest.approx((0 + 1 + 2 + 4 + 5 + 6) / 6)  # edge: 6 pixels
+  assert float(y[1, 1]) == pytest.approx(sum([0, 1, 2, 4, 5, 6, 8, 9, 10]) / 9)
+  assert float(y[3, 3]) == pytest.approx((10 + 11 + 14 + 15) / 4)
+  # Stride 2 reads windows centred at (0, 0), (0, 2), (2, 0), (2, 2).
+  y2 = ops.avg_pool_3x3(x, stride=2)[0, :, :, 0]
+  # (0+1+4+5)/4, (1+2+3+5+6+7)/6, (4+5+8+9+12+13)/6, (5+6+7+9+10+11+13+14+15)/9
+  np.testing.assert_allclose(y2, [[2.5, 4.0], [8.5, 10.0]], rtol=1e-6)
+  # Against reduce_window (sum / in-bounds count) on an edge-batched tensor.
+  @functools.partial(jax.jit, static_argnums=1)
+  def both(x, stride):
+    win, st = (1, 3, 3, 1, 1), (1, stride, stride, 1, 1)
+    pad = ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0))
+    total = lax.reduce_window(x, 0.0, lax.add, win, st, pad)
+    count = lax.reduce_window(jnp.ones_like(x), 0.0, lax.add, win, st, pad)
+    return ops.avg_pool_3x3(x, stride=stride), total / count
+  x = np.random.default_rng(0).normal(size=(2, 7, 6, 3, 2)).astype(np.float32)
+  for stride in (1, 2):
+    _assert_close(*both(x, stride))
+
+
+# ----------------------------------------------------------------------------
+# Modules: the zero op, FactorizedReduce, parameter counts, fan-out.
+
+
+def test_none_op_is_never_built():
+  for stride in (1, 2):
+    assert ops.make_op('none', 8, stride) is None
+  with pytest.raises(ValueError, match="unknown op 'conv_7x1_1x7'"):
+    ops.make_op('conv_7x1_1x7', 8, 1)
+  for name in PRIMITIVES[1:]:
+    assert ops.make_op(name, 8, 1) is not None
+
+
+def test_factorized_reduce_hand_example():
+  """C_in = 1, C_out = 2: channel 0 = 1·relu(x)[::2, ::2] (path a, weight 1),
+  channel 1 = 2·relu(x)[1::2, 1::2] (path b, weight 2: x shifted by one pixel).
+  Eval-mode BN with fresh statistics (mean 0, var 1) divides by sqrt(1 + eps)."""
+  x = (jnp.arange(16, dtype=jnp.float32) - 5).reshape(1, 4, 4, 1, 1)
+  # relu(x) = [[0 0 0 0] [0 0 1 2] [3 4 5 6] [7 8 9 10]]
+  fr = ops.FactorizedReduce(2, affine=False)
+  variables = {'params': {'PointwiseConv_0': {'kernel': jnp.ones((1, 1, 1))},
+                          'PointwiseConv_1': {'kernel': jnp.full((1, 1, 1), 2.0)}},
+               'batch_stats': {'EdgeBatchNorm_0': {'bn': {'mean': jnp.zeros(2), 'var': jnp.ones(2)}}}}
+  shapes = jax.eval_shape(lambda: fr.init(jax.random.key(0), x, False))
+  chex.assert_trees_all_equal_shapes(variables, shapes)  # the module's own layout
+  y = jax.jit(lambda v, x: fr.apply(v, x, False))(variables, x)
+  chex.assert_shape(y, (1, 2, 2, 1, 2))
+  scale = 1 / math.sqrt(1 + ops.BN_EPSILON)
+  np.testing.assert_allclose(y[0, :, :, 0, 0], np.array([[0, 0], [3, 5]]) * scale, rtol=1e-6)
+  np.testing.assert_allclose(y[0, :, :, 0, 1], np.array([[0, 4], [16, 20]]) * scale, rtol=1e-6)
+  with pytest.raises(ValueError, match='even channel count'):
+    jax.eval_shape(lambda: ops.FactorizedReduce(3).init(jax.random.key(0), x, False))
+
+
+def _param_count(module, x):
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, True))
+  return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(shapes.get('params', {})))
+
+
+@pytest.mark.parametrize('fan_out,s', [(1, 1), (3, 2)])
+def test_parameter_counts_match_spec_sizes(fan_out, s):
+  """affine = False (search cells): SPEC §4 sizes, times G = fan_out·S edges."""
+  c, g = 16, fan_out * s
+  x = jnp.zeros((1, 8, 8, s, c))
+  want = {
+      ('sep_conv_3x3', 1): 2 * (c * 9 + c * c), ('sep_conv_5x5', 1): 2 * (c * 25 + c * c),
+      ('sep_conv_3x3', 2): 2 * (c * 9 + c * c),
+      ('dil_conv_3x3', 1): c * 9 + c * c, ('dil_conv_5x5', 2): c * 25 + c * c,
+      ('skip_connect', 2): 2 * c * (c // 2), ('skip_connect', 1): 0,
+      ('max_pool_3x3', 1): 0, ('avg_pool_3x3', 2): 0,
+  }
+  assert want[('sep_conv_3x3', 1)] == 800 and want[('dil_conv_5x5', 2)] == 656  # SPEC §4
+  for (name, stride), size in want.items():
+    op = ops.make_op(name, c, stride, fan_out=fan_out, affine=False)
+    assert _param_count(op, x) == g * size, (name, stride)
+  # affine = True adds a BN scale and bias per channel per edge (2 BNs in sep).
+  op = ops.make_op('sep_conv_3x3', c, 1, fan_out=fan_out, affine=True)
+  assert _param_count(op, x) == g * (800 + 2 * 2 * c)
+  op = ops.make_op('max_pool_3x3', c, 1, fan_out=fan_out, affine=True)
+  assert _param_count(op, x) == g * 2 * c
+
+
+def _edge_slice(tree, g, n_edges, n_src, c):
+  """Edge g's slice of an edge-batched variable tree (see ops.py's layouts):
+  depthwise kernel [K,K,G,C] on axis 2, 1x1 kernel [G,C,F] on axis 0, BN
+  vectors [G·C] (or [S·C] where the BN runs before the fan-out)."""
+  def cut(path, leaf):
+    names = [getattr(p, 'key', '') for p in path]
+    if any(n.startswith('DepthwiseConv') for n in names):
+      return leaf[:, :, g:g + 1]
+    if any(n.startswith('PointwiseConv') for n in names):
+      return leaf[g:g + 1]
+    rows = leaf.reshape(-1, c)
+    assert rows.shape[0] in (n_edges, n_src), (names, leaf.shape)
+    return rows[g if rows.shape[0] == n_edges else g % n_src]
+  return jax.tree_util.tree_map_with_path(cut, tree)
+
+
+# (op, stride, affine, fan_out, S): every module type (SepConv, DilConv,
+# Pool with BN after the fan-out (affine) and before it (non-affine),
+# Identity, FactorizedReduce), fan_out 3 on S = 1 and fan_out 2 on S = 2.
+FANOUT_CASES = [
+    ('sep_conv_3x3', 1, True, 3, 1), ('dil_conv_5x5', 2, False, 2, 2),
+    ('max_pool_3x3', 2, False, 3, 1), ('avg_pool_3x3', 1, True, 2, 2),
+    ('skip_connect', 1, False, 3, 1), ('skip_connect', 2, True, 3, 1),
+    ('sep_conv_5x5', 2, False, 2, 2),
+]
+
+
+@pytest.mark.parametrize('name,stride,affine,fan_out,s', FANOUT_CASES)
+def test_fan_out_gives_independent_edges(name, stride, affine, fan_out, s):
+  """fan_out·S edges == that many single-edge ops with the matching parameter
+  slices (train-mode BN: per-edge batch statistics, also checked)."""
+  c, g_total = 4, fan_out * s
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, 8, 6, s, c)).astype(np.float32)
+  # impl 'lax' (faster to compile); 'shift' == 'lax' is tested above.
+  op = ops.make_op(name, c, stride, fan_out=fan_out, affine=affine, impl='lax')
+  # Random values in the module's own variable layout (eval_shape: no
+  # compile), BN scale/bias/statistics included so a mixed-up edge would show.
+  # Slicing and comparing in numpy (no eager-op compiles).
+  shapes = jax.eval_shape(lambda: op.init(jax.random.key(2), x, True))
+  variables = jax.tree_util.tree_map(
+      lambda v: rng.normal(size=v.shape).astype(np.float32), shapes)
+  y, new_stats = jax.device_get(
+      jax.jit(lambda v, x: op.apply(v, x, True, mutable=['batch_stats']))(variables, x))
+  single = ops.make_op(name, c, stride, fan_out=1, affine=affine, impl='lax')
+  apply_single = jax.jit(lambda v, x: single.apply(v, x, True, mutable=['batch_stats']))
+  assert y.shape[3] == g_total
+  for g in range(g_total):
+    v_g = _edge_slice(variables, g, g_total, s, c)
+    y_g, stats_g = apply_single(v_g, x[:, :, :, g % s:g % s + 1])
+    _assert_close(y[:, :, :, g:g + 1], y_g)
+    _assert_close(_edge_slice(new_stats, g, g_total, s, c), stats_g)
