@@ -16,25 +16,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from snas_jax import config, parallel, train  # noqa: E402
+from snas_jax import cli, config, train  # noqa: E402
 
 config.define_flags(train.TrainConfig)
-flags.DEFINE_string('workdir', '', 'Folder for checkpoints and outputs (resumes if it holds one). '
-                    'Required unless --summary.')
+cli.define_runtime_flags()
 flags.DEFINE_bool('summary', False, 'Print the parameters (M, auxiliary head excluded) and '
-                  'multiply-adds (M) per image of the network, then exit.')
-flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, for multi-host runs.')
-flags.DEFINE_integer('num_processes', 1, 'Processes (hosts) in a multi-host run; -1 = detect (TPU, SLURM).')
-flags.DEFINE_integer('process_id', 0, 'This process\'s index in a multi-host run.')
-FLAGS = flags.FLAGS
+                  'multiply-adds (M) per image of the network, then exit (no --workdir needed).')
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  config.run_cli(lambda: train.main(config.from_flags(train.TrainConfig), FLAGS.workdir,
-                                    FLAGS.summary))
+  if not flags.FLAGS.summary:
+    cli.main(train.train_and_evaluate, train.TrainConfig)
+    return
+  logging.set_verbosity(logging.WARNING)
+  try:  # sizes only: no workdir, no runtime to start
+    train.print_summary(config.from_flags(train.TrainConfig))
+  except cli.USER_ERRORS as e:
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

@@ -2,8 +2,8 @@
 
   python experiments/train_imagenet.py --flagfile=experiments/configs/train_imagenet_paper.flags \
       --arch=SNAS_moderate --workdir=/tmp/snas_moderate_imagenet
-  python experiments/train_imagenet.py --search_workdir=/tmp/search --workdir=/tmp/retrain_imagenet \
-      --tfds_data_dir=~/tensorflow_datasets
+  python experiments/train_imagenet.py --search_workdir=/tmp/search \
+      --workdir=/tmp/retrain_imagenet --tfds_data_dir=~/tensorflow_datasets
   python experiments/train_imagenet.py --arch=DARTS_V2 --summary
 
 The architecture comes from exactly one of --search_workdir, --genotype_json,
@@ -17,28 +17,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from snas_jax import config, parallel, train  # noqa: E402
+from snas_jax import cli, config, train  # noqa: E402
 
 config.define_flags(train.TrainConfig)
 # The ImageNet defaults (SPEC §7, App. G.3): train.IMAGENET_DEFAULTS.
 for _name, _value in train.IMAGENET_DEFAULTS.items():
   flags.FLAGS.set_default(_name, _value)
-flags.DEFINE_string('workdir', '', 'Folder for checkpoints and outputs (resumes if it holds one). '
-                    'Required unless --summary.')
+cli.define_runtime_flags()
 flags.DEFINE_bool('summary', False, 'Print the parameters (M, auxiliary head excluded) and '
-                  'multiply-adds (M) per image of the network, then exit.')
-flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, for multi-host runs.')
-flags.DEFINE_integer('num_processes', 1, 'Processes (hosts) in a multi-host run; -1 = detect (TPU, SLURM).')
-flags.DEFINE_integer('process_id', 0, 'This process\'s index in a multi-host run.')
-FLAGS = flags.FLAGS
+                  'multiply-adds (M) per image of the network, then exit (no --workdir needed).')
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  config.run_cli(lambda: train.main(config.from_flags(train.TrainConfig), FLAGS.workdir,
-                                    FLAGS.summary))
+  if not flags.FLAGS.summary:
+    cli.main(train.train_and_evaluate, train.TrainConfig)
+    return
+  logging.set_verbosity(logging.WARNING)
+  try:  # sizes only: no workdir, no runtime to start
+    train.print_summary(config.from_flags(train.TrainConfig))
+  except cli.USER_ERRORS as e:
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

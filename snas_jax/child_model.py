@@ -99,7 +99,7 @@ class ChildCell(nn.Module):
 
 
 class AuxiliaryHead(nn.Module):
-  """ReLU -> avgpool 5 (no padding) -> 1x1 conv 128 -> BN -> ReLU -> 2x2 conv 768 -> [BN] -> ReLU -> Dense.
+  """ReLU, avgpool 5 (no padding), 1x1 conv 128, BN, ReLU, 2x2 conv 768, [BN], ReLU, Dense.
 
   x [N,H,W,C] -> [N, num_classes]. CIFAR: pool stride 3 on 8x8; ImageNet:
   stride 2 on 7x7 (224 input), and no BN after the 768 conv: the DARTS/SNAS

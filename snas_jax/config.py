@@ -8,6 +8,7 @@ so a field is declared once and a flag can never lack a help string.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 
 from absl import flags
@@ -60,13 +61,10 @@ def positive(config, *names: str) -> None:
       raise ValueError(f'--{name} must be positive, got {getattr(config, name)}')
 
 
-# Errors a user can fix from the command line: printed as one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
-
-
 def run_cli(fn, *args) -> None:
-  """Runs an entry point; a user error exits with its one-line message."""
+  """Deprecated alias being folded into ``cli.main`` (kept while scripts move)."""
+  from snas_jax import cli  # pylint: disable=g-import-not-at-top
   try:
     fn(*args)
-  except USER_ERRORS as e:
+  except cli.USER_ERRORS as e:
     raise SystemExit(f'error: {e}') from None

@@ -27,8 +27,9 @@ def initialize_distributed(coordinator_address: str | None = None,
   """
   if not coordinator_address and (num_processes in (None, 1)):
     return
-  if jax.default_backend() == 'cpu' or not jax.devices():
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Only the CPU backend reads this; asking for the backend here would start
+  # it, which must not happen before jax.distributed.initialize.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if num_processes == -1:
     jax.distributed.initialize()
     return

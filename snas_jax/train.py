@@ -60,10 +60,12 @@ class TrainConfig:
                               '(restored through Orbax). One of --search_workdir, --genotype_json, '
                               '--arch.')
   derive_rule: str = field('snas', 'With --search_workdir: derive the child with the SNAS rule '
-                           '(argmax of all 8 ops per edge) or the DARTS rule (top-2 edges per node).',
+                           '(argmax of all 8 ops per edge) or the DARTS rule (top-2 edges per '
+                           'node).',
                            choices=('snas', 'darts'))
-  genotype_json: str = field('', 'Path to a genotype JSON file ({"normal": [[[op, input], ...] x 4], '
-                             '"reduce": ..., "concat": [2, 3, 4, 5]}), as a search writes it.')
+  genotype_json: str = field('', 'Path to a genotype JSON file ({"normal": [[[op, input], ...] '
+                             'x 4], "reduce": ..., "concat": [2, 3, 4, 5]}), as '
+                             'genotypes.Genotype.to_json writes it.')
   arch: str = field('', 'A published cell: ' + ', '.join(genotypes.PUBLISHED) + '.')
   # Network.
   dataset: str = field('cifar10', 'Data set to train and test on.', choices=tuple(NUM_CLASSES))
@@ -73,10 +75,10 @@ class TrainConfig:
                       'CIFAR-10, 14 on ImageNet.')
   image_size: int = field(224, 'ImageNet only: side of the square training/eval crops (CIFAR-10 is '
                           'always 32). Smaller values are for smoke tests.')
-  auxiliary_weight: float = field(0.4, 'Weight of the auxiliary head\'s loss (head after cell 2L//3, '
-                                  'training only); 0 removes the head.')
-  drop_path_prob: float = field(0.2, 'Final drop-path rate, ramped linearly from 0 over the epochs; '
-                                'per-sample, on every edge but the identity.')
+  auxiliary_weight: float = field(0.4, 'Weight of the auxiliary head\'s loss (head after cell '
+                                  '2L//3, training only); 0 removes the head.')
+  drop_path_prob: float = field(0.2, 'Final drop-path rate, ramped linearly from 0 over the '
+                                'epochs; per-sample, on every edge but the identity.')
   remat: bool = field(False, 'Recompute each cell in the backward pass: less memory, ~1/3 more '
                       'compute.')
   op_impl: str = field('auto', 'Depthwise conv / max pool implementation: auto (shift-and-add on '
@@ -97,11 +99,12 @@ class TrainConfig:
   # Data.
   data_dir: str = field('', 'CIFAR-10: folder with train.npz / test.npz (e.g. '
                         '../shared/data/cifar10); empty: tfds cifar10 from --tfds_data_dir.')
-  tfds_data_dir: str = field('', 'tfds data folder (ImageNet: imagenet2012, prepared from the manual '
-                             'download); empty: the tfds default.')
+  tfds_data_dir: str = field('', 'tfds data folder (ImageNet: imagenet2012, prepared from the '
+                             'manual download); empty: the tfds default.')
   cutout: int = field(16, 'CIFAR-10: side of the cutout square (0 = off).')
   num_train_images: int = field(0, 'Train on only this many images (class-balanced subset on '
-                                'CIFAR-10, the first batches on ImageNet); 0 = all. For quick runs.')
+                                'CIFAR-10, the first batches on ImageNet); 0 = all. For quick '
+                                'runs.')
   num_eval_images: int = field(0, 'Evaluate on only this many test images; 0 = all.')
   # Run.
   seed: int = field(0, 'Seed of the initialisation, data order, augmentation and drop-path.')
@@ -123,7 +126,8 @@ class TrainConfig:
     if not 0 <= self.label_smoothing < 1:
       raise ValueError(f'--label_smoothing={self.label_smoothing} must lie in [0, 1)')
     for name in ('auxiliary_weight', 'cutout', 'num_train_images', 'num_eval_images',
-                 'checkpoint_every_steps', 'stop_after_step', 'weight_decay', 'grad_clip', 'lr_min', 'seed'):
+                 'checkpoint_every_steps', 'stop_after_step', 'weight_decay', 'grad_clip',
+                 'lr_min', 'seed'):
       if getattr(self, name) < 0:
         raise ValueError(f'--{name} must be >= 0, got {getattr(self, name)}')
     if self.dataset == 'imagenet' and self.cutout:
@@ -186,7 +190,8 @@ def resolve_genotype(config: TrainConfig) -> genotypes.Genotype:
     try:
       return genotypes.Genotype.from_json(text)
     except json.JSONDecodeError as e:
-      raise ValueError(f'--genotype_json={path} is not valid JSON ({e.msg} at line {e.lineno})') from None
+      raise ValueError(f'--genotype_json={path} is not valid JSON ({e.msg} at line '
+                       f'{e.lineno})') from None
     except (ValueError, TypeError) as e:
       raise ValueError(f'--genotype_json={path}: {" ".join(str(e).split())}') from None
   # Imported here: the search loop is only needed for this source.
@@ -265,7 +270,8 @@ def _jaxpr_multiply_adds(jaxpr) -> int:
     elif eqn.primitive.name == 'dot_general':
       (lhs_contract, _), _ = eqn.params['dimension_numbers']
       lhs = eqn.invars[0].aval.shape
-      total += int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in lhs_contract]))
+      contracted = int(np.prod([lhs[d] for d in lhs_contract]))
+      total += int(np.prod(eqn.outvars[0].aval.shape)) * contracted
     for value in eqn.params.values():  # pjit, custom_jvp/vjp, remat bodies
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(sub, jax_core.ClosedJaxpr):
@@ -278,7 +284,8 @@ def _jaxpr_multiply_adds(jaxpr) -> int:
 def summarize(config: TrainConfig, genotype: genotypes.Genotype | None = None) -> dict:
   """{'params', 'multiply_adds', 'params_M', 'multiply_adds_M', ...} of the configured child."""
   genotype = genotype or resolve_genotype(config)
-  model = build_model(genotype, config, auxiliary=False)
+  # The compact lax ops trace faster; the parameters do not depend on the impl.
+  model = build_model(genotype, config, auxiliary=False, impl='lax')
   params = count_params(abstract_variables(model, config)['params'])
   madds = count_multiply_adds(genotype, config)
   return {'arch': describe_arch(config), 'dataset': config.dataset, 'channels': config.channels,
@@ -301,9 +308,9 @@ def format_summary(s: dict) -> str:
 def check_mobile_setting(config: TrainConfig, multiply_adds: int) -> None:
   if (config.dataset == 'imagenet' and not config.allow_large
       and multiply_adds > MOBILE_MULTIPLY_ADDS):
-    raise ValueError(f'this network needs {multiply_adds / 1e6:.0f}M multiply-adds per image, above '
-                     f'the mobile setting\'s {MOBILE_MULTIPLY_ADDS / 1e6:.0f}M; lower --channels or '
-                     f'--layers, or pass --allow_large')
+    raise ValueError(f'this network needs {multiply_adds / 1e6:.0f}M multiply-adds per image, '
+                     f'above the mobile setting\'s {MOBILE_MULTIPLY_ADDS / 1e6:.0f}M; lower '
+                     f'--channels or --layers, or pass --allow_large')
 
 
 # ----------------------------------------------------------------------------
@@ -393,12 +400,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
 
 
 def training_loss(logits, aux_logits, labels, *, aux_weight: float, smoothing: float):
-  """(total, main CE, aux CE): mean CE + aux_weight · mean aux CE (the aux head shares the smoothing)."""
+  """(total, main CE, aux CE) = (CE + aux_weight · aux CE, CE, aux CE), batch means.
+
+  The auxiliary head's CE uses the same label smoothing (as the reference).
+  """
   main = cross_entropy(logits, labels, smoothing).mean()
   if aux_logits is None:
     return main, main, jnp.zeros_like(main)
   aux = cross_entropy(aux_logits, labels, smoothing).mean()
   return main + aux_weight * aux, main, aux
+
+
+# ----------------------------------------------------------------------------
+# Update steps.
 
 
 class Steps(NamedTuple):
@@ -520,8 +534,8 @@ def check_resumable(meta: dict, config: TrainConfig, genotype: genotypes.Genotyp
   """One-line CheckpointError if ``meta`` was written by a run with another configuration."""
   saved = meta.get('config', {})
   now = config_lib.to_dict(config)
-  diffs = [f'--{k}={saved.get(k)!r} there, {now[k]!r} now' for k in sorted(now)
-           if k not in RESUMABLE_FIELDS and saved.get(k) != now[k]]
+  diffs = [f'--{k}={saved[k]!r} there, {now[k]!r} now' for k in sorted(now)
+           if k not in RESUMABLE_FIELDS and k in saved and saved[k] != now[k]]
   if meta.get('genotype') != genotype.to_dict():
     diffs.append('another genotype')
   if diffs:
@@ -614,7 +628,6 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
 def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer) -> int | None:
   """Runs the remaining epochs, updating ``meta``; the step it stopped at, or None at the end."""
   n_steps = source.steps_per_epoch
-  rep = parallel.replicated(mesh)
   elapsed_before, t_start = meta['elapsed_s'], time.perf_counter()
 
   def save(step):
@@ -625,7 +638,7 @@ def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer) -> int |
     start = meta['step_in_epoch'] if epoch == meta['epoch'] else 0
     sums = {k: jnp.float32(v) for k, v in meta['epoch_sums'].items()} if start else {}
     lr, rate = learning_rate(config, epoch), drop_path_rate(config, epoch)
-    lr_arr, rate_arr = (jax.device_put(jnp.float32(x), rep) for x in (lr, rate))
+    lr_arr, rate_arr = parallel.put_replicated((np.float32(lr), np.float32(rate)), mesh)
     bar = reporting.ProgressBar(n_steps, desc=f'epoch {epoch + 1}/{config.epochs}',
                                 enabled=config.progress)
     bar.update(start)
@@ -674,16 +687,12 @@ def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer) -> int |
 
 
 # ----------------------------------------------------------------------------
-# Entry point (experiments/train_*.py).
+# Summary (experiments/train_*.py --summary).
 
 
-def main(config: TrainConfig, workdir: str | None, summary: bool = False) -> dict:
-  """--summary: prints params and multiply-adds and returns them; else trains in ``workdir``."""
+def print_summary(config: TrainConfig) -> dict:
+  """Prints the one-line size summary (no workdir, no training) and returns it."""
   config_lib.validate(config)
-  if summary:
-    s = summarize(config)
-    print(format_summary(s), flush=True)
-    return s
-  if not workdir:
-    raise ValueError('--workdir is required (or pass --summary)')
-  return train_and_evaluate(config, workdir)
+  summary = summarize(config)
+  print(format_summary(summary), flush=True)
+  return summary

@@ -73,7 +73,8 @@ PAPER_PARAMS_M = {('DARTS_V2', 'cifar10'): 3.3, ('SNAS_moderate', 'cifar10'): 2.
                   ('DARTS_V2', 'imagenet'): 4.7}
 
 
-@pytest.mark.parametrize('dataset,c,layers,size', [('cifar10', 36, 20, 32), ('imagenet', 48, 14, 224)])
+@pytest.mark.parametrize('dataset,c,layers,size', [('cifar10', 36, 20, 32),
+                                                    ('imagenet', 48, 14, 224)])
 @pytest.mark.parametrize('name', sorted(genotypes.PUBLISHED))
 def test_published_param_counts_match_closed_form(name, dataset, c, layers, size):
   genotype = genotypes.published(name)
@@ -144,7 +145,8 @@ def test_auxiliary_head_too_small_is_one_line_error():
 
 def test_drop_path_scales_whole_samples_and_preserves_the_mean():
   x = jnp.ones((4000, 2, 2, 3))
-  y = np.asarray(child_model.drop_path(x, jnp.float32(0.3), jax.random.PRNGKey(0))).reshape(4000, -1)
+  y = child_model.drop_path(x, jnp.float32(0.3), jax.random.PRNGKey(0))
+  y = np.asarray(y).reshape(4000, -1)
   dropped = (y == 0).all(1)
   kept = np.isclose(y, 1 / 0.7).all(1)
   assert (dropped | kept).all()  # one mask value per sample
@@ -194,3 +196,19 @@ def test_none_edges_have_no_params_and_empty_nodes_are_zero():
   assert out.shape == (8, 4, 4, 4 * 4)  # stride 2, 4 nodes x C
   assert np.abs(out[..., :8]).sum() > 0
   np.testing.assert_array_equal(out[..., 8:], 0.0)  # nodes 2 and 3
+
+
+def test_remat_computes_the_same_function():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  rngs = {k: jax.random.key(i, impl='rbg') for i, k in enumerate(RNGS)}
+  outputs = []
+  for remat in (False, True):
+    model = child_model.NetworkCIFAR(genotypes.DARTS_V2, 4, 3, 10, remat=remat, impl='lax')
+    variables = jax.jit(lambda: model.init(rngs, x, jnp.float32(0), train=True))()
+    loss = lambda p: model.apply({**variables, 'params': p}, x, jnp.float32(0.2), train=True,
+                                 rngs=rngs, mutable=['batch_stats'])[0][0].sum()
+    outputs.append(jax.jit(jax.value_and_grad(loss))(variables['params']))
+  (plain, plain_grad), (remat, remat_grad) = outputs
+  np.testing.assert_allclose(plain, remat, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               plain_grad, remat_grad)

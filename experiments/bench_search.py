@@ -1,0 +1,147 @@
+"""Benchmarks the search step: init, trace + compile, steady-state speed, memory.
+
+  python experiments/bench_search.py                      # the paper's config (+ remat)
+  python experiments/bench_search.py --sweep=batch,channels,cells,devices
+
+Each configuration runs in its own process (so peak memory is its own and a
+device count can be forced), on synthetic 32x32 images, with every op of the
+real step: Gumbel samples, forward, backward, w and α updates, BN statistics.
+Prints a table and one JSON object per configuration (also to --json_out).
+"""
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_integer('batch_size', 64, 'Global batch of the base configuration.')
+flags.DEFINE_integer('channels', 16, 'C of the base configuration.')
+flags.DEFINE_integer('layers', 8, 'Cells of the base configuration.')
+flags.DEFINE_string('sweep', '', 'Comma-separated sweeps beyond the base config and its remat '
+                    'variant: batch (16..256), channels (8..32), cells (5..20), devices (1,2,4).')
+flags.DEFINE_string('impl', 'auto', 'Op implementation (auto, shift, lax).')
+flags.DEFINE_integer('steps', 5, 'Timed steps after warm-up (the median is reported).')
+flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+flags.DEFINE_string('json_out', '', 'Also write the results here as a JSON list.')
+flags.DEFINE_string('child', '', 'Internal: run one configuration given as JSON and print it.')
+FLAGS = flags.FLAGS
+
+SWEEPS = {'batch': ('batch_size', (16, 32, 128, 256)), 'channels': ('channels', (8, 32)),
+          'cells': ('layers', (5, 14, 20)), 'devices': ('devices', (2, 4))}
+
+
+def measure(spec: dict) -> dict:
+  """One configuration, in this process."""
+  import jax
+  import numpy as np
+  from snas_jax import costs, parallel, search
+  cfg = search.SearchConfig(channels=spec['channels'], layers=spec['layers'],
+                            batch_size=spec['batch_size'], remat=spec['remat'], impl=spec['impl'],
+                            resource_eta=1e-3, epochs=150)
+  mesh = parallel.make_mesh()
+  net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=100)
+  tables = costs.penalty_tables(cfg.channels, cfg.layers, 32)
+  t = time.perf_counter()
+  state = jax.jit(lambda: search.init_state(cfg, net, tx, (32, 32, 3)),
+                  out_shardings=parallel.replicated(mesh))()
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t
+  step = search.make_train_step(cfg, net, tx, tables, mesh)
+  rng = np.random.default_rng(0)
+  batch = parallel.to_global({'image': rng.normal(size=(cfg.batch_size, 32, 32, 3)).astype(np.float32),
+                              'label': rng.integers(0, 10, cfg.batch_size).astype(np.int32)}, mesh)
+  tau = np.float32(1.0)
+  t = time.perf_counter()
+  lowered = step.lower(state, batch, tau)
+  trace_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t
+  times = []
+  for i in range(FLAGS.warmup + FLAGS.steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch, tau)
+    jax.block_until_ready(metrics)
+    if i >= FLAGS.warmup:
+      times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  return {**spec, 'devices': len(jax.devices()), 'init_s': round(init_s, 2),
+          'trace_s': round(trace_s, 2), 'compile_s': round(compile_s, 2),
+          'step_s': round(step_s, 3), 'images_per_s': round(cfg.batch_size / step_s, 2),
+          'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+          'xla_temp_gb': round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 2)}
+
+
+def environment() -> dict:
+  import flax
+  import jax
+  import optax
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return {'machine': f'{cpu}, {os.cpu_count()} cores', 'backend': jax.default_backend(),
+          'device': str(jax.devices()[0].device_kind), 'jax': jax.__version__,
+          'flax': flax.__version__, 'optax': optax.__version__, 'python': platform.python_version()}
+
+
+def specs() -> list:
+  base = {'batch_size': FLAGS.batch_size, 'channels': FLAGS.channels, 'layers': FLAGS.layers,
+          'remat': False, 'impl': FLAGS.impl, 'devices': 1}
+  out = [base, {**base, 'remat': True}]
+  for name in filter(None, FLAGS.sweep.split(',')):
+    if name not in SWEEPS:
+      raise SystemExit(f'error: unknown sweep {name!r}; use {",".join(SWEEPS)}')
+    key, values = SWEEPS[name]
+    out += [{**base, key: v} for v in values]
+  return out
+
+
+def run_child(spec: dict) -> dict:
+  env = dict(os.environ)
+  if spec['devices'] > 1:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={spec["devices"]}'
+  proc = subprocess.run([sys.executable, __file__, f'--child={json.dumps(spec)}',
+                         f'--steps={FLAGS.steps}', f'--warmup={FLAGS.warmup}'],
+                        capture_output=True, text=True, env=env)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+  if proc.returncode or not lines:
+    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+    return {**spec, 'error': f'exit {proc.returncode}: {tail[:200]}'}
+  return json.loads(lines[-1])
+
+
+def main(argv):
+  del argv
+  if FLAGS.child:
+    print(json.dumps(measure(json.loads(FLAGS.child))), flush=True)
+    return
+  env = environment()
+  print(json.dumps(env))
+  cols = ('batch_size', 'channels', 'layers', 'devices', 'remat', 'init_s', 'trace_s',
+          'compile_s', 'step_s', 'images_per_s', 'peak_rss_gb', 'xla_temp_gb')
+  print(' | '.join(cols))
+  results = []
+  for spec in specs():
+    r = run_child(spec)
+    results.append(r)
+    print(' | '.join(str(r.get(c, '-')) for c in cols) + (f' | {r["error"]}' if 'error' in r else ''),
+          flush=True)
+  for r in results:
+    print(json.dumps(r))
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, 'w') as f:
+      json.dump({'environment': env, 'results': results}, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)

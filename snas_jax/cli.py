@@ -1,0 +1,52 @@
+"""What every entry script shares: runtime flags, start-up, one-line errors.
+
+An experiment script is three lines: define its config's flags, define these,
+and ``app.run(lambda argv: cli.main(run_fn, ConfigClass))``.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import flags, logging
+
+from snas_jax import config as config_lib
+from snas_jax import parallel
+
+FLAGS = flags.FLAGS
+
+# Errors a user can fix from the command line: printed as one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def define_runtime_flags() -> None:
+  flags.DEFINE_string('workdir', '', 'Folder for checkpoints and outputs (resumes if it holds one).')
+  flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, for multi-host runs.')
+  flags.DEFINE_integer('num_processes', 1, 'Processes (hosts) in a multi-host run; -1 = '
+                       'detect them (TPU pods, SLURM).')
+  flags.DEFINE_integer('process_id', 0, "This process's index in a multi-host run.")
+  flags.DEFINE_string('compilation_cache_dir', '~/.cache/snas_jax/xla',
+                      'Persistent XLA compilation cache: a resumed or repeated run skips '
+                      'compiling. Empty = off.')
+
+
+def enable_compilation_cache(path: str) -> None:
+  if path:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def main(run_fn, config_cls) -> None:
+  """Starts the runtime and calls ``run_fn(config, workdir)``; a user error
+  exits with its one-line message instead of a traceback."""
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  try:
+    cfg = config_lib.from_flags(config_cls)
+    if not FLAGS.workdir:
+      raise ValueError('--workdir is required: the folder for checkpoints and outputs')
+    enable_compilation_cache(FLAGS.compilation_cache_dir)
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+    run_fn(cfg, FLAGS.workdir)
+  except USER_ERRORS as e:
+    raise SystemExit(f'error: {e}') from None

@@ -1,0 +1,184 @@
+"""The search end to end: CLI outputs, exact resume, DARTS mode, errors,
+no retracing, and data parallelism (fake devices, two processes)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from conftest import CACHE_DIR, ROOT, run_script
+from snas_jax import costs, genotypes, parallel, reporting, search
+
+TINY = ['--channels=4', '--layers=3', '--num_train_images=128', '--num_eval_images=64',
+        '--batch_size=32', '--eval_batch_size=64', '--epochs=2', '--checkpoint_every_steps=2',
+        '--resource_eta=1e-3']
+TIMING_KEYS = {'epoch_time_s', 'images_per_s'}
+
+
+def search_cli(workdir, cifar_dir, *extra):
+  return run_script('search_cifar.py', f'--workdir={workdir}', f'--data_dir={cifar_dir}',
+                    *TINY, *extra)
+
+
+def ok(proc):
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory, cifar_dir):
+  workdir = tmp_path_factory.mktemp('search') / 'full'
+  ok(search_cli(workdir, cifar_dir))
+  return workdir
+
+
+def test_cli_writes_every_output(finished_run):
+  for name in ('genotype.json', 'alpha_normal.npy', 'alpha_reduce.npy', 'alpha_normal.png',
+               'alpha_reduce.png', 'normal_snas.png', 'reduce_snas.png', 'normal_darts.png',
+               'reduce_darts.png', 'curves.png', 'metrics.jsonl', 'summary.json'):
+    assert os.path.getsize(finished_run / name) > 0, name
+  assert os.listdir(finished_run / 'tensorboard')
+  saved = json.loads((finished_run / 'genotype.json').read_text())
+  alpha = {t: np.load(finished_run / f'alpha_{t}.npy') for t in ('normal', 'reduce')}
+  assert alpha['normal'].shape == (14, 8)
+  # The saved genotypes are the derivations of the saved α.
+  for rule in ('snas', 'darts'):
+    assert genotypes.Genotype.from_dict(saved[rule]) == genotypes.derive(
+        alpha['normal'], alpha['reduce'], rule)
+  records = reporting.read_metrics(finished_run)
+  assert [r['epoch'] for r in records] == [1, 2]
+  assert [r['step'] for r in records] == [4, 8]
+  for key in ('train_loss', 'train_acc', 'search_val_acc', 'child_acc', 'alpha_entropy_normal',
+              'alpha_entropy_reduce', 'expected_params', 'expected_flops', 'expected_mac',
+              'child_params', 'child_flops', 'child_mac', 'tau', 'lr'):
+    assert all(np.isfinite(r[key]) for r in records), key
+  assert records[0]['tau'] == pytest.approx(1.0) and records[1]['tau'] == pytest.approx(0.03)
+  assert len(records[0]['alpha_entropy_normal_per_edge']) == 14
+  assert all(0 <= r['child_acc'] <= 1 for r in records)
+  # Entropy starts near the maximum log 8 (α ~ N(1, 0.01)).
+  assert records[0]['alpha_entropy_normal'] == pytest.approx(np.log(8), abs=0.01)
+  summary = json.loads((finished_run / 'summary.json').read_text())
+  assert 0 <= summary['child_test_acc'] <= 1
+  # Train loader hand-off: the genotype comes back from the Orbax checkpoint.
+  assert search.load_genotype(str(finished_run)) == genotypes.Genotype.from_dict(saved['snas'])
+
+
+def test_resume_matches_uninterrupted_run(finished_run, tmp_path, cifar_dir):
+  workdir = tmp_path / 'resumed'
+  first = ok(search_cli(workdir, cifar_dir, '--stop_after_step=2'))
+  assert 'stopped after step 2' in first.stdout
+  assert not (workdir / 'genotype.json').exists()
+  with pytest.raises(Exception, match='unfinished search'):
+    search.load_genotype(str(workdir))
+  ok(search_cli(workdir, cifar_dir))
+  for t in ('normal', 'reduce'):
+    np.testing.assert_array_equal(np.load(workdir / f'alpha_{t}.npy'),
+                                  np.load(finished_run / f'alpha_{t}.npy'))
+  assert (workdir / 'genotype.json').read_text() == (finished_run / 'genotype.json').read_text()
+  strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]
+  assert strip(reporting.read_metrics(workdir)) == strip(reporting.read_metrics(finished_run))
+
+
+def test_darts_mode(tmp_path, cifar_dir):
+  workdir = tmp_path / 'darts'
+  ok(search_cli(workdir, cifar_dir, '--method=darts', '--epochs=1',
+                '--resource_estimator=exact'))
+  saved = json.loads((workdir / 'genotype.json').read_text())
+  darts = genotypes.Genotype.from_dict(saved['darts'])
+  assert all(len(node) == 2 for node in darts.normal + darts.reduce)  # top-2 per node
+  assert json.loads((workdir / 'summary.json').read_text())['method'] == 'darts'
+
+
+def test_bad_flag_value_is_one_line(tmp_path, cifar_dir):
+  proc = search_cli(tmp_path / 'w', cifar_dir, '--method=enas')
+  assert proc.returncode != 0 and 'method' in proc.stderr
+  proc = search_cli(tmp_path / 'w', cifar_dir, '--drop_path=1.5')
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == 'error: --drop_path=1.5 must lie in [0, 1)'
+
+
+def test_missing_data_dir_is_one_line(tmp_path):
+  proc = run_script('search_cifar.py', f'--workdir={tmp_path / "w"}', f'--data_dir={tmp_path / "nope"}', *TINY)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and '--data_dir' in last
+  assert 'Traceback' not in proc.stderr
+  assert not (tmp_path / 'w' / 'checkpoints').exists()  # failed before any work
+
+
+def test_mismatched_resume_is_one_line(finished_run, cifar_dir):
+  proc = search_cli(finished_run, cifar_dir, '--channels=8')
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert '--channels=4' in last and '--channels=8' in last and 'Traceback' not in proc.stderr
+
+
+def test_step_never_retraces():
+  """τ, the learning rate and the data change every epoch; the step traces once."""
+  cfg = search.SearchConfig(channels=4, layers=1, batch_size=4, epochs=3, impl='lax',
+                            resource_eta=1e-3)
+  net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=1)
+  tables = costs.penalty_tables(cfg.channels, cfg.layers, 8)
+  step = jax.jit(chex.assert_max_traces(search.train_step_fn(cfg, net, tx, tables), n=1))
+  state = jax.jit(lambda: search.init_state(cfg, net, tx, (8, 8, 3)))()
+  rng = np.random.default_rng(0)
+  alphas = []
+  for epoch in range(3):
+    batch = {'image': rng.normal(size=(4, 8, 8, 3)).astype(np.float32),
+             'label': rng.integers(0, 10, 4).astype(np.int32)}
+    state, _ = step(state, batch, search.sampling.temperature(epoch, 3))
+    alphas.append(np.asarray(state.params['alpha']['normal']))
+  assert int(state.step) == 3
+  assert not np.allclose(alphas[0], alphas[-1])  # α does learn
+
+
+@pytest.fixture(scope='module')
+def one_device_result(tmp_path_factory):
+  out = tmp_path_factory.mktemp('parallel') / 'one.npz'
+  ok(_parallel_check(out, '--devices=1'))
+  return dict(np.load(out))
+
+
+def _parallel_check(out, *args, env=None):
+  full_env = dict(os.environ, **(env or {}))
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'parallel_check.py'), str(out), *args],
+                        capture_output=True, text=True, env=full_env, timeout=600, cwd=ROOT)
+
+
+def _assert_same_result(a, b):
+  assert set(a) == set(b)
+  for key in a:
+    if key != 'devices':
+      np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=2e-5, err_msg=key)
+
+
+def test_four_fake_devices_match_one(one_device_result, tmp_path):
+  out = tmp_path / 'four.npz'
+  ok(_parallel_check(out, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}))
+  four = dict(np.load(out))
+  assert int(four['devices']) == 4 and int(one_device_result['devices']) == 1
+  _assert_same_result(four, one_device_result)
+
+
+def test_two_processes_match_one(one_device_result, tmp_path):
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  out = tmp_path / 'two.npz'
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'tests', 'parallel_check.py'), str(out),
+       f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  two = dict(np.load(out))
+  assert int(two['devices']) == 2
+  _assert_same_result(two, one_device_result)

@@ -1,0 +1,345 @@
+"""Tests for snas_jax.train: architecture sources, sizes, losses, the loop, resume, errors."""
+import dataclasses
+import functools
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from snas_jax import checkpoint, data, genotypes, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR_DIR = os.path.join(REPO, '..', 'shared', 'data', 'cifar10')
+
+# A small cell that still has every kind of edge: a conv, a dilated conv,
+# both pools, identity and FactorizedReduce skips, a 'none' edge and an
+# empty node (zeros). Compiles fast.
+TINY = genotypes.Genotype(
+    normal=[[('sep_conv_3x3', 0), ('skip_connect', 1)], [('dil_conv_3x3', 2)],
+            [('max_pool_3x3', 1), ('none', 3)], [('avg_pool_3x3', 0)]],
+    reduce=[[('max_pool_3x3', 0), ('skip_connect', 1)], [('sep_conv_3x3', 2)], [],
+            [('skip_connect', 0)]])
+
+
+def _one_line(err) -> str:
+  message = str(err.value)
+  assert '\n' not in message, message
+  return message
+
+
+# ----------------------------------------------------------------------------
+# Architecture sources.
+
+
+@pytest.mark.parametrize('kwargs,got', [({}, 'none'),
+                                        ({'arch': 'DARTS_V2', 'genotype_json': 'g.json'},
+                                         '--genotype_json and --arch')])
+def test_exactly_one_arch_source(kwargs, got):
+  with pytest.raises(ValueError, match='exactly one of') as err:
+    train.TrainConfig(**kwargs).check()
+  assert f'(got {got})' in _one_line(err)
+
+
+def test_genotype_json_round_trip(tmp_path):
+  path = tmp_path / 'g.json'
+  path.write_text(genotypes.SNAS_MILD.to_json())
+  assert train.resolve_genotype(train.TrainConfig(genotype_json=str(path))) == genotypes.SNAS_MILD
+
+
+@pytest.mark.parametrize('text,message', [
+    (json.dumps({'normal': [[['conv_9x9', 0]], [], [], []], 'reduce': [[], [], [], []]}),
+     "unknown op 'conv_9x9'"),
+    ('{"normal": [', 'is not valid JSON'),
+    (None, 'cannot be read')])
+def test_genotype_json_errors_are_one_line(tmp_path, text, message):
+  path = tmp_path / 'g.json'
+  if text is not None:
+    path.write_text(text)
+  with pytest.raises(ValueError, match=message) as err:
+    train.resolve_genotype(train.TrainConfig(genotype_json=str(path)))
+  assert str(path) in _one_line(err)
+
+
+def _fake_search_workdir(workdir, genotype, finished=True):
+  """A search workdir as search.run leaves it (its hand-off: Orbax meta with the genotypes).
+
+  Stands in for a real search, which takes minutes here even at its smallest
+  (see test_retrain_after_real_search_cli for the real thing).
+  """
+  ckpt = checkpoint.Checkpointer(str(workdir))
+  meta = {'config': {'epochs': 2}, 'epoch': 2 if finished else 1, 'finished': finished}
+  if finished:
+    meta['genotypes'] = {'snas': genotype.to_dict(), 'darts': genotypes.DARTS_V2.to_dict()}
+  ckpt.save(8, {'step': np.int32(8)}, meta)
+  ckpt.close()
+
+
+def test_search_workdir_without_finished_search(tmp_path):
+  pytest.importorskip('snas_jax.search')
+  with pytest.raises(checkpoint.CheckpointError, match='no search checkpoint') as err:
+    train.resolve_genotype(train.TrainConfig(search_workdir=str(tmp_path)))
+  _one_line(err)
+  _fake_search_workdir(tmp_path / 's', TINY, finished=False)
+  with pytest.raises(checkpoint.CheckpointError, match='unfinished search') as err:
+    train.resolve_genotype(train.TrainConfig(search_workdir=str(tmp_path / 's')))
+  _one_line(err)
+
+
+# ----------------------------------------------------------------------------
+# Sizes: an independent multiply-add count from SPEC's op definitions (the
+# parameter count's twin is in test_child_model.py). Convolutions and the
+# classifier only; pools, BN and sums are not multiply-adds.
+
+
+def _op_madds(name, c, side, stride):
+  """Multiply-adds of one edge with C channels and a side x side output."""
+  if name in ('none', 'max_pool_3x3', 'avg_pool_3x3'):
+    return 0
+  if name == 'skip_connect':  # FactorizedReduce: two 1x1 convs C -> C/2 at the output size
+    return 0 if stride == 1 else 2 * side * side * c * (c // 2)
+  k = int(name[-1])
+  dil_conv = side * side * (c * k * k + c * c)  # depthwise kxk + 1x1, at the output size
+  return 2 * dil_conv if name.startswith('sep_conv') else dil_conv
+
+
+def _closed_form_madds(genotype, c, layers, dataset, size):
+  if dataset == 'cifar10':
+    total, side = size * size * 27 * 3 * c, size
+    c_pp = c_p = 3 * c
+    classes = 10
+  else:  # stem0: 3x3/2 3 -> C/2, 3x3/2 C/2 -> C; stem1: 3x3/2 C -> C
+    half = c // 2
+    total = ((size // 2) ** 2 * 27 * half + (size // 4) ** 2 * 9 * half * c
+             + (size // 8) ** 2 * 9 * c * c)
+    side, c_pp, c_p, classes = size // 8, c, c, 1000
+  c_cell = c
+  for i in range(layers):
+    reduction = i in (layers // 3, 2 * layers // 3)
+    c_cell *= 2 if reduction else 1
+    # Both preprocessings produce side x side x C from C_pp / C_p channels
+    # (FactorizedReduce: two half-width 1x1 convs on the twice larger s0).
+    total += side * side * (c_pp + c_p) * c_cell
+    out_side = side // 2 if reduction else side
+    for node in (genotype.reduce if reduction else genotype.normal):
+      for op, state in node:
+        stride = 2 if reduction and state < 2 else 1
+        total += _op_madds(op, c_cell, out_side, stride)
+    side = out_side
+    c_pp, c_p = c_p, len(genotype.concat) * c_cell
+  return total + c_p * classes
+
+
+def test_multiply_adds_match_closed_form():
+  config = train.imagenet_config(arch='SNAS_moderate')
+  expected = _closed_form_madds(genotypes.SNAS_MODERATE, 48, 14, 'imagenet', 224)
+  assert train.count_multiply_adds(genotypes.SNAS_MODERATE, config) == expected
+  small = train.TrainConfig(genotype_json='unused', channels=8, layers=5)
+  assert train.count_multiply_adds(TINY, small) == _closed_form_madds(TINY, 8, 5, 'cifar10', 32)
+
+
+def test_summary_prints_params_and_multiply_adds(capsys):
+  summary = train.print_summary(train.TrainConfig(arch='DARTS_V2'))
+  line = capsys.readouterr().out.strip()
+  # Checked against the closed forms (here and in test_child_model.py).
+  assert summary['params'] == 3351502
+  assert summary['multiply_adds'] == _closed_form_madds(genotypes.DARTS_V2, 36, 20, 'cifar10', 32)
+  assert line == ('--arch=DARTS_V2 on cifar10 (C=36, L=20, 32x32): params 3.35M (3351502, '
+                  'auxiliary head excluded), multiply-adds 528.4M (528359040) per image')
+
+
+def test_mobile_setting_limit():
+  config = train.imagenet_config(arch='DARTS_V2')
+  train.check_mobile_setting(config, 599_000_000)
+  with pytest.raises(ValueError, match='--allow_large') as err:
+    train.check_mobile_setting(config, 601_000_000)
+  _one_line(err)
+  train.check_mobile_setting(dataclasses.replace(config, allow_large=True), 601_000_000)
+  train.check_mobile_setting(train.TrainConfig(arch='DARTS_V2'), 10**9)  # CIFAR: no limit
+
+
+# ----------------------------------------------------------------------------
+# Losses, schedules, data.
+
+
+def test_label_smoothing_hand_example():
+  logits = jnp.array([[2.0, 1.0, 0.0]])
+  log_p = np.array([2.0, 1.0, 0.0]) - math.log(math.exp(2) + math.exp(1) + 1)
+  # Targets (1 - 0.1)·one_hot(1) + 0.1/3: [0.0333, 0.9333, 0.0333].
+  expected = -(0.1 / 3 * log_p[0] + (0.9 + 0.1 / 3) * log_p[1] + 0.1 / 3 * log_p[2])
+  np.testing.assert_allclose(train.cross_entropy(logits, jnp.array([1]), 0.1), [expected],
+                             rtol=1e-6)
+  np.testing.assert_allclose(train.cross_entropy(logits, jnp.array([1]), 0.0), [-log_p[1]],
+                             rtol=1e-6)
+  assert train.imagenet_config(arch='DARTS_V2').label_smoothing == 0.1
+
+
+def test_auxiliary_weight_enters_the_loss():
+  assert train.TrainConfig().auxiliary_weight == 0.4
+  labels = jnp.array([0, 2])
+  logits = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
+  aux_logits = jnp.array([[0.0, 3.0, 0.0], [0.2, 0.0, 0.0]])
+  total, main, aux = train.training_loss(logits, aux_logits, labels, aux_weight=0.4, smoothing=0.0)
+  np.testing.assert_allclose(main, train.cross_entropy(logits, labels).mean(), rtol=1e-6)
+  np.testing.assert_allclose(aux, train.cross_entropy(aux_logits, labels).mean(), rtol=1e-6)
+  np.testing.assert_allclose(total, main + 0.4 * aux, rtol=1e-6)
+  total, main, _ = train.training_loss(logits, None, labels, aux_weight=0.4, smoothing=0.0)
+  assert total == main
+
+
+def test_schedules():
+  config = train.TrainConfig(arch='DARTS_V2', epochs=600)
+  assert train.learning_rate(config, 0) == 0.025
+  np.testing.assert_allclose(train.learning_rate(config, 300), 0.0125)
+  assert train.learning_rate(config, 599) < 1e-6
+  assert train.drop_path_rate(config, 0) == 0 and train.drop_path_rate(config, 300) == 0.1
+  imagenet = train.imagenet_config(arch='DARTS_V2')
+  np.testing.assert_allclose(train.learning_rate(imagenet, 10), 0.1 * 0.97 ** 10)
+  assert imagenet.weight_decay == 3e-5 and imagenet.drop_path_prob == 0
+
+
+def test_train_pipeline_enables_cutout():
+  rng = np.random.default_rng(0)
+  arrays = {f'{split}_{kind}': value for split in ('train', 'test') for kind, value in (
+      ('images', rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)),
+      ('labels', np.arange(64, dtype=np.int32) % 10))}
+  config = train.TrainConfig(arch='DARTS_V2', batch_size=16, num_train_images=32)
+  train_it, test_it = train.cifar_iterators(config, arrays)
+  assert train_it.cutout == 16 and train_it.train and len(train_it.labels) == 32
+  assert not test_it.train  # no augmentation (hence no cutout) at test time
+  # A 16x16 square of zeros (normalised pixels are almost never exactly 0).
+  assert ((train_it.batch(0, 0)['image'] == 0).all(-1).sum((1, 2)) >= 8 * 8).all()
+
+
+# ----------------------------------------------------------------------------
+# The loop on a miniature CIFAR-10 folder.
+
+
+def _jpeg(image):
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format='JPEG')
+  return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+@pytest.fixture(scope='module')
+def tiny_cifar(tmp_path_factory):
+  """A CIFAR-10 folder in the real npz format: 64 train, 32 test images."""
+  folder = tmp_path_factory.mktemp('cifar')
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 64), ('test', 32)):
+    jpegs = [_jpeg(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+    offsets = np.cumsum([0] + [len(j) for j in jpegs]).astype(np.int64)
+    np.savez(folder / f'{split}.npz', jpeg=np.concatenate(jpegs), offsets=offsets,
+             labels=(np.arange(n) % 10).astype(np.uint8), classes=np.array(['c'] * 10))
+  manifest = {'train': {'images': 64}, 'test': {'images': 32}}
+  (folder / 'MANIFEST.json').write_text(json.dumps(manifest))
+  return str(folder)
+
+
+@pytest.fixture
+def no_home_cache(monkeypatch, tmp_path):
+  monkeypatch.setattr(train.data, 'load_cifar10', functools.partial(
+      data.load_cifar10, cache_dir=str(tmp_path / 'cache')))
+
+
+def _tiny_config(data_dir, **overrides):
+  kw = dict(data_dir=data_dir, channels=4, layers=3, batch_size=16, epochs=2, op_impl='lax',
+            checkpoint_every_steps=2, progress=False)
+  return train.TrainConfig(**{**kw, **overrides})
+
+
+def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_home_cache):
+  pytest.importorskip('snas_jax.search')
+  _fake_search_workdir(tmp_path / 'search', TINY)
+  config = _tiny_config(tiny_cifar, search_workdir=str(tmp_path / 'search'))
+  final = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  assert final['genotype'] == TINY.to_dict() and final['eval_images'] == 32
+  assert 0 <= final['test_error'] <= 100
+  assert json.loads((tmp_path / 'a' / train.FINAL_FILE).read_text()) == final
+  records = [json.loads(l) for l in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], r['epoch']) for r in records] == [(4, 1), (8, 2)]
+  assert [r['drop_path_rate'] for r in records] == [0.0, 0.1]  # the ramp, 0 -> 0.2
+  assert (tmp_path / 'a' / 'tensorboard').is_dir()
+
+  # Stopped mid-epoch and resumed: the same run, bit for bit; the step never retraced.
+  genotype_file = tmp_path / 'tiny.json'
+  genotype_file.write_text(TINY.to_json())
+  config = _tiny_config(tiny_cifar, genotype_json=str(genotype_file))
+  stopped = train.train_and_evaluate(dataclasses.replace(config, stop_after_step=3),
+                                     str(tmp_path / 'b'))
+  assert stopped == {'stopped_at_step': 3}
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert resumed['test_loss'] == final['test_loss']
+  assert resumed['test_error'] == final['test_error']
+  steps = train.make_steps(config, TINY, train.parallel.make_mesh())
+  assert steps.train._cache_size() == 1  # lr and drop-path rate are arrays
+
+  # Another configuration in the same workdir: a one-line error, before any compile.
+  with pytest.raises(checkpoint.CheckpointError, match="--channels=4 there, 6 now") as err:
+    train.train_and_evaluate(dataclasses.replace(config, channels=6), str(tmp_path / 'b'))
+  _one_line(err)
+
+  # Divergence names the step.
+  with pytest.raises(FloatingPointError, match=r'at step \d+ \(epoch 1\)') as err:
+    train.train_and_evaluate(dataclasses.replace(config, learning_rate=1e30), str(tmp_path / 'c'))
+  _one_line(err)
+
+
+@pytest.mark.skipif(not os.environ.get('SNAS_JAX_SLOW_TESTS'),
+                    reason='runs the real search CLI (~4 min on 2 CPU cores); '
+                           'set SNAS_JAX_SLOW_TESTS=1')
+def test_retrain_after_real_search_cli(tmp_path):
+  if not os.path.isfile(os.path.join(CIFAR_DIR, 'train.npz')):
+    pytest.skip('local CIFAR-10 copy not found')
+  common = [f'--data_dir={CIFAR_DIR}', '--channels=4', '--batch_size=32', '--num_train_images=64',
+            '--num_eval_images=32', '--epochs=1']
+  run = lambda script, *args: subprocess.run(
+      [sys.executable, os.path.join(REPO, 'experiments', script), *common, *args],
+      check=True, capture_output=True, text=True, timeout=900)
+  run('search_cifar.py', f'--workdir={tmp_path / "search"}', '--layers=2', '--eval_batch_size=32',
+      '--impl=lax')
+  run('train_cifar.py', f'--workdir={tmp_path / "child"}',
+      f'--search_workdir={tmp_path / "search"}', '--layers=3', '--op_impl=lax', '--noprogress')
+  final = json.loads((tmp_path / 'child' / train.FINAL_FILE).read_text())
+  searched = json.loads((tmp_path / 'search' / 'genotype.json').read_text())
+  assert final['genotype'] == searched['snas'] and final['eval_images'] == 32
+
+
+# ----------------------------------------------------------------------------
+# ImageNet.
+
+
+def test_missing_imagenet_download_is_one_line(tmp_path):
+  config = train.imagenet_config(arch='DARTS_V2', channels=8, layers=3,
+                                 tfds_data_dir=str(tmp_path))
+  with pytest.raises(data.DataError, match='--tfds_data_dir') as err:
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
+  _one_line(err)
+  assert not (tmp_path / 'work').exists()  # failed before creating anything
+
+
+def test_imagenet_one_step_under_mock_data(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  # Metadata with split sizes: what a prepared data set has, minus the records.
+  builder = tfds.builder('imagenet2012', data_dir=str(tmp_path))
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=name, shard_lengths=[8], num_bytes=0)
+      for name in ('train', 'validation')]))
+  os.makedirs(builder.data_dir)
+  builder.info.write_to_directory(builder.data_dir)
+  config = train.imagenet_config(arch='SNAS_mild', channels=8, layers=3, batch_size=4, epochs=1,
+                                 num_train_images=4, num_eval_images=4, op_impl='lax',
+                                 tfds_data_dir=str(tmp_path / 'unused'), progress=False)
+  with tfds.testing.mock_data(num_examples=8, data_dir=str(tmp_path)):
+    final = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert final['dataset'] == 'imagenet' and final['eval_images'] == 4
+  assert math.isfinite(final['test_loss']) and 0 <= final['test_top5_error'] <= 100
+  [record] = [json.loads(l) for l in (tmp_path / 'work' / 'metrics.jsonl').read_text().splitlines()]
+  assert record['step'] == 1 and record['lr'] == 0.1
+  assert math.isfinite(record['train_aux_ce'])  # the auxiliary head ran (7x7 map at 224)
