@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -89,7 +90,7 @@ class SearchCell(nn.Module):
       stride = 2 if self.reduction and sources[0] < NUM_INPUT_STATES else 1
       x = jnp.stack([states[s] for s in sources], axis=3)
       y = MixedEdges(self.c, stride, len(dests), self.train, self.impl,
-                     name=f'edges_from_{"_".join(map(str, sources))}')(x, z[jnp.array(rows)])
+                     name=f'edges_from_{"_".join(map(str, sources))}')(x, jnp.asarray(z)[np.array(rows)])
       if self.train and self.drop_path > 0:
         keep = 1.0 - self.drop_path
         mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0], 1, 1, y.shape[3], 1))

@@ -59,13 +59,14 @@ class TrainConfig:
   search_workdir: str = field('', 'Workdir of a finished search: its derived genotype is trained '
                               '(restored through Orbax). One of --search_workdir, --genotype_json, '
                               '--arch.')
-  derive_rule: str = field('snas', 'With --search_workdir: derive the child with the SNAS rule '
-                           '(argmax of all 8 ops per edge) or the DARTS rule (top-2 edges per '
-                           'node).',
+  derive_rule: str = field('snas', 'With --search_workdir or a search\'s genotype.json: the child '
+                           'derived by the SNAS rule (argmax of all 8 ops per edge) or the DARTS '
+                           'rule (top-2 edges per node).',
                            choices=('snas', 'darts'))
-  genotype_json: str = field('', 'Path to a genotype JSON file ({"normal": [[[op, input], ...] '
-                             'x 4], "reduce": ..., "concat": [2, 3, 4, 5]}), as '
-                             'genotypes.Genotype.to_json writes it.')
+  genotype_json: str = field('', 'Path to a genotype JSON file: {"normal": [[[op, input], ...] '
+                             'x 4 nodes], "reduce": ..., "concat": [2, 3, 4, 5]} '
+                             '(Genotype.to_json), or a search\'s genotype.json '
+                             '({"snas": ..., "darts": ...}; --derive_rule picks).')
   arch: str = field('', 'A published cell: ' + ', '.join(genotypes.PUBLISHED) + '.')
   # Network.
   dataset: str = field('cifar10', 'Data set to train and test on.', choices=tuple(NUM_CLASSES))
@@ -184,15 +185,18 @@ def resolve_genotype(config: TrainConfig) -> genotypes.Genotype:
     path = config.genotype_json
     try:
       with open(path) as f:
-        text = f.read()
+        parsed = json.load(f)
     except OSError as e:
       raise ValueError(f'--genotype_json={path} cannot be read ({e.strerror})') from None
-    try:
-      return genotypes.Genotype.from_json(text)
     except json.JSONDecodeError as e:
       raise ValueError(f'--genotype_json={path} is not valid JSON ({e.msg} at line '
                        f'{e.lineno})') from None
-    except (ValueError, TypeError) as e:
+    # A search's genotype.json holds one genotype per derivation rule.
+    if isinstance(parsed, dict) and 'normal' not in parsed and config.derive_rule in parsed:
+      parsed = parsed[config.derive_rule]
+    try:
+      return genotypes.Genotype.from_dict(parsed)
+    except (ValueError, TypeError, AttributeError) as e:
       raise ValueError(f'--genotype_json={path}: {" ".join(str(e).split())}') from None
   # Imported here: the search loop is only needed for this source.
   from snas_jax import search  # pylint: disable=g-import-not-at-top

@@ -6,7 +6,6 @@ is small next to the effect it must detect.
 """
 import itertools
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -61,7 +61,7 @@ def test_depthwise_shift_equals_lax(k, dilation, stride, fan_out, s):
   x = rng.normal(size=(2, 8, 7, s, 3)).astype(np.float32)  # non-square: catches an H/W swap
   kernel = rng.normal(size=(k, k, fan_out * s, 3)).astype(np.float32)
   pad = dilation * (k - 1) // 2
-  out_h, out_w = (8 + 2 * pad - dilation * (k - 1) - 1) // stride + 1, (7 + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+  out_h, out_w = ((size + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for size in (8, 7))
   cotangent = rng.normal(size=(2, out_h, out_w, fan_out * s, 3)).astype(np.float32)
   (y_lax, dx_lax, dk_lax), (y_sh, dx_sh, dk_sh) = _dw_fwd_bwd(x, kernel, cotangent, stride, dilation)
   chex.assert_shape(y_lax, (2, out_h, out_w, fan_out * s, 3))
@@ -69,14 +69,14 @@ def test_depthwise_shift_equals_lax(k, dilation, stride, fan_out, s):
   for a, b in ((y_sh, y_lax), (dx_sh, dx_lax), (dk_sh, dk_lax)):
     chex.assert_equal_shape([a, b])
     _assert_close(a, b)
-  # Edge g = d*S + src reads source src with kernel [..., g, :]: check one
-  # edge against a plain single-channel-group convolution.
-  g = fan_out * s - 1
-  single = lax.conv_general_dilated(
-      x[:, :, :, g % s], kernel[:, :, g, None, :], (stride, stride), [(pad, pad)] * 2,
-      rhs_dilation=(dilation, dilation), feature_group_count=3,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  _assert_close(y_sh[:, :, :, g], single)
+  # Edge g = d*S + src reads source src with kernel [..., g, :]: every edge
+  # against a plain depthwise convolution of its own source.
+  for g in range(fan_out * s):
+    single = lax.conv_general_dilated(
+        x[:, :, :, g % s], kernel[:, :, g, None, :], (stride, stride), [(pad, pad)] * 2,
+        rhs_dilation=(dilation, dilation), feature_group_count=3,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    _assert_close(y_sh[:, :, :, g], single)
 
 
 def test_depthwise_hand_example():

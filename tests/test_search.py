@@ -14,9 +14,12 @@ import pytest
 from conftest import CACHE_DIR, ROOT, run_script
 from snas_jax import costs, genotypes, parallel, reporting, search
 
+# A tiny search through the real CLI. The compact lax ops compile several
+# times faster than the CPU 'shift' forms (whose equality with lax is tested
+# in test_ops / test_search_model), which keeps this file's runs short.
 TINY = ['--channels=4', '--layers=3', '--num_train_images=128', '--num_eval_images=64',
         '--batch_size=32', '--eval_batch_size=64', '--epochs=2', '--checkpoint_every_steps=2',
-        '--resource_eta=1e-3']
+        '--resource_eta=1e-3', '--impl=lax']
 TIMING_KEYS = {'epoch_time_s', 'images_per_s'}
 
 
@@ -86,7 +89,7 @@ def test_resume_matches_uninterrupted_run(finished_run, tmp_path, cifar_dir):
 
 def test_darts_mode(tmp_path, cifar_dir):
   workdir = tmp_path / 'darts'
-  ok(search_cli(workdir, cifar_dir, '--method=darts', '--epochs=1',
+  ok(search_cli(workdir, cifar_dir, '--method=darts', '--epochs=1', '--layers=1',
                 '--resource_estimator=exact'))
   saved = json.loads((workdir / 'genotype.json').read_text())
   darts = genotypes.Genotype.from_dict(saved['darts'])
@@ -182,3 +185,31 @@ def test_two_processes_match_one(one_device_result, tmp_path):
   two = dict(np.load(out))
   assert int(two['devices']) == 2
   _assert_same_result(two, one_device_result)
+
+
+def test_stronger_eta_gives_sparser_cells():
+  """The resource penalty makes cells cheaper: on the same data and noise, a
+  strong η derives a child with more `none` edges and fewer parameters."""
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(8, 8, 8, 3)).astype(np.float32),
+           'label': rng.integers(0, 10, 8).astype(np.int32)}
+  results = {}
+  for eta in (0.0, 1.0):
+    # A fast α optimiser so that 20 steps move the argmax well past the init noise.
+    cfg = search.SearchConfig(channels=4, layers=1, batch_size=8, epochs=1, impl='lax',
+                              resource_eta=eta, alpha_lr=0.05)
+    net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=20)
+    tables = costs.penalty_tables(cfg.channels, cfg.layers, 8)
+    step = jax.jit(search.train_step_fn(cfg, net, tx, tables))
+    state = jax.jit(lambda: search.init_state(cfg, net, tx, (8, 8, 3)))()
+    for _ in range(20):
+      state, _ = step(state, batch, np.float32(1.0))
+    alpha = state.params['alpha']
+    geno = search.derive_genotypes(alpha)['snas']
+    summary = search.arch_summary(cfg, alpha, 8)
+    results[eta] = (sum(len(n) for n in geno.reduce), summary['child_params'], summary['expected_params'])
+  kept_free, params_free, expected_free = results[0.0]
+  kept_eta, params_eta, expected_eta = results[1.0]
+  assert kept_eta < kept_free            # more edges derived `none`
+  assert params_eta < params_free         # a smaller child
+  assert expected_eta < 0.5 * expected_free

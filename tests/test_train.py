@@ -5,8 +5,6 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +12,6 @@ import pytest
 
 from snas_jax import checkpoint, data, genotypes, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR_DIR = os.path.join(REPO, '..', 'shared', 'data', 'cifar10')
 
 # A small cell that still has every kind of edge: a conv, a dilated conv,
 # both pools, identity and FactorizedReduce skips, a 'none' edge and an
@@ -50,6 +46,11 @@ def test_genotype_json_round_trip(tmp_path):
   path = tmp_path / 'g.json'
   path.write_text(genotypes.SNAS_MILD.to_json())
   assert train.resolve_genotype(train.TrainConfig(genotype_json=str(path))) == genotypes.SNAS_MILD
+  # A search's genotype.json: one genotype per derivation rule.
+  path.write_text(json.dumps({'snas': genotypes.SNAS_MILD.to_dict(),
+                              'darts': genotypes.DARTS_V2.to_dict()}))
+  config = train.TrainConfig(genotype_json=str(path), derive_rule='darts')
+  assert train.resolve_genotype(config) == genotypes.DARTS_V2
 
 
 @pytest.mark.parametrize('text,message', [
@@ -292,20 +293,19 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
 
 
 @pytest.mark.skipif(not os.environ.get('SNAS_JAX_SLOW_TESTS'),
-                    reason='runs the real search CLI (~4 min on 2 CPU cores); '
+                    reason='runs the real search CLI first (~4 min on 2 CPU cores); '
                            'set SNAS_JAX_SLOW_TESTS=1')
-def test_retrain_after_real_search_cli(tmp_path):
-  if not os.path.isfile(os.path.join(CIFAR_DIR, 'train.npz')):
-    pytest.skip('local CIFAR-10 copy not found')
-  common = [f'--data_dir={CIFAR_DIR}', '--channels=4', '--batch_size=32', '--num_train_images=64',
+def test_retrain_after_real_search_cli(tmp_path, cifar_dir):
+  from conftest import run_script  # pylint: disable=g-import-not-at-top
+  common = [f'--data_dir={cifar_dir}', '--channels=4', '--batch_size=32', '--num_train_images=64',
             '--num_eval_images=32', '--epochs=1']
-  run = lambda script, *args: subprocess.run(
-      [sys.executable, os.path.join(REPO, 'experiments', script), *common, *args],
-      check=True, capture_output=True, text=True, timeout=900)
-  run('search_cifar.py', f'--workdir={tmp_path / "search"}', '--layers=2', '--eval_batch_size=32',
-      '--impl=lax')
-  run('train_cifar.py', f'--workdir={tmp_path / "child"}',
-      f'--search_workdir={tmp_path / "search"}', '--layers=3', '--op_impl=lax', '--noprogress')
+  search_run = run_script('search_cifar.py', f'--workdir={tmp_path / "search"}', *common,
+                          '--layers=2', '--eval_batch_size=32', '--impl=lax', timeout=900)
+  assert search_run.returncode == 0, search_run.stderr[-3000:]
+  child_run = run_script('train_cifar.py', f'--workdir={tmp_path / "child"}',
+                         f'--search_workdir={tmp_path / "search"}', *common, '--layers=3',
+                         '--op_impl=lax', '--noprogress')
+  assert child_run.returncode == 0, child_run.stderr[-3000:]
   final = json.loads((tmp_path / 'child' / train.FINAL_FILE).read_text())
   searched = json.loads((tmp_path / 'search' / 'genotype.json').read_text())
   assert final['genotype'] == searched['snas'] and final['eval_images'] == 32
