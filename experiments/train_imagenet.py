@@ -34,10 +34,8 @@ def main(argv):
     cli.main(train.train_and_evaluate, train.TrainConfig)
     return
   logging.set_verbosity(logging.WARNING)
-  try:  # sizes only: no workdir, no runtime to start
+  with cli.one_line_errors():  # sizes only: no workdir, no runtime to start
     train.print_summary(config.from_flags(train.TrainConfig))
-  except cli.USER_ERRORS as e:
-    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

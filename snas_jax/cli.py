@@ -5,13 +5,17 @@ and ``app.run(lambda argv: cli.main(run_fn, ConfigClass))``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
-import jax
-from absl import flags, logging
+# TensorFlow (tf.data, TensorBoard) is chatty at start-up; keep its warnings only.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from snas_jax import config as config_lib
-from snas_jax import parallel
+import jax  # noqa: E402
+from absl import flags, logging  # noqa: E402
+
+from snas_jax import config as config_lib  # noqa: E402
+from snas_jax import parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -36,11 +40,19 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def main(run_fn, config_cls) -> None:
-  """Starts the runtime and calls ``run_fn(config, workdir)``; a user error
-  exits with its one-line message instead of a traceback."""
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+@contextlib.contextmanager
+def one_line_errors():
+  """A user error exits with its one-line message instead of a traceback."""
   try:
+    yield
+  except USER_ERRORS as e:
+    raise SystemExit(f'error: {e}') from None
+
+
+def main(run_fn, config_cls) -> None:
+  """Starts the runtime and calls ``run_fn(config, workdir)``."""
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  with one_line_errors():
     cfg = config_lib.from_flags(config_cls)
     if not FLAGS.workdir:
       raise ValueError('--workdir is required: the folder for checkpoints and outputs')
@@ -48,5 +60,3 @@ def main(run_fn, config_cls) -> None:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
     run_fn(cfg, FLAGS.workdir)
-  except USER_ERRORS as e:
-    raise SystemExit(f'error: {e}') from None

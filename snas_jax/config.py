@@ -60,11 +60,3 @@ def positive(config, *names: str) -> None:
     if getattr(config, name) <= 0:
       raise ValueError(f'--{name} must be positive, got {getattr(config, name)}')
 
-
-def run_cli(fn, *args) -> None:
-  """Deprecated alias being folded into ``cli.main`` (kept while scripts move)."""
-  from snas_jax import cli  # pylint: disable=g-import-not-at-top
-  try:
-    fn(*args)
-  except cli.USER_ERRORS as e:
-    raise SystemExit(f'error: {e}') from None

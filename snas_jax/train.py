@@ -614,8 +614,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     last = meta['last_eval']
     final = {'dataset': config.dataset, 'arch': describe_arch(config),
              'genotype': genotype.to_dict(), 'epochs': config.epochs,
-             'test_error': 100 * (1 - last['eval_acc']),
-             'test_top5_error': 100 * (1 - last['eval_top5']),
+             'test_error': round(100 * (1 - last['eval_acc']), 4),
+             'test_top5_error': round(100 * (1 - last['eval_top5']), 4),
              'test_loss': last['eval_loss'], 'eval_images': last['eval_count'],
              'params_M': summary['params_M'], 'multiply_adds_M': summary['multiply_adds_M'],
              'elapsed_s': round(meta['elapsed_s'], 1)}

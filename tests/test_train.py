@@ -293,7 +293,7 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
 
 
 @pytest.mark.skipif(not os.environ.get('SNAS_JAX_SLOW_TESTS'),
-                    reason='runs the real search CLI first (~4 min on 2 CPU cores); '
+                    reason='runs the real search CLI first (~3 min on 2 CPU cores); '
                            'set SNAS_JAX_SLOW_TESTS=1')
 def test_retrain_after_real_search_cli(tmp_path, cifar_dir):
   from conftest import run_script  # pylint: disable=g-import-not-at-top
