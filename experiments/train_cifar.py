@@ -14,25 +14,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app  # noqa: E402
 
 from snas_jax import cli, config, train  # noqa: E402
 
 config.define_flags(train.TrainConfig)
-cli.define_runtime_flags()
-flags.DEFINE_bool('summary', False, 'Print the parameters (M, auxiliary head excluded) and '
-                  'multiply-adds (M) per image of the network, then exit (no --workdir needed).')
-
-
-def main(argv):
-  del argv
-  if not flags.FLAGS.summary:
-    cli.main(train.train_and_evaluate, train.TrainConfig)
-    return
-  logging.set_verbosity(logging.WARNING)
-  with cli.one_line_errors():  # sizes only: no workdir, no runtime to start
-    train.print_summary(config.from_flags(train.TrainConfig))
-
+cli.define_runtime_flags(summary=True)
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(lambda argv: cli.main(train.train_and_evaluate, train.TrainConfig,
+                                  train.print_summary))

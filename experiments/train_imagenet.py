@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from snas_jax import cli, config, train  # noqa: E402
 
@@ -23,20 +23,8 @@ config.define_flags(train.TrainConfig)
 # The ImageNet defaults (SPEC §7, App. G.3): train.IMAGENET_DEFAULTS.
 for _name, _value in train.IMAGENET_DEFAULTS.items():
   flags.FLAGS.set_default(_name, _value)
-cli.define_runtime_flags()
-flags.DEFINE_bool('summary', False, 'Print the parameters (M, auxiliary head excluded) and '
-                  'multiply-adds (M) per image of the network, then exit (no --workdir needed).')
-
-
-def main(argv):
-  del argv
-  if not flags.FLAGS.summary:
-    cli.main(train.train_and_evaluate, train.TrainConfig)
-    return
-  logging.set_verbosity(logging.WARNING)
-  with cli.one_line_errors():  # sizes only: no workdir, no runtime to start
-    train.print_summary(config.from_flags(train.TrainConfig))
-
+cli.define_runtime_flags(summary=True)
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(lambda argv: cli.main(train.train_and_evaluate, train.TrainConfig,
+                                  train.print_summary))

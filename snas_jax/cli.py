@@ -23,7 +23,11 @@ FLAGS = flags.FLAGS
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
-def define_runtime_flags() -> None:
+def define_runtime_flags(summary: bool = False) -> None:
+  """The flags every script has; ``summary`` adds --summary (sizes only)."""
+  if summary:
+    flags.DEFINE_bool('summary', False, 'Print the parameters (M, auxiliary head excluded) and '
+                      'multiply-adds (M) per image of the network, then exit (no --workdir needed).')
   flags.DEFINE_string('workdir', '', 'Folder for checkpoints and outputs (resumes if it holds one).')
   flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, for multi-host runs.')
   flags.DEFINE_integer('num_processes', 1, 'Processes (hosts) in a multi-host run; -1 = '
@@ -49,11 +53,15 @@ def one_line_errors():
     raise SystemExit(f'error: {e}') from None
 
 
-def main(run_fn, config_cls) -> None:
-  """Starts the runtime and calls ``run_fn(config, workdir)``."""
+def main(run_fn, config_cls, summary_fn=None) -> None:
+  """Starts the runtime and calls ``run_fn(config, workdir)`` (or only
+  ``summary_fn(config)`` under --summary: no workdir, no runtime)."""
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   with one_line_errors():
     cfg = config_lib.from_flags(config_cls)
+    if summary_fn is not None and FLAGS.summary:
+      summary_fn(cfg)
+      return
     if not FLAGS.workdir:
       raise ValueError('--workdir is required: the folder for checkpoints and outputs')
     enable_compilation_cache(FLAGS.compilation_cache_dir)

@@ -29,3 +29,37 @@ def cifar_dir():
   if not os.path.exists(os.path.join(CIFAR_DIR, 'train.npz')):
     pytest.skip(f'local CIFAR-10 copy not found at {CIFAR_DIR}')
   return CIFAR_DIR
+
+
+def write_imagenet_metadata(data_dir, examples_per_split: int):
+  """What a prepared tfds imagenet2012 has, minus the records: lets
+  tfds.testing.mock_data serve it."""
+  import tensorflow_datasets as tfds
+  builder = tfds.builder('imagenet2012', data_dir=str(data_dir))
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=name, shard_lengths=[examples_per_split], num_bytes=0)
+      for name in ('train', 'validation')]))
+  os.makedirs(builder.data_dir)
+  builder.info.write_to_directory(builder.data_dir)
+
+
+# A tiny search through the real CLI (train tests retrain its result). The
+# compact lax ops compile several times faster than the CPU 'shift' forms
+# (whose equality with lax is tested in test_ops / test_search_model).
+TINY_SEARCH = ['--channels=4', '--layers=3', '--num_train_images=128', '--num_eval_images=64',
+               '--batch_size=32', '--eval_batch_size=64', '--epochs=2',
+               '--checkpoint_every_steps=2', '--resource_eta=1e-3', '--impl=lax']
+
+
+def search_cli(workdir, data_dir, *extra):
+  return run_script('search_cifar.py', f'--workdir={workdir}', f'--data_dir={data_dir}',
+                    *TINY_SEARCH, *extra)
+
+
+@pytest.fixture(scope='session')
+def tiny_search_workdir(tmp_path_factory, cifar_dir):
+  """A finished tiny search (uninterrupted), shared by the search and train tests."""
+  workdir = tmp_path_factory.mktemp('search') / 'full'
+  proc = search_cli(workdir, cifar_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir

@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import write_imagenet_metadata
+
 from snas_jax import data
 
 CIFAR_DIR = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10')
@@ -309,13 +311,7 @@ def test_early_break_stops_the_worker():
 
 def test_imagenet_mock(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
-  # Metadata with split sizes: what a prepared data set has, minus the records.
-  builder = tfds.builder('imagenet2012', data_dir=str(tmp_path))
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=name, shard_lengths=[10], num_bytes=0)
-      for name in ('train', 'validation')]))
-  os.makedirs(builder.data_dir)
-  builder.info.write_to_directory(builder.data_dir)
+  write_imagenet_metadata(tmp_path, 10)
   with tfds.testing.mock_data(num_examples=10, data_dir=str(tmp_path)):
     train, evaluate, num_train, num_eval = data.imagenet_datasets(
         str(tmp_path / 'unused'), 4, seed=0)

@@ -11,21 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CACHE_DIR, ROOT, run_script
+from conftest import ROOT, TINY_SEARCH, run_script, search_cli
 from snas_jax import costs, genotypes, parallel, reporting, search
 
-# A tiny search through the real CLI. The compact lax ops compile several
-# times faster than the CPU 'shift' forms (whose equality with lax is tested
-# in test_ops / test_search_model), which keeps this file's runs short.
-TINY = ['--channels=4', '--layers=3', '--num_train_images=128', '--num_eval_images=64',
-        '--batch_size=32', '--eval_batch_size=64', '--epochs=2', '--checkpoint_every_steps=2',
-        '--resource_eta=1e-3', '--impl=lax']
 TIMING_KEYS = {'epoch_time_s', 'images_per_s'}
-
-
-def search_cli(workdir, cifar_dir, *extra):
-  return run_script('search_cifar.py', f'--workdir={workdir}', f'--data_dir={cifar_dir}',
-                    *TINY, *extra)
 
 
 def ok(proc):
@@ -34,10 +23,8 @@ def ok(proc):
 
 
 @pytest.fixture(scope='module')
-def finished_run(tmp_path_factory, cifar_dir):
-  workdir = tmp_path_factory.mktemp('search') / 'full'
-  ok(search_cli(workdir, cifar_dir))
-  return workdir
+def finished_run(tiny_search_workdir):
+  return tiny_search_workdir
 
 
 def test_cli_writes_every_output(finished_run):
@@ -106,7 +93,7 @@ def test_bad_flag_value_is_one_line(tmp_path, cifar_dir):
 
 
 def test_missing_data_dir_is_one_line(tmp_path):
-  proc = run_script('search_cifar.py', f'--workdir={tmp_path / "w"}', f'--data_dir={tmp_path / "nope"}', *TINY)
+  proc = run_script('search_cifar.py', f'--workdir={tmp_path / "w"}', f'--data_dir={tmp_path / "nope"}', *TINY_SEARCH)
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and '--data_dir' in last

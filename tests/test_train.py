@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_script, write_imagenet_metadata
 from snas_jax import checkpoint, data, genotypes, train
 
 
@@ -292,22 +293,16 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
   _one_line(err)
 
 
-@pytest.mark.skipif(not os.environ.get('SNAS_JAX_SLOW_TESTS'),
-                    reason='runs the real search CLI first (~3 min on 2 CPU cores); '
-                           'set SNAS_JAX_SLOW_TESTS=1')
-def test_retrain_after_real_search_cli(tmp_path, cifar_dir):
-  from conftest import run_script  # pylint: disable=g-import-not-at-top
-  common = [f'--data_dir={cifar_dir}', '--channels=4', '--batch_size=32', '--num_train_images=64',
-            '--num_eval_images=32', '--epochs=1']
-  search_run = run_script('search_cifar.py', f'--workdir={tmp_path / "search"}', *common,
-                          '--layers=2', '--eval_batch_size=32', '--impl=lax', timeout=900)
-  assert search_run.returncode == 0, search_run.stderr[-3000:]
+def test_retrain_after_real_search_cli(tmp_path, cifar_dir, tiny_search_workdir):
+  """The hand-off: a finished search's workdir is retrained through the CLI."""
   child_run = run_script('train_cifar.py', f'--workdir={tmp_path / "child"}',
-                         f'--search_workdir={tmp_path / "search"}', *common, '--layers=3',
-                         '--op_impl=lax', '--noprogress')
+                         f'--search_workdir={tiny_search_workdir}', f'--data_dir={cifar_dir}',
+                         '--channels=4', '--batch_size=32', '--num_train_images=64',
+                         '--num_eval_images=32', '--epochs=1', '--layers=3', '--op_impl=lax',
+                         '--noprogress')
   assert child_run.returncode == 0, child_run.stderr[-3000:]
   final = json.loads((tmp_path / 'child' / train.FINAL_FILE).read_text())
-  searched = json.loads((tmp_path / 'search' / 'genotype.json').read_text())
+  searched = json.loads((tiny_search_workdir / 'genotype.json').read_text())
   assert final['genotype'] == searched['snas'] and final['eval_images'] == 32
 
 
@@ -326,13 +321,7 @@ def test_missing_imagenet_download_is_one_line(tmp_path):
 
 def test_imagenet_one_step_under_mock_data(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
-  # Metadata with split sizes: what a prepared data set has, minus the records.
-  builder = tfds.builder('imagenet2012', data_dir=str(tmp_path))
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=name, shard_lengths=[8], num_bytes=0)
-      for name in ('train', 'validation')]))
-  os.makedirs(builder.data_dir)
-  builder.info.write_to_directory(builder.data_dir)
+  write_imagenet_metadata(tmp_path, 8)
   config = train.imagenet_config(arch='SNAS_mild', channels=8, layers=3, batch_size=4, epochs=1,
                                  num_train_images=4, num_eval_images=4, op_impl='lax',
                                  tfds_data_dir=str(tmp_path / 'unused'), progress=False)
