@@ -26,6 +26,7 @@ flags.DEFINE_integer('channels', 16, 'C of the base configuration.')
 flags.DEFINE_integer('layers', 8, 'Cells of the base configuration.')
 flags.DEFINE_string('sweep', '', 'Comma-separated sweeps beyond the base config and its remat '
                     'variant: batch (16..256), channels (8..32), cells (5..20), devices (1,2,4).')
+flags.DEFINE_bool('remat_variant', True, 'Also measure the base configuration with --remat.')
 flags.DEFINE_string('impl', 'auto', 'Op implementation (auto, shift, lax).')
 flags.DEFINE_integer('steps', 5, 'Timed steps after warm-up (the median is reported).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
@@ -97,7 +98,7 @@ def environment() -> dict:
 def specs() -> list:
   base = {'batch_size': FLAGS.batch_size, 'channels': FLAGS.channels, 'layers': FLAGS.layers,
           'remat': False, 'impl': FLAGS.impl, 'devices': 1}
-  out = [base, {**base, 'remat': True}]
+  out = [base] + ([{**base, 'remat': True}] if FLAGS.remat_variant else [])
   for name in filter(None, FLAGS.sweep.split(',')):
     if name not in SWEEPS:
       raise SystemExit(f'error: unknown sweep {name!r}; use {",".join(SWEEPS)}')

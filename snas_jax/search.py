@@ -41,7 +41,8 @@ class SearchConfig:
                                 'subset); 0 = all 50,000 (or all but the held-out ones).')
   heldout_images: int = field(0, 'Hold out this many training images for search validation; '
                               '0 = validate on the test set, as the reference does.')
-  num_eval_images: int = field(0, 'Evaluate on this many images of the validation set; 0 = all.')
+  num_eval_images: int = field(0, 'Validate on this many images each epoch; 0 = all.')
+  num_test_images: int = field(0, 'Test the final derived child on this many test images; 0 = all.')
   image_size: int = field(32, 'Search on images area-downsampled to this side (a proxy task: '
                           '16 makes a CPU search 4x cheaper); 32 = CIFAR as it is.')
   # Network.
@@ -330,7 +331,8 @@ def load_data(cfg: SearchConfig) -> dict:
     train = data.subset(*train, cfg.num_train_images, seed=cfg.seed)
   if cfg.num_eval_images:
     val = data.subset(*val, cfg.num_eval_images, seed=cfg.seed)
-    test = data.subset(*test, cfg.num_eval_images, seed=cfg.seed)
+  if cfg.num_test_images:
+    test = data.subset(*test, cfg.num_test_images, seed=cfg.seed)
   if len(train[0]) < cfg.batch_size:
     raise ValueError(f'--batch_size={cfg.batch_size} exceeds the {len(train[0])} training images')
   return {'train': train, 'val': val, 'test': test}
