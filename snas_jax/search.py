@@ -268,16 +268,16 @@ def child_arch_weights(cfg: SearchConfig, alpha: dict):
           jnp.asarray(genotypes.cell_to_one_hot(geno.reduce)))
 
 
-def arch_summary(cfg: SearchConfig, alpha: dict, image_size: int) -> dict:
-  """α entropy per edge and the expected / derived-child cell costs."""
+def arch_summary(cfg: SearchConfig, alpha: dict, child_z, image_size: int) -> dict:
+  """α entropy per edge and the expected / derived-child cell costs (child_z:
+  the child's one-hot (z_normal, z_reduce), from child_arch_weights)."""
   out = {}
   for cell_type in ('normal', 'reduce'):
     ent = np.asarray(sampling.entropy(alpha[cell_type]))
     out[f'alpha_entropy_{cell_type}'] = float(ent.mean())
     out[f'alpha_entropy_{cell_type}_per_edge'] = [round(float(e), 5) for e in ent]
   probs = {t: jax.nn.softmax(alpha[t], axis=-1) for t in ('normal', 'reduce')}
-  child = child_arch_weights(cfg, alpha)
-  for prefix, (zn, zr) in (('expected', (probs['normal'], probs['reduce'])), ('child', child)):
+  for prefix, (zn, zr) in (('expected', (probs['normal'], probs['reduce'])), ('child', child_z)):
     for kind, value in costs.network_costs(zn, zr, cfg.channels, cfg.layers, image_size).items():
       out[f'{prefix}_{kind}'] = float(value)
   return out
@@ -435,7 +435,7 @@ def run(cfg: SearchConfig, workdir: str) -> dict:
               'child_loss': child['loss'], 'child_acc': child['accuracy'],
               'epoch_time_s': train_time,
               'images_per_s': sums['steps'] * cfg.batch_size / max(train_time, 1e-9),
-              **arch_summary(cfg, alpha, image_size)}
+              **arch_summary(cfg, alpha, child_z, image_size)}
     writer.write(step, record, epoch=epoch + 1)
     writer.flush()
     print(f'epoch {epoch + 1}: train acc {record["train_acc"]:.4f}, search val acc '
