@@ -24,6 +24,7 @@ from absl import app, flags  # noqa: E402
 flags.DEFINE_integer('batch_size', 64, 'Global batch of the base configuration.')
 flags.DEFINE_integer('channels', 16, 'C of the base configuration.')
 flags.DEFINE_integer('layers', 8, 'Cells of the base configuration.')
+flags.DEFINE_integer('image_size', 32, 'Image side of the base configuration (quick.flags: 16).')
 flags.DEFINE_string('sweep', '', 'Comma-separated sweeps beyond the base config and its remat '
                     'variant: batch (16..256), channels (8..32), cells (5..20), devices (1,2,4).')
 flags.DEFINE_bool('remat_variant', True, 'Also measure the base configuration with --remat.')
@@ -48,15 +49,16 @@ def measure(spec: dict) -> dict:
                             resource_eta=1e-3, epochs=150)
   mesh = parallel.make_mesh()
   net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=100)
-  tables = costs.penalty_tables(cfg.channels, cfg.layers, 32)
+  size = spec['image_size']
+  tables = costs.penalty_tables(cfg.channels, cfg.layers, size)
   t = time.perf_counter()
-  state = jax.jit(lambda: search.init_state(cfg, net, tx, (32, 32, 3)),
+  state = jax.jit(lambda: search.init_state(cfg, net, tx, (size, size, 3)),
                   out_shardings=parallel.replicated(mesh))()
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t
   step = search.make_train_step(cfg, net, tx, tables, mesh)
   rng = np.random.default_rng(0)
-  batch = parallel.to_global({'image': rng.normal(size=(cfg.batch_size, 32, 32, 3)).astype(np.float32),
+  batch = parallel.to_global({'image': rng.normal(size=(cfg.batch_size, size, size, 3)).astype(np.float32),
                               'label': rng.integers(0, 10, cfg.batch_size).astype(np.int32)}, mesh)
   tau = np.float32(1.0)
   t = time.perf_counter()
@@ -97,6 +99,7 @@ def environment() -> dict:
 
 def specs() -> list:
   base = {'batch_size': FLAGS.batch_size, 'channels': FLAGS.channels, 'layers': FLAGS.layers,
+          'image_size': FLAGS.image_size,
           'remat': False, 'impl': FLAGS.impl, 'devices': 1}
   out = [base] + ([{**base, 'remat': True}] if FLAGS.remat_variant else [])
   for name in filter(None, FLAGS.sweep.split(',')):
@@ -110,7 +113,8 @@ def specs() -> list:
 def run_child(spec: dict) -> dict:
   env = dict(os.environ)
   if spec['devices'] > 1:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={spec["devices"]}'
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                        f' --xla_force_host_platform_device_count={spec["devices"]}').strip()
   proc = subprocess.run([sys.executable, __file__, f'--child={json.dumps(spec)}',
                          f'--steps={FLAGS.steps}', f'--warmup={FLAGS.warmup}'],
                         capture_output=True, text=True, env=env)
@@ -128,7 +132,7 @@ def main(argv):
     return
   env = environment()
   print(json.dumps(env))
-  cols = ('batch_size', 'channels', 'layers', 'devices', 'remat', 'init_s', 'trace_s',
+  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'remat', 'init_s', 'trace_s',
           'compile_s', 'step_s', 'images_per_s', 'peak_rss_gb', 'xla_temp_gb')
   print(' | '.join(cols))
   results = []

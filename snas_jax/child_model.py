@@ -72,13 +72,13 @@ class ChildCell(nn.Module):
 
   @nn.compact
   def __call__(self, s0, s1, drop_rate, train: bool):
-    one_edge = lambda x: x[:, :, :, None]  # [N,H,W,C] -> [N,H,W,S=1,C]
+    one_edge = lambda x: x[None]  # [N,H,W,C] -> [S=1,N,H,W,C]
     if self.reduction_prev:
       s0 = ops.FactorizedReduce(self.c, name='preprocess0')(one_edge(s0), train)
     else:
       s0 = ops.ReLUConvBN(self.c, name='preprocess0')(one_edge(s0), train)
     s1 = ops.ReLUConvBN(self.c, name='preprocess1')(one_edge(s1), train)
-    states = [s0[:, :, :, 0], s1[:, :, :, 0]]
+    states = [s0[0], s1[0]]
     n, h, w, c = states[1].shape
     # Every op of a stride-2 edge yields ceil(H/2) (pad 'same', stride 2).
     node_shape = (n, -(-h // 2), -(-w // 2), c) if self.reduction else (n, h, w, c)
@@ -90,7 +90,7 @@ class ChildCell(nn.Module):
                          op_name=f'node{node}_edge{j}_{name}')
         if op is None:  # 'none': nothing to compute, no parameters
           continue
-        y = op(one_edge(states[state]), train)[:, :, :, 0]
+        y = op(one_edge(states[state]), train)[0]
         if train and not isinstance(op, ops.Identity):
           y = drop_path(y, drop_rate, self.make_rng('dropout'))
         total = y if total is None else total + y

@@ -1,16 +1,21 @@
 """The candidate operations of a cell, as Flax Linen modules.
 
-Every op works on *edge-batched* tensors so that the edges leaving one state
-are computed together (the search cell's main speed lever, see
-``search_model.py``):
+Every op works on *edge-batched* tensors, edge axis leading, so that the
+edges leaving one state are computed together (the search cell's main speed
+lever, see ``search_model.py``):
 
-* input  ``x``: ``[N, H, W, S, C]`` — S distinct source states;
-* output:       ``[N, H', W', G, C_out]`` — G = ``fan_out`` · S edges, edge
+* input  ``x``: ``[S, N, H, W, C]`` — S distinct source states;
+* output:       ``[G, N, H', W', C_out]`` — G = ``fan_out`` · S edges, edge
   ``g = d * S + s`` reads source ``s`` (d indexes the destinations).
 
-Parameters carry a leading edge axis G, so each edge has its own weights. With
+Parameters carry an edge axis G, so each edge has its own weights. With
 S = fan_out = 1 an op is the plain single-edge op that the child networks use:
 one implementation of each op serves search and evaluation.
+
+Why the edge axis leads: a per-edge 1x1 conv is then a batched matmul over a
+leading batch axis and a BN a reduction over the middle axes, with no
+transposes; with the edge axis next to the channels XLA:CPU spent about a third
+of a search step transposing operands for its matmuls (README "Performance").
 
 The depthwise convolution and max pool have two implementations, picked per
 backend (``impl``): ``'lax'`` (XLA's convolution / reduce_window; fine on
@@ -50,55 +55,66 @@ def torch_uniform_init(fan_in: int):
 
 
 def fan_out_edges(x: jax.Array, fan_out: int) -> jax.Array:
-  """[N,H,W,S,C] -> [N,H,W,fan_out*S,C]: each source feeds fan_out edges."""
+  """[S,N,H,W,C] -> [fan_out*S,N,H,W,C]: each source feeds fan_out edges."""
   if fan_out == 1:
     return x
-  n, h, w, s, c = x.shape
-  return jnp.broadcast_to(x[:, :, :, None], (n, h, w, fan_out, s, c)).reshape(
-      n, h, w, fan_out * s, c)
+  return jnp.broadcast_to(x[None], (fan_out,) + x.shape).reshape(
+      (fan_out * x.shape[0],) + x.shape[1:])
 
 
 # ----------------------------------------------------------------------------
-# Functional kernels (pure jnp; no parameters of their own).
+# Functional kernels (pure jnp; no parameters of their own). Images are
+# [..., H, W, C]: the spatial axes are always the 3rd- and 2nd-last.
 # ----------------------------------------------------------------------------
 
 def _out_size(size: int, kernel: int, stride: int, dilation: int, pad: int) -> int:
   return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _pad_hw(x, pad: int, value=0.0):
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(pad, pad), (pad, pad), (0, 0)],
+                 constant_values=value)
+
+
 def _shifted_views(xp, kernel, stride, dilation, out_h, out_w):
-  """The K² strided windows of padded xp [N,Hp,Wp,...] that a KxK op reads."""
+  """The K² strided windows of padded xp [..., Hp, Wp, C] that a KxK op reads."""
+  ax_h, ax_w = xp.ndim - 3, xp.ndim - 2
   for i in range(kernel):
     for j in range(kernel):
       yield i, j, lax.slice_in_dim(
           lax.slice_in_dim(xp, i * dilation, i * dilation + (out_h - 1) * stride + 1,
-                           stride, axis=1),
-          j * dilation, j * dilation + (out_w - 1) * stride + 1, stride, axis=2)
+                           stride, axis=ax_h),
+          j * dilation, j * dilation + (out_w - 1) * stride + 1, stride, axis=ax_w)
+
+
+def _per_edge(v, ndim: int):
+  """A per-(edge, channel) vector [..., C] broadcast against [..., N, H, W, C]."""
+  return v.reshape(v.shape[:-1] + (1,) * (ndim - v.ndim) + v.shape[-1:])
 
 
 def depthwise_conv(x, kernel, *, stride: int = 1, dilation: int = 1, impl: str = 'auto'):
   """Per-edge depthwise conv with 'same'-style padding dilation*(K-1)/2.
 
-  x: [N,H,W,S,C]; kernel: [K,K,G,C] with G = fan_out*S -> [N,H',W',G,C].
+  x: [S,N,H,W,C]; kernel: [K,K,G,C] with G = fan_out*S -> [G,N,H',W',C].
   """
   k, _, g, c = kernel.shape
-  n, h, w, s, _ = x.shape
+  s, n, h, w, _ = x.shape
   if resolve_impl(impl) == 'lax':
     pad = dilation * (k - 1) // 2
-    xg = fan_out_edges(x, g // s).reshape(n, h, w, g * c)
+    xg = jnp.moveaxis(fan_out_edges(x, g // s), 0, 3).reshape(n, h, w, g * c)
     y = lax.conv_general_dilated(
         xg, kernel.reshape(k, k, 1, g * c), (stride, stride), [(pad, pad)] * 2,
         rhs_dilation=(dilation, dilation), feature_group_count=g * c,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y.reshape(n, y.shape[1], y.shape[2], g, c)
+    return jnp.moveaxis(y.reshape(n, y.shape[1], y.shape[2], g, c), 3, 0)
   y = _depthwise_shift(x, kernel.reshape(k, k, g // s, s, c), stride, dilation)
-  return y.reshape(n, y.shape[1], y.shape[2], g, c)
+  return y.reshape((g,) + y.shape[2:])
 
 
 def _depthwise_geometry(x, k, stride, dilation):
   pad = dilation * (k - 1) // 2
-  out_h = _out_size(x.shape[1], k, stride, dilation, pad)
-  out_w = _out_size(x.shape[2], k, stride, dilation, pad)
+  out_h = _out_size(x.shape[-3], k, stride, dilation, pad)
+  out_w = _out_size(x.shape[-2], k, stride, dilation, pad)
   return pad, out_h, out_w
 
 
@@ -106,17 +122,16 @@ def _depthwise_geometry(x, k, stride, dilation):
 def _depthwise_shift(x, kernel, stride, dilation):
   """Σ over K² shifted views of x times the tap's weights.
 
-  x: [N,H,W,S,C]; kernel: [K,K,D,S,C] -> [N,H',W',D,S,C]. The fan-out axis D
+  x: [S,N,H,W,C]; kernel: [K,K,D,S,C] -> [D,S,N,H',W',C]. The fan-out axis D
   broadcasts against the source, so the fanned-out input is never built.
   The custom VJP keeps only x and the kernel for the backward pass: plain
   autodiff would keep all K² shifted views (25x the input for a 5x5).
   """
   k = kernel.shape[0]
   pad, out_h, out_w = _depthwise_geometry(x, k, stride, dilation)
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0), (0, 0)))
   out = None
-  for i, j, view in _shifted_views(xp, k, stride, dilation, out_h, out_w):
-    term = view[:, :, :, None] * kernel[i, j]
+  for i, j, view in _shifted_views(_pad_hw(x, pad), k, stride, dilation, out_h, out_w):
+    term = view[None] * _per_edge(kernel[i, j], 6)
     out = term if out is None else out + term
   return out
 
@@ -127,28 +142,26 @@ def _depthwise_shift_fwd(x, kernel, stride, dilation):
 
 def _depthwise_shift_bwd(stride, dilation, residuals, g):
   x, kernel = residuals
-  k = kernel.shape[0]
-  n, h, w, fan_out = x.shape[0], x.shape[1], x.shape[2], kernel.shape[2]
+  k, fan_out = kernel.shape[0], kernel.shape[2]
+  h, w = x.shape[-3:-1]
   pad, out_h, out_w = _depthwise_geometry(x, k, stride, dilation)
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0), (0, 0)))
-  # dK: one reduction per tap (these are large; XLA:CPU does them well).
-  grad_kernel = jnp.stack([(view[:, :, :, None] * g).sum((0, 1, 2))
-                           for _, _, view in _shifted_views(xp, k, stride, dilation, out_h, out_w)])
+  # dK: one reduction over (N, H, W) per tap.
+  grad_kernel = jnp.stack([
+      (view[None] * g).sum((2, 3, 4))
+      for _, _, view in _shifted_views(_pad_hw(x, pad), k, stride, dilation, out_h, out_w)])
   # dx: the transposed conv, written as a forward shift-and-add over g
   # upsampled by the stride (interior zeros) and padded, with the flipped
   # kernel. Sums over small axes are unrolled: XLA:CPU fuses a chain of adds
   # into one loop but materialises a reduce over a short axis (10x slower).
   reach = (k - 1) * dilation
-  g_full = lax.pad(g, jnp.zeros((), g.dtype), (
-      (0, 0, 0),
+  g_full = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0),) * 3 + (
       (reach - pad, h + pad - (out_h - 1) * stride - 1, stride - 1),
-      (reach - pad, w + pad - (out_w - 1) * stride - 1, stride - 1),
-      (0, 0, 0), (0, 0, 0), (0, 0, 0)))
+      (reach - pad, w + pad - (out_w - 1) * stride - 1, stride - 1), (0, 0, 0)))
   acc = None
   for i, j, view in _shifted_views(g_full, k, 1, dilation, h, w):
-    term = view * kernel[k - 1 - i, k - 1 - j]
+    term = view * _per_edge(kernel[k - 1 - i, k - 1 - j], 6)
     acc = term if acc is None else acc + term
-  grad_x = functools.reduce(jnp.add, [acc[:, :, :, d] for d in range(fan_out)])
+  grad_x = functools.reduce(jnp.add, [acc[d] for d in range(fan_out)])
   return grad_x, grad_kernel.reshape(kernel.shape)
 
 
@@ -156,11 +169,13 @@ _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 def pointwise_conv(x, kernel):
-  """Per-edge 1x1 conv. x: [N,H,W,S,C]; kernel: [G,C,F], G = fan_out*S -> [N,H,W,G,F]."""
+  """Per-edge 1x1 conv. x: [S,N,H,W,C]; kernel: [G,C,F], G = fan_out*S -> [G,N,H,W,F].
+
+  A matmul batched over the leading edge axis (no transposes)."""
   g, c, f = kernel.shape
-  n, h, w, s, _ = x.shape
-  y = jnp.einsum('nhwsc,dscf->nhwdsf', x, kernel.reshape(g // s, s, c, f))
-  return y.reshape(n, h, w, g, f)
+  x = fan_out_edges(x, g // x.shape[0])
+  y = jnp.einsum('gpc,gcf->gpf', x.reshape(g, -1, c), kernel)
+  return y.reshape(x.shape[:-1] + (f,))
 
 
 def _scatter_to_padded(tap, i, j, stride, dilation, padded_hw, out_hw):
@@ -168,13 +183,13 @@ def _scatter_to_padded(tap, i, j, stride, dilation, padded_hw, out_hw):
   lo_h, lo_w = i * dilation, j * dilation
   hi_h = padded_hw[0] - lo_h - ((out_hw[0] - 1) * stride + 1)
   hi_w = padded_hw[1] - lo_w - ((out_hw[1] - 1) * stride + 1)
-  config = ((0, 0, 0), (lo_h, hi_h, stride - 1), (lo_w, hi_w, stride - 1))
-  return lax.pad(tap, jnp.zeros((), tap.dtype), config + ((0, 0, 0),) * (tap.ndim - 3))
+  config = ((lo_h, hi_h, stride - 1), (lo_w, hi_w, stride - 1), (0, 0, 0))
+  return lax.pad(tap, jnp.zeros((), tap.dtype), ((0, 0, 0),) * (tap.ndim - 3) + config)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool_shift(x, stride):
-  """Max over the 9 shifted views of x padded with -inf. x: [N,H,W,...].
+  """Max over the 9 shifted views of x padded with -inf. x: [..., H, W, C].
 
   Custom VJP: keeps x and the output (autodiff of a max chain keeps every
   partial max) and routes each gradient to the first maximal tap, as XLA's
@@ -185,9 +200,8 @@ def _max_pool_shift(x, stride):
 
 
 def _max_pool_padded(x, stride):
-  out_hw = (_out_size(x.shape[1], 3, stride, 1, 1), _out_size(x.shape[2], 3, stride, 1, 1))
-  pad = ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * (x.ndim - 3)
-  return jnp.pad(x, pad, constant_values=-jnp.inf), out_hw
+  out_hw = (_out_size(x.shape[-3], 3, stride, 1, 1), _out_size(x.shape[-2], 3, stride, 1, 1))
+  return _pad_hw(x, 1, -jnp.inf), out_hw
 
 
 def _max_pool_shift_fwd(x, stride):
@@ -203,51 +217,123 @@ def _max_pool_shift_bwd(stride, residuals, g):
   for i, j, view in _shifted_views(xp, 3, stride, 1, *out_hw):
     hit = (view == y) & ~taken
     taken = taken | hit
-    term = _scatter_to_padded(jnp.where(hit, g, 0.0), i, j, stride, 1, xp.shape[1:3], out_hw)
+    term = _scatter_to_padded(jnp.where(hit, g, 0.0), i, j, stride, 1, xp.shape[-3:-1], out_hw)
     g_src = term if g_src is None else g_src + term
-  return (g_src[:, 1:1 + x.shape[1], 1:1 + x.shape[2]],)
+  return (g_src[..., 1:1 + x.shape[-3], 1:1 + x.shape[-2], :],)
 
 
 _max_pool_shift.defvjp(_max_pool_shift_fwd, _max_pool_shift_bwd)
 
 
 def max_pool_3x3(x, *, stride: int = 1, impl: str = 'auto'):
-  """3x3 max pool, pad 1 with -inf. x: [N,H,W,...] (any trailing axes)."""
+  """3x3 max pool, pad 1 with -inf. x: [..., H, W, C]."""
   if resolve_impl(impl) == 'lax':
-    window = (1, 3, 3) + (1,) * (x.ndim - 3)
-    strides = (1, stride, stride) + (1,) * (x.ndim - 3)
-    padding = ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * (x.ndim - 3)
-    return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)
+    lead = (1,) * (x.ndim - 3)
+    return lax.reduce_window(x, -jnp.inf, lax.max, lead + (3, 3, 1), lead + (stride, stride, 1),
+                             ((0, 0),) * (x.ndim - 3) + ((1, 1), (1, 1), (0, 0)))
   return _max_pool_shift(x, stride)
 
 
 def avg_pool_3x3(x, *, stride: int = 1):
   """3x3 average pool, pad 1, padding excluded from the count (PyTorch
-  count_include_pad=False). Linear, so one form serves every backend."""
-  n, h, w = x.shape[:3]
+  count_include_pad=False). x: [..., H, W, C]. Linear, so one form serves
+  every backend."""
+  h, w = x.shape[-3:-1]
   out_h, out_w = _out_size(h, 3, stride, 1, 1), _out_size(w, 3, stride, 1, 1)
-  pad = ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * (x.ndim - 3)
-  total = sum(v for _, _, v in _shifted_views(jnp.pad(x, pad), 3, stride, 1, out_h, out_w))
-  ones = jnp.pad(jnp.ones((1, h, w) + (1,) * (x.ndim - 3), x.dtype), pad)
+  total = sum(v for _, _, v in _shifted_views(_pad_hw(x, 1), 3, stride, 1, out_h, out_w))
+  ones = _pad_hw(jnp.ones((h, w, 1), x.dtype), 1)
   count = sum(v for _, _, v in _shifted_views(ones, 3, stride, 1, out_h, out_w))
   return total / count
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mix_edges(terms, weights, fan_out: int):
+  """Σ_k weights[:, k] · terms[k] for a batch of G = fan_out·S edges -> [G,N,H,W,C].
+
+  ``terms[k]`` is either [G,N,H,W,C] (each edge's own op output) or
+  [S,N,H,W,C] (one output that the fan_out edges leaving a source share:
+  identity, pools with non-affine BN), broadcast here instead of copied.
+  The custom VJP keeps the terms and the small weights; autodiff would keep
+  every weight broadcast to a full activation-sized array.
+  """
+  out = None
+  for k, t in enumerate(terms):
+    term = _as_dest_source(t, weights.shape[0], fan_out) * _edge_scalar(weights[:, k], fan_out)
+    out = term if out is None else out + term
+  return out.reshape((-1,) + out.shape[2:])
+
+
+def _dest_source(v, fan_out):
+  """[G, ...] -> [D, S, ...] (g = d·S + s)."""
+  return v.reshape((fan_out, v.shape[0] // fan_out) + v.shape[1:])
+
+
+def _edge_scalar(w, fan_out):
+  """Per-edge scalars [G] -> [D, S, 1, 1, 1, 1]."""
+  return _dest_source(w, fan_out).reshape((fan_out, -1, 1, 1, 1, 1))
+
+
+def _as_dest_source(t, edges, fan_out):
+  """A term as [D or 1, S, ...]: a shared term has one row per source."""
+  return t[None] if t.shape[0] != edges else _dest_source(t, fan_out)
+
+
+def _mix_fwd(terms, weights, fan_out):
+  return mix_edges(terms, weights, fan_out), (terms, weights)
+
+
+def _mix_bwd(fan_out, residuals, g):
+  terms, weights = residuals
+  g = _dest_source(g, fan_out)
+  grad_terms, grad_weights = [], []
+  for k, t in enumerate(terms):
+    shared = t.shape[0] != weights.shape[0]
+    g_t = g * _edge_scalar(weights[:, k], fan_out)
+    if shared:  # sum over the destinations, unrolled (see _depthwise_shift_bwd)
+      grad_terms.append(functools.reduce(jnp.add, [g_t[d] for d in range(fan_out)]))
+    else:
+      grad_terms.append(g_t.reshape(t.shape))
+    t_ds = _as_dest_source(t, weights.shape[0], fan_out)
+    grad_weights.append((g * t_ds).sum((2, 3, 4, 5)).reshape(-1))
+  return tuple(grad_terms), jnp.stack(grad_weights, axis=1)
+
+
+mix_edges.defvjp(_mix_fwd, _mix_bwd)
+
+
 # ----------------------------------------------------------------------------
-# Modules. Each maps [N,H,W,S,C_in] -> [N,H',W',fan_out*S,C_out].
+# Modules. Each maps [S,N,H,W,C_in] -> [fan_out*S,N,H',W',C_out].
 # ----------------------------------------------------------------------------
 
 class EdgeBatchNorm(nn.Module):
-  """BatchNorm with one channel per (edge, channel): x [N,H,W,G,C]."""
+  """BatchNorm with one channel per (edge, channel): x [G,N,H,W,C].
+
+  Statistics over (N, H, W) as torch.nn.BatchNorm2d / flax BatchNorm (biased
+  batch variance, E[x²] − E[x]²); running averages with momentum 0.1 in
+  PyTorch's convention. Variables are [G·C] vectors, edge-major."""
   affine: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
-    n, h, w, g, c = x.shape
-    y = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                     epsilon=BN_EPSILON, use_scale=self.affine, use_bias=self.affine,
-                     name='bn')(x.reshape(n, h, w, g * c))
-    return y.reshape(n, h, w, g, c)
+    g, c = x.shape[0], x.shape[-1]
+    mean_var = self.variable('batch_stats', 'mean', lambda: jnp.zeros((g * c,), jnp.float32))
+    var_var = self.variable('batch_stats', 'var', lambda: jnp.ones((g * c,), jnp.float32))
+    if train:
+      axes = tuple(range(1, x.ndim - 1))
+      mean = x.mean(axes)
+      var = jnp.maximum(jnp.square(x).mean(axes) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        mean_var.value = BN_MOMENTUM * mean_var.value + (1 - BN_MOMENTUM) * mean.reshape(-1)
+        var_var.value = BN_MOMENTUM * var_var.value + (1 - BN_MOMENTUM) * var.reshape(-1)
+    else:
+      mean, var = mean_var.value.reshape(g, c), var_var.value.reshape(g, c)
+    mul = lax.rsqrt(var + BN_EPSILON)
+    if self.affine:
+      mul = mul * self.param('scale', nn.initializers.ones, (g * c,)).reshape(g, c)
+    y = (x - _per_edge(mean, x.ndim)) * _per_edge(mul, x.ndim)
+    if self.affine:
+      y = y + _per_edge(self.param('bias', nn.initializers.zeros, (g * c,)).reshape(g, c), x.ndim)
+    return y
 
 
 class DepthwiseConv(nn.Module):
@@ -259,7 +345,7 @@ class DepthwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    s, c = x.shape[-2:]
+    s, c = x.shape[0], x.shape[-1]
     kernel = self.param('kernel', torch_uniform_init(self.kernel_size ** 2),
                         (self.kernel_size, self.kernel_size, self.fan_out * s, c))
     return depthwise_conv(x, kernel, stride=self.stride, dilation=self.dilation,
@@ -272,7 +358,7 @@ class PointwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    s, c = x.shape[-2:]
+    s, c = x.shape[0], x.shape[-1]
     kernel = self.param('kernel', torch_uniform_init(c), (self.fan_out * s, c, self.features))
     return pointwise_conv(x, kernel)
 
@@ -344,8 +430,8 @@ class FactorizedReduce(nn.Module):
     if self.c_out % 2:
       raise ValueError(f'FactorizedReduce needs an even channel count, got {self.c_out}')
     x = nn.relu(x)
-    a = PointwiseConv(self.c_out // 2, self.fan_out)(x[:, ::2, ::2])
-    b = PointwiseConv(self.c_out // 2, self.fan_out)(x[:, 1::2, 1::2])
+    a = PointwiseConv(self.c_out // 2, self.fan_out)(x[:, :, ::2, ::2])
+    b = PointwiseConv(self.c_out // 2, self.fan_out)(x[:, :, 1::2, 1::2])
     return EdgeBatchNorm(self.affine)(jnp.concatenate([a, b], axis=-1), train)
 
 

@@ -48,7 +48,9 @@ def edge_batches() -> tuple:
 class MixedEdges(nn.Module):
   """Σ_k Z[g, k] · op_k(x) for a batch of edges sharing their sources.
 
-  x: [N,H,W,S,C]; z: [G, 8] with G = fan_out·S -> [N,H',W',G,C].
+  x: [S,N,H,W,C]; z: [G, 8] with G = fan_out·S -> [G,N,H',W',C]. Ops whose
+  result is the same for every edge leaving a source (identity; pools, whose
+  BN has no affine parameters here) are computed once per source.
   """
   c: int
   stride: int
@@ -58,14 +60,16 @@ class MixedEdges(nn.Module):
 
   @nn.compact
   def __call__(self, x, z):
-    out = 0.0
+    terms, columns = [], []
     for k, name in enumerate(PRIMITIVES):
-      op = ops.make_op(name, self.c, self.stride, fan_out=self.fan_out, affine=False,
-                       impl=self.impl, op_name=name)
+      shared = name.endswith('pool_3x3') or (name == 'skip_connect' and self.stride == 1)
+      op = ops.make_op(name, self.c, self.stride, fan_out=1 if shared else self.fan_out,
+                       affine=False, impl=self.impl, op_name=name)
       if op is None:  # 'none' contributes Z·0: nothing to compute
         continue
-      out = out + op(x, self.train) * z[:, k, None]
-    return out
+      terms.append(op(x, self.train))
+      columns.append(k)
+    return ops.mix_edges(tuple(terms), z[:, np.array(columns)], self.fan_out)
 
 
 class SearchCell(nn.Module):
@@ -80,25 +84,25 @@ class SearchCell(nn.Module):
   @nn.compact
   def __call__(self, s0, s1, z):
     if self.reduction_prev:
-      s0 = ops.FactorizedReduce(self.c, affine=False, name='preprocess0')(s0[:, :, :, None], self.train)
+      s0 = ops.FactorizedReduce(self.c, affine=False, name='preprocess0')(s0[None], self.train)
     else:
-      s0 = ops.ReLUConvBN(self.c, affine=False, name='preprocess0')(s0[:, :, :, None], self.train)
-    s1 = ops.ReLUConvBN(self.c, affine=False, name='preprocess1')(s1[:, :, :, None], self.train)
-    states = [s0[:, :, :, 0], s1[:, :, :, 0]]
+      s0 = ops.ReLUConvBN(self.c, affine=False, name='preprocess0')(s0[None], self.train)
+    s1 = ops.ReLUConvBN(self.c, affine=False, name='preprocess1')(s1[None], self.train)
+    states = [s0[0], s1[0]]
     nodes = [0.0] * NUM_NODES
     for b, (sources, dests, rows) in enumerate(edge_batches()):
       stride = 2 if self.reduction and sources[0] < NUM_INPUT_STATES else 1
-      x = jnp.stack([states[s] for s in sources], axis=3)
+      x = jnp.stack([states[s] for s in sources])
       y = MixedEdges(self.c, stride, len(dests), self.train, self.impl,
                      name=f'edges_from_{"_".join(map(str, sources))}')(x, jnp.asarray(z)[np.array(rows)])
       if self.train and self.drop_path > 0:
         keep = 1.0 - self.drop_path
-        mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0], 1, 1, y.shape[3], 1))
+        mask = jax.random.bernoulli(self.make_rng('dropout'), keep, y.shape[:2] + (1, 1, 1))
         y = y * mask / keep
       n_src = len(sources)
       for i, d in enumerate(dests):
         for src in range(n_src):  # unrolled: XLA:CPU fuses adds, not short reduces
-          nodes[d] = nodes[d] + y[:, :, :, i * n_src + src]
+          nodes[d] = nodes[d] + y[i * n_src + src]
       states.append(nodes[b])  # node b has all its inputs once batch b is done
     return jnp.concatenate(nodes, axis=-1)
 

@@ -58,13 +58,13 @@ def _dw_fwd_bwd(x, kernel, cotangent, stride, dilation):
 @pytest.mark.parametrize('k,dilation,stride,fan_out,s', DW_CONFIGS)
 def test_depthwise_shift_equals_lax(k, dilation, stride, fan_out, s):
   rng = np.random.default_rng(k * 100 + dilation * 10 + stride)
-  x = rng.normal(size=(2, 8, 7, s, 3)).astype(np.float32)  # non-square: catches an H/W swap
+  x = rng.normal(size=(s, 2, 8, 7, 3)).astype(np.float32)  # non-square: catches an H/W swap
   kernel = rng.normal(size=(k, k, fan_out * s, 3)).astype(np.float32)
   pad = dilation * (k - 1) // 2
   out_h, out_w = ((size + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for size in (8, 7))
-  cotangent = rng.normal(size=(2, out_h, out_w, fan_out * s, 3)).astype(np.float32)
+  cotangent = rng.normal(size=(fan_out * s, 2, out_h, out_w, 3)).astype(np.float32)
   (y_lax, dx_lax, dk_lax), (y_sh, dx_sh, dk_sh) = _dw_fwd_bwd(x, kernel, cotangent, stride, dilation)
-  chex.assert_shape(y_lax, (2, out_h, out_w, fan_out * s, 3))
+  chex.assert_shape(y_lax, (fan_out * s, 2, out_h, out_w, 3))
   assert out_h == (8 if stride == 1 else 4) and out_w == (7 if stride == 1 else 4)  # 'same'
   for a, b in ((y_sh, y_lax), (dx_sh, dx_lax), (dk_sh, dk_lax)):
     chex.assert_equal_shape([a, b])
@@ -73,19 +73,19 @@ def test_depthwise_shift_equals_lax(k, dilation, stride, fan_out, s):
   # against a plain depthwise convolution of its own source.
   for g in range(fan_out * s):
     single = lax.conv_general_dilated(
-        x[:, :, :, g % s], kernel[:, :, g, None, :], (stride, stride), [(pad, pad)] * 2,
+        x[g % s], kernel[:, :, g, None, :], (stride, stride), [(pad, pad)] * 2,
         rhs_dilation=(dilation, dilation), feature_group_count=3,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    _assert_close(y_sh[:, :, :, g], single)
+    _assert_close(y_sh[g], single)
 
 
 def test_depthwise_hand_example():
   """3x3 all-ones kernel on a 3x3 ramp: each output = sum of its in-bounds window."""
-  x = jnp.arange(9, dtype=jnp.float32).reshape(1, 3, 3, 1, 1)
+  x = jnp.arange(9, dtype=jnp.float32).reshape(1, 1, 3, 3, 1)
   kernel = jnp.ones((3, 3, 1, 1))
   want = np.array([[8, 15, 12], [21, 36, 27], [20, 33, 24]], np.float32)
   for impl in ('lax', 'shift'):
-    np.testing.assert_array_equal(ops.depthwise_conv(x, kernel, impl=impl)[0, :, :, 0, 0], want)
+    np.testing.assert_array_equal(ops.depthwise_conv(x, kernel, impl=impl)[0, 0, :, :, 0], want)
   with pytest.raises(ValueError, match='unknown op implementation'):
     ops.depthwise_conv(x, kernel, impl='cuda')
 
@@ -109,8 +109,8 @@ def test_max_pool_shift_equals_lax_with_ties(stride):
   cotangent must go to exactly one tap, the one XLA's select-and-scatter
   (the gradient of lax.reduce_window) picks."""
   rng = np.random.default_rng(stride)
-  x = rng.integers(0, 3, (2, 8, 7, 2, 3)).astype(np.float32)
-  out = (2, 8 if stride == 1 else 4, 7 if stride == 1 else 4, 2, 3)
+  x = rng.integers(0, 3, (2, 2, 8, 7, 3)).astype(np.float32)  # [S, N, H, W, C]
+  out = (2, 2, 8 if stride == 1 else 4, 7 if stride == 1 else 4, 3)
   cotangent = rng.normal(size=out).astype(np.float32)
   (y_lax, dx_lax), (y_sh, dx_sh) = _mp_fwd_bwd(x, cotangent, stride)
   chex.assert_shape(y_sh, out)
@@ -151,12 +151,12 @@ def test_avg_pool_excludes_padding():
   # Against reduce_window (sum / in-bounds count) on an edge-batched tensor.
   @functools.partial(jax.jit, static_argnums=1)
   def both(x, stride):
-    win, st = (1, 3, 3, 1, 1), (1, stride, stride, 1, 1)
-    pad = ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0))
+    win, st = (1, 1, 3, 3, 1), (1, 1, stride, stride, 1)
+    pad = ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0))
     total = lax.reduce_window(x, 0.0, lax.add, win, st, pad)
     count = lax.reduce_window(jnp.ones_like(x), 0.0, lax.add, win, st, pad)
     return ops.avg_pool_3x3(x, stride=stride), total / count
-  x = np.random.default_rng(0).normal(size=(2, 7, 6, 3, 2)).astype(np.float32)
+  x = np.random.default_rng(0).normal(size=(3, 2, 7, 6, 2)).astype(np.float32)
   for stride in (1, 2):
     _assert_close(*both(x, stride))
 
@@ -178,19 +178,19 @@ def test_factorized_reduce_hand_example():
   """C_in = 1, C_out = 2: channel 0 = 1·relu(x)[::2, ::2] (path a, weight 1),
   channel 1 = 2·relu(x)[1::2, 1::2] (path b, weight 2: x shifted by one pixel).
   Eval-mode BN with fresh statistics (mean 0, var 1) divides by sqrt(1 + eps)."""
-  x = (jnp.arange(16, dtype=jnp.float32) - 5).reshape(1, 4, 4, 1, 1)
+  x = (jnp.arange(16, dtype=jnp.float32) - 5).reshape(1, 1, 4, 4, 1)
   # relu(x) = [[0 0 0 0] [0 0 1 2] [3 4 5 6] [7 8 9 10]]
   fr = ops.FactorizedReduce(2, affine=False)
   variables = {'params': {'PointwiseConv_0': {'kernel': jnp.ones((1, 1, 1))},
                           'PointwiseConv_1': {'kernel': jnp.full((1, 1, 1), 2.0)}},
-               'batch_stats': {'EdgeBatchNorm_0': {'bn': {'mean': jnp.zeros(2), 'var': jnp.ones(2)}}}}
+               'batch_stats': {'EdgeBatchNorm_0': {'mean': jnp.zeros(2), 'var': jnp.ones(2)}}}
   shapes = jax.eval_shape(lambda: fr.init(jax.random.key(0), x, False))
   chex.assert_trees_all_equal_shapes(variables, shapes)  # the module's own layout
   y = jax.jit(lambda v, x: fr.apply(v, x, False))(variables, x)
-  chex.assert_shape(y, (1, 2, 2, 1, 2))
+  chex.assert_shape(y, (1, 1, 2, 2, 2))
   scale = 1 / math.sqrt(1 + ops.BN_EPSILON)
-  np.testing.assert_allclose(y[0, :, :, 0, 0], np.array([[0, 0], [3, 5]]) * scale, rtol=1e-6)
-  np.testing.assert_allclose(y[0, :, :, 0, 1], np.array([[0, 4], [16, 20]]) * scale, rtol=1e-6)
+  np.testing.assert_allclose(y[0, 0, :, :, 0], np.array([[0, 0], [3, 5]]) * scale, rtol=1e-6)
+  np.testing.assert_allclose(y[0, 0, :, :, 1], np.array([[0, 4], [16, 20]]) * scale, rtol=1e-6)
   with pytest.raises(ValueError, match='even channel count'):
     jax.eval_shape(lambda: ops.FactorizedReduce(3).init(jax.random.key(0), x, False))
 
@@ -204,7 +204,7 @@ def _param_count(module, x):
 def test_parameter_counts_match_spec_sizes(fan_out, s):
   """affine = False (search cells): SPEC §4 sizes, times G = fan_out·S edges."""
   c, g = 16, fan_out * s
-  x = jnp.zeros((1, 8, 8, s, c))
+  x = jnp.zeros((s, 1, 8, 8, c))
   want = {
       ('sep_conv_3x3', 1): 2 * (c * 9 + c * c), ('sep_conv_5x5', 1): 2 * (c * 25 + c * c),
       ('sep_conv_3x3', 2): 2 * (c * 9 + c * c),
@@ -256,7 +256,7 @@ def test_fan_out_gives_independent_edges(name, stride, affine, fan_out, s):
   slices (train-mode BN: per-edge batch statistics, also checked)."""
   c, g_total = 4, fan_out * s
   rng = np.random.default_rng(1)
-  x = rng.normal(size=(3, 8, 6, s, c)).astype(np.float32)
+  x = rng.normal(size=(s, 3, 8, 6, c)).astype(np.float32)
   # impl 'lax' (faster to compile); 'shift' == 'lax' is tested above.
   op = ops.make_op(name, c, stride, fan_out=fan_out, affine=affine, impl='lax')
   # Random values in the module's own variable layout (eval_shape: no
@@ -269,9 +269,38 @@ def test_fan_out_gives_independent_edges(name, stride, affine, fan_out, s):
       jax.jit(lambda v, x: op.apply(v, x, True, mutable=['batch_stats']))(variables, x))
   single = ops.make_op(name, c, stride, fan_out=1, affine=affine, impl='lax')
   apply_single = jax.jit(lambda v, x: single.apply(v, x, True, mutable=['batch_stats']))
-  assert y.shape[3] == g_total
+  assert y.shape[0] == g_total
   for g in range(g_total):
     v_g = _edge_slice(variables, g, g_total, s, c)
-    y_g, stats_g = apply_single(v_g, x[:, :, :, g % s:g % s + 1])
-    _assert_close(y[:, :, :, g:g + 1], y_g)
+    y_g, stats_g = apply_single(v_g, x[g % s:g % s + 1])
+    _assert_close(y[g:g + 1], y_g)
     _assert_close(_edge_slice(new_stats, g, g_total, s, c), stats_g)
+
+
+@pytest.mark.parametrize('fan_out,s', [(1, 2), (3, 2)])
+def test_mix_edges_matches_autodiff(fan_out, s):
+  """The mixer's custom VJP against autodiff of the plain weighted sum, with
+  one shared (per-source) term and two per-edge terms."""
+  rng = np.random.default_rng(fan_out)
+  g = fan_out * s
+  shared = rng.normal(size=(s, 2, 3, 4, 5)).astype(np.float32)
+  own = [rng.normal(size=(g, 2, 3, 4, 5)).astype(np.float32) for _ in range(2)]
+  weights = rng.normal(size=(g, 3)).astype(np.float32)
+  cotangent = rng.normal(size=(g, 2, 3, 4, 5)).astype(np.float32)
+
+  def plain(terms, weights):
+    full = [ops.fan_out_edges(terms[0], fan_out)] + list(terms[1:])
+    return sum(t * weights[:, k, None, None, None, None] for k, t in enumerate(full))
+
+  @jax.jit
+  def both(terms, weights):
+    out = []
+    for f in (functools.partial(ops.mix_edges, fan_out=fan_out), plain):
+      y, vjp = jax.vjp(f, terms, weights)
+      out.append((y,) + vjp(cotangent))
+    return out
+  (y, d_terms, d_w), (y_ref, d_terms_ref, d_w_ref) = both((shared, *own), weights)
+  chex.assert_shape(y, (g, 2, 3, 4, 5))
+  _assert_close(y, y_ref)
+  _assert_close(d_terms, d_terms_ref)
+  _assert_close(d_w, d_w_ref)
