@@ -118,6 +118,19 @@ def _depthwise_geometry(x, k, stride, dilation):
   return pad, out_h, out_w
 
 
+def _transposed_views(g, k, stride, dilation, h, w):
+  """The views of the output-side g [..., H', W', C] that the transpose of a
+  'same'-padded KxK window op sums (tap (i, j) pairs with the flipped tap):
+  g upsampled by the stride (interior zeros), padded, then read like a
+  stride-1 forward op onto the input grid [..., H, W, C]."""
+  pad, out_h, out_w = (dilation * (k - 1) // 2,) + g.shape[-3:-1]
+  reach = (k - 1) * dilation
+  g_full = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0),) * (g.ndim - 3) + (
+      (reach - pad, h + pad - (out_h - 1) * stride - 1, stride - 1),
+      (reach - pad, w + pad - (out_w - 1) * stride - 1, stride - 1), (0, 0, 0)))
+  return _shifted_views(g_full, k, 1, dilation, h, w)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise_shift(x, kernel, stride, dilation):
   """Σ over K² shifted views of x times the tap's weights.
@@ -153,12 +166,8 @@ def _depthwise_shift_bwd(stride, dilation, residuals, g):
   # upsampled by the stride (interior zeros) and padded, with the flipped
   # kernel. Sums over small axes are unrolled: XLA:CPU fuses a chain of adds
   # into one loop but materialises a reduce over a short axis (10x slower).
-  reach = (k - 1) * dilation
-  g_full = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0),) * 3 + (
-      (reach - pad, h + pad - (out_h - 1) * stride - 1, stride - 1),
-      (reach - pad, w + pad - (out_w - 1) * stride - 1, stride - 1), (0, 0, 0)))
   acc = None
-  for i, j, view in _shifted_views(g_full, k, 1, dilation, h, w):
+  for i, j, view in _transposed_views(g, k, stride, dilation, h, w):
     term = view * _per_edge(kernel[k - 1 - i, k - 1 - j], 6)
     acc = term if acc is None else acc + term
   grad_x = functools.reduce(jnp.add, [acc[d] for d in range(fan_out)])
@@ -176,15 +185,6 @@ def pointwise_conv(x, kernel):
   x = fan_out_edges(x, g // x.shape[0])
   y = jnp.einsum('gpc,gcf->gpf', x.reshape(g, -1, c), kernel)
   return y.reshape(x.shape[:-1] + (f,))
-
-
-def _scatter_to_padded(tap, i, j, stride, dilation, padded_hw, out_hw):
-  """Sends a tap's output-side values back to the padded input positions it read."""
-  lo_h, lo_w = i * dilation, j * dilation
-  hi_h = padded_hw[0] - lo_h - ((out_hw[0] - 1) * stride + 1)
-  hi_w = padded_hw[1] - lo_w - ((out_hw[1] - 1) * stride + 1)
-  config = ((lo_h, hi_h, stride - 1), (lo_w, hi_w, stride - 1), (0, 0, 0))
-  return lax.pad(tap, jnp.zeros((), tap.dtype), ((0, 0, 0),) * (tap.ndim - 3) + config)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -210,16 +210,34 @@ def _max_pool_shift_fwd(x, stride):
 
 
 def _max_pool_shift_bwd(stride, residuals, g):
+  """dx[p] = Σ_taps g[q] where output q's first maximal tap reads p.
+
+  Written on the input grid as one expression over shifted views of three
+  padded arrays (x, and y, g upsampled by the stride), so XLA fuses it into a
+  single loop; routing tap by tap would build K² padded copies of g.
+  Tap t of output q reads x[s·q + d_t], d_t = (i−1, j−1); seen from input
+  pixel p = s·q + d_t, the output sits at p − d_t and its tap t' at
+  p − d_t + d_t'."""
   x, y = residuals
-  xp, out_hw = _max_pool_padded(x, stride)
-  taken = jnp.zeros(y.shape, bool)
-  g_src = None
-  for i, j, view in _shifted_views(xp, 3, stride, 1, *out_hw):
-    hit = (view == y) & ~taken
-    taken = taken | hit
-    term = _scatter_to_padded(jnp.where(hit, g, 0.0), i, j, stride, 1, xp.shape[-3:-1], out_hw)
-    g_src = term if g_src is None else g_src + term
-  return (g_src[..., 1:1 + x.shape[-3], 1:1 + x.shape[-2], :],)
+  h, w = x.shape[-3:-1]
+  up = lambda a: lax.pad(a, jnp.zeros((), a.dtype), ((0, 0, 0),) * (a.ndim - 3) + (
+      (1, h - stride * (a.shape[-3] - 1), stride - 1),
+      (1, w - stride * (a.shape[-2] - 1), stride - 1), (0, 0, 0)))
+  y_up, g_up = up(y), up(g)  # index p + 1 holds output q with s·q = p
+  xp = _pad_hw(x, 2, -jnp.inf)  # index p + 2 holds x[p]
+  window = lambda a, di, dj, pad: a[..., pad + di:pad + di + h, pad + dj:pad + dj + w, :]
+  taps = [(i - 1, j - 1) for i in range(3) for j in range(3)]
+  grad_x = None
+  for t, (di, dj) in enumerate(taps):
+    y_q = window(y_up, -di, -dj, 1)
+    hit = window(xp, 0, 0, 2) == y_q
+    for ei, ej in taps[:t]:  # not taken by an earlier tap of the same window
+      hit = hit & (window(xp, ei - di, ej - dj, 2) != y_q)
+    term = jnp.where(hit, window(g_up, -di, -dj, 1), 0.0)
+    grad_x = term if grad_x is None else grad_x + term
+  # ~50 compares per pixel: materialise it rather than let XLA fuse (and so
+  # recompute) it into every consumer of the input's gradient.
+  return (lax.optimization_barrier(grad_x),)
 
 
 _max_pool_shift.defvjp(_max_pool_shift_fwd, _max_pool_shift_bwd)
@@ -238,64 +256,92 @@ def avg_pool_3x3(x, *, stride: int = 1):
   """3x3 average pool, pad 1, padding excluded from the count (PyTorch
   count_include_pad=False). x: [..., H, W, C]. Linear, so one form serves
   every backend."""
+  return _avg_pool(x, stride)
+
+
+def _avg_pool_count(h, w, stride, dtype):
+  """How many in-bounds pixels each output window holds: [H', W', 1]."""
+  ones = _pad_hw(jnp.ones((h, w, 1), dtype), 1)
+  return sum(v for _, _, v in _shifted_views(ones, 3, stride, 1, _out_size(h, 3, stride, 1, 1),
+                                             _out_size(w, 3, stride, 1, 1)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _avg_pool(x, stride):
+  """Custom VJP: autodiff would pad the cotangent once per tap (9 full-size
+  copies); the transpose is itself one fused shift-and-add."""
   h, w = x.shape[-3:-1]
-  out_h, out_w = _out_size(h, 3, stride, 1, 1), _out_size(w, 3, stride, 1, 1)
-  total = sum(v for _, _, v in _shifted_views(_pad_hw(x, 1), 3, stride, 1, out_h, out_w))
-  ones = _pad_hw(jnp.ones((h, w, 1), x.dtype), 1)
-  count = sum(v for _, _, v in _shifted_views(ones, 3, stride, 1, out_h, out_w))
+  count = _avg_pool_count(h, w, stride, x.dtype)
+  total = sum(v for _, _, v in _shifted_views(_pad_hw(x, 1), 3, stride, 1, *count.shape[:2]))
   return total / count
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def mix_edges(terms, weights, fan_out: int):
-  """Σ_k weights[:, k] · terms[k] for a batch of G = fan_out·S edges -> [G,N,H,W,C].
+def _avg_pool_fwd(x, stride):
+  return _avg_pool(x, stride), jnp.zeros(x.shape[-3:-1] + (0,), x.dtype)  # only the shape
+
+
+def _avg_pool_bwd(stride, shape_carrier, g):
+  h, w = shape_carrier.shape[:2]
+  g = g / _avg_pool_count(h, w, stride, g.dtype)
+  return (sum(v for _, _, v in _transposed_views(g, 3, stride, 1, h, w)),)
+
+
+_avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def mix_edges(terms, weights, keep, fan_out: int):
+  """The inputs that a batch of G = fan_out·S edges sends to its fan_out
+  destination nodes: a tuple of fan_out arrays [N,H,W,C],
+
+    out[d] = Σ_s Σ_k weights[g, k] · keep[g] · terms[k][g],   g = d·S + s.
 
   ``terms[k]`` is either [G,N,H,W,C] (each edge's own op output) or
   [S,N,H,W,C] (one output that the fan_out edges leaving a source share:
-  identity, pools with non-affine BN), broadcast here instead of copied.
-  The custom VJP keeps the terms and the small weights; autodiff would keep
-  every weight broadcast to a full activation-sized array.
+  identity, pools with non-affine BN), read per source instead of copied.
+  ``keep`` [G, N or 1] scales whole edges per image (drop-path).
+  Summing into the destinations here, with a custom VJP that keeps only the
+  terms and small weights, avoids what autodiff of the plain sum builds:
+  every weight broadcast to an activation-sized array, and a zero-padded
+  copy of the batch per edge picked out of it.
   """
-  out = None
-  for k, t in enumerate(terms):
-    term = _as_dest_source(t, weights.shape[0], fan_out) * _edge_scalar(weights[:, k], fan_out)
-    out = term if out is None else out + term
-  return out.reshape((-1,) + out.shape[2:])
+  n_src = weights.shape[0] // fan_out
+  scale = weights[:, :, None] * keep[:, None, :]  # [G, K, N or 1]
+  outs = []
+  for d in range(fan_out):
+    acc = None
+    for s in range(n_src):
+      g = d * n_src + s
+      for k, t in enumerate(terms):
+        term = t[s if t.shape[0] != weights.shape[0] else g] * scale[g, k].reshape(-1, 1, 1, 1)
+        acc = term if acc is None else acc + term
+    outs.append(acc)
+  return tuple(outs)
 
 
-def _dest_source(v, fan_out):
-  """[G, ...] -> [D, S, ...] (g = d·S + s)."""
-  return v.reshape((fan_out, v.shape[0] // fan_out) + v.shape[1:])
+def _mix_fwd(terms, weights, keep, fan_out):
+  return mix_edges(terms, weights, keep, fan_out), (terms, weights, keep)
 
 
-def _edge_scalar(w, fan_out):
-  """Per-edge scalars [G] -> [D, S, 1, 1, 1, 1]."""
-  return _dest_source(w, fan_out).reshape((fan_out, -1, 1, 1, 1, 1))
-
-
-def _as_dest_source(t, edges, fan_out):
-  """A term as [D or 1, S, ...]: a shared term has one row per source."""
-  return t[None] if t.shape[0] != edges else _dest_source(t, fan_out)
-
-
-def _mix_fwd(terms, weights, fan_out):
-  return mix_edges(terms, weights, fan_out), (terms, weights)
-
-
-def _mix_bwd(fan_out, residuals, g):
-  terms, weights = residuals
-  g = _dest_source(g, fan_out)
+def _mix_bwd(fan_out, residuals, cotangents):
+  terms, weights, keep = residuals
+  n_edges = weights.shape[0]
+  # Materialised once: left to itself XLA fuses the producers of every node's
+  # cotangent into each of the K consumers below and recomputes them.
+  g = lax.optimization_barrier(jnp.stack(cotangents))[:, None]  # [D, 1, N, H, W, C]
+  keep6 = keep.reshape(fan_out, -1, keep.shape[1], 1, 1, 1)  # [D, S, N or 1, 1, 1, 1]
+  g_keep = g * keep6  # [D, S, N, H, W, C]
   grad_terms, grad_weights = [], []
   for k, t in enumerate(terms):
-    shared = t.shape[0] != weights.shape[0]
-    g_t = g * _edge_scalar(weights[:, k], fan_out)
-    if shared:  # sum over the destinations, unrolled (see _depthwise_shift_bwd)
-      grad_terms.append(functools.reduce(jnp.add, [g_t[d] for d in range(fan_out)]))
+    scale = g_keep * weights[:, k].reshape(fan_out, -1, 1, 1, 1, 1)
+    if t.shape[0] != n_edges:  # shared: sum over the destinations, unrolled
+      grad_terms.append(functools.reduce(jnp.add, [scale[d] for d in range(fan_out)]))
+      t_ds = t[None]
     else:
-      grad_terms.append(g_t.reshape(t.shape))
-    t_ds = _as_dest_source(t, weights.shape[0], fan_out)
-    grad_weights.append((g * t_ds).sum((2, 3, 4, 5)).reshape(-1))
-  return tuple(grad_terms), jnp.stack(grad_weights, axis=1)
+      grad_terms.append(scale.reshape(t.shape))
+      t_ds = t.reshape(g_keep.shape[:2] + t.shape[1:])
+    grad_weights.append((g_keep * t_ds).sum((2, 3, 4, 5)).reshape(-1))
+  return tuple(grad_terms), jnp.stack(grad_weights, axis=1), jnp.zeros_like(keep)
 
 
 mix_edges.defvjp(_mix_fwd, _mix_bwd)

@@ -46,11 +46,13 @@ def edge_batches() -> tuple:
 
 
 class MixedEdges(nn.Module):
-  """Σ_k Z[g, k] · op_k(x) for a batch of edges sharing their sources.
+  """Σ_k Z[g, k] · op_k(x) for a batch of edges sharing their sources, summed
+  into their destination nodes.
 
-  x: [S,N,H,W,C]; z: [G, 8] with G = fan_out·S -> [G,N,H',W',C]. Ops whose
-  result is the same for every edge leaving a source (identity; pools, whose
-  BN has no affine parameters here) are computed once per source.
+  x: [S,N,H,W,C]; z: [G, 8] with G = fan_out·S; keep: [G, N or 1] drop-path
+  scales -> tuple of fan_out node inputs [N,H',W',C] (ops.mix_edges). Ops
+  whose result is the same for every edge leaving a source (identity; pools,
+  whose BN has no affine parameters here) are computed once per source.
   """
   c: int
   stride: int
@@ -59,7 +61,7 @@ class MixedEdges(nn.Module):
   impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, z):
+  def __call__(self, x, z, keep):
     terms, columns = [], []
     for k, name in enumerate(PRIMITIVES):
       shared = name.endswith('pool_3x3') or (name == 'skip_connect' and self.stride == 1)
@@ -69,7 +71,7 @@ class MixedEdges(nn.Module):
         continue
       terms.append(op(x, self.train))
       columns.append(k)
-    return ops.mix_edges(tuple(terms), z[:, np.array(columns)], self.fan_out)
+    return ops.mix_edges(tuple(terms), z[:, np.array(columns)], keep, self.fan_out)
 
 
 class SearchCell(nn.Module):
@@ -93,16 +95,18 @@ class SearchCell(nn.Module):
     for b, (sources, dests, rows) in enumerate(edge_batches()):
       stride = 2 if self.reduction and sources[0] < NUM_INPUT_STATES else 1
       x = jnp.stack([states[s] for s in sources])
-      y = MixedEdges(self.c, stride, len(dests), self.train, self.impl,
-                     name=f'edges_from_{"_".join(map(str, sources))}')(x, jnp.asarray(z)[np.array(rows)])
+      n_edges = len(sources) * len(dests)
       if self.train and self.drop_path > 0:
         keep = 1.0 - self.drop_path
-        mask = jax.random.bernoulli(self.make_rng('dropout'), keep, y.shape[:2] + (1, 1, 1))
-        y = y * mask / keep
-      n_src = len(sources)
-      for i, d in enumerate(dests):
-        for src in range(n_src):  # unrolled: XLA:CPU fuses adds, not short reduces
-          nodes[d] = nodes[d] + y[i * n_src + src]
+        mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (n_edges, x.shape[1]))
+        scale = mask / keep
+      else:
+        scale = jnp.ones((n_edges, 1), x.dtype)
+      inputs = MixedEdges(self.c, stride, len(dests), self.train, self.impl,
+                          name=f'edges_from_{"_".join(map(str, sources))}')(
+                              x, jnp.asarray(z)[np.array(rows)], scale)
+      for d, node_input in zip(dests, inputs):
+        nodes[d] = nodes[d] + node_input
       states.append(nodes[b])  # node b has all its inputs once batch b is done
     return jnp.concatenate(nodes, axis=-1)
 

@@ -277,30 +277,57 @@ def test_fan_out_gives_independent_edges(name, stride, affine, fan_out, s):
     _assert_close(_edge_slice(new_stats, g, g_total, s, c), stats_g)
 
 
-@pytest.mark.parametrize('fan_out,s', [(1, 2), (3, 2)])
-def test_mix_edges_matches_autodiff(fan_out, s):
-  """The mixer's custom VJP against autodiff of the plain weighted sum, with
-  one shared (per-source) term and two per-edge terms."""
+@pytest.mark.parametrize('fan_out,s,keep_per_image', [(1, 2, False), (3, 2, True)])
+def test_mix_edges_matches_autodiff(fan_out, s, keep_per_image):
+  """The mixer's custom VJP against autodiff of the plain sum over edges and
+  ops into the destinations, with one shared (per-source) term, two per-edge
+  terms, and drop-path scales per edge (and per image)."""
   rng = np.random.default_rng(fan_out)
-  g = fan_out * s
-  shared = rng.normal(size=(s, 2, 3, 4, 5)).astype(np.float32)
-  own = [rng.normal(size=(g, 2, 3, 4, 5)).astype(np.float32) for _ in range(2)]
+  g, n = fan_out * s, 2
+  shared = rng.normal(size=(s, n, 3, 4, 5)).astype(np.float32)
+  own = [rng.normal(size=(g, n, 3, 4, 5)).astype(np.float32) for _ in range(2)]
   weights = rng.normal(size=(g, 3)).astype(np.float32)
-  cotangent = rng.normal(size=(g, 2, 3, 4, 5)).astype(np.float32)
+  keep = rng.choice([0.0, 2.0], size=(g, n if keep_per_image else 1)).astype(np.float32)
+  cotangents = tuple(rng.normal(size=(n, 3, 4, 5)).astype(np.float32) for _ in range(fan_out))
 
   def plain(terms, weights):
     full = [ops.fan_out_edges(terms[0], fan_out)] + list(terms[1:])
-    return sum(t * weights[:, k, None, None, None, None] for k, t in enumerate(full))
+    edges = sum(t * weights[:, k, None, None, None, None] for k, t in enumerate(full))
+    edges = edges * keep[:, :, None, None, None]
+    return tuple(edges[d * s:(d + 1) * s].sum(0) for d in range(fan_out))
 
   @jax.jit
   def both(terms, weights):
     out = []
-    for f in (functools.partial(ops.mix_edges, fan_out=fan_out), plain):
+    for f in (lambda t, w: ops.mix_edges(t, w, keep, fan_out), plain):
       y, vjp = jax.vjp(f, terms, weights)
-      out.append((y,) + vjp(cotangent))
+      out.append((y,) + vjp(cotangents))
     return out
   (y, d_terms, d_w), (y_ref, d_terms_ref, d_w_ref) = both((shared, *own), weights)
-  chex.assert_shape(y, (g, 2, 3, 4, 5))
+  assert len(y) == fan_out
+  chex.assert_shape(y, [(n, 3, 4, 5)] * fan_out)
   _assert_close(y, y_ref)
   _assert_close(d_terms, d_terms_ref)
   _assert_close(d_w, d_w_ref)
+  assert float(np.abs(d_w_ref).max()) > 0.1
+
+
+def test_avg_pool_gradient_matches_reduce_window():
+  """The avg pool's custom VJP against autodiff of reduce_window sums, strides 1 and 2
+  (odd size: the stride-2 windows do not tile the input)."""
+  x = np.random.default_rng(3).normal(size=(2, 2, 7, 6, 3)).astype(np.float32)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def grads(x, stride):
+    def ref(x):
+      win, st = (1, 1, 3, 3, 1), (1, 1, stride, stride, 1)
+      pad = ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0))
+      total = lax.reduce_window(x, 0.0, lax.add, win, st, pad)
+      return total / lax.reduce_window(jnp.ones_like(x), 0.0, lax.add, win, st, pad)
+    mine = lambda x: ops.avg_pool_3x3(x, stride=stride)
+    cot = jnp.sin(jnp.arange(ref(x).size, dtype=jnp.float32)).reshape(ref(x).shape)
+    return [jax.vjp(f, x)[1](cot)[0] for f in (mine, ref)]
+  for stride in (1, 2):
+    got, want = grads(x, stride)
+    assert float(np.abs(want).max()) > 0.1
+    _assert_close(got, want)

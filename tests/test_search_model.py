@@ -135,7 +135,7 @@ def _primitive_counts(jaxpr, acc=None):
 
 def test_impl_reaches_every_op():
   """Trace only: with 'shift' the network has no grouped (depthwise) conv and
-  no reduce_window max; with 'lax' no custom-VJP kernel (but the mixers); and the counts match
+  no reduce_window max; with 'lax' no custom-VJP kernel (but the mixers and avg pools); and the counts match
   (each depthwise conv / max pool is one or the other)."""
   x = jnp.zeros((N, HW, HW, 3))
   counts = {}
@@ -147,7 +147,7 @@ def test_impl_reaches_every_op():
     counts[impl] = _primitive_counts(jaxpr.jaxpr)
   lax_c, shift_c = counts['lax'], counts['shift']
   assert lax_c['conv_general_dilated_grouped'] > 0 and lax_c['reduce_window_max'] > 0
-  mixers = 2 * 4  # ops.mix_edges, one per edge batch, in both impls
+  mixers = 2 * 4 * 2  # ops.mix_edges and the avg pool, one each per edge batch, in both impls
   assert lax_c['custom_vjp_call'] == mixers
   assert shift_c['conv_general_dilated_grouped'] == 0 and shift_c['reduce_window_max'] == 0
   assert shift_c['custom_vjp_call'] == mixers + (lax_c['conv_general_dilated_grouped']
@@ -304,12 +304,13 @@ def test_lax_and_shift_mixed_edges_agree_in_loss_and_gradients():
   alpha = rng.normal(size=(8, NUM_OPS)).astype(np.float32)
   noise = -np.log(-np.log(rng.uniform(size=(8, NUM_OPS)))).astype(np.float32)
   z = np.asarray(sampling.relaxed_sample(alpha, noise, 1.0))
-  weights = rng.normal(size=(8, N, HW // 2, HW // 2, C)).astype(np.float32)
+  weights = rng.normal(size=(4, N, HW // 2, HW // 2, C)).astype(np.float32)
+  keep = np.ones((8, 1), np.float32)
   results = {}
   for impl in ('lax', 'shift'):
     edges = sm.MixedEdges(C, stride=2, fan_out=4, train=True, impl=impl)
     if impl == 'lax':
-      variables = _variables(jax.eval_shape(lambda: edges.init(jax.random.key(0), x, z)), 8)
+      variables = _variables(jax.eval_shape(lambda: edges.init(jax.random.key(0), x, z, keep)), 8)
       # The zero op is never built: 7 op modules (the pools hold only BN
       # statistics), none of them for `none`.
       assert set(variables['batch_stats']) == set(PRIMITIVES[1:])
@@ -318,8 +319,8 @@ def test_lax_and_shift_mixed_edges_agree_in_loss_and_gradients():
 
     def loss(params, z, x, edges=edges):
       out, _ = edges.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                           x, z, mutable=['batch_stats'])
-      return jnp.sum(jnp.tanh(out) * weights)
+                           x, z, keep, mutable=['batch_stats'])
+      return jnp.sum(jnp.tanh(jnp.stack(out)) * weights)
 
     results[impl] = jax.device_get(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
         variables['params'], z, x))
