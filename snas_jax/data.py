@@ -33,6 +33,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _CIFAR_SPLITS = {'train': 50000, 'test': 10000}
 _CROP_PAD = 4  # App. G.1: pad 4, random 32x32 crop
+
+
+def crop_pad(height: int) -> int:
+  """App. G.1's pad of 4 at 32x32, scaled with the image (2 at 16x16): the
+  same relative shift, not a 4-pixel jitter of a 16-pixel image."""
+  return max(1, round(_CROP_PAD * height / 32))
 _CACHE_VERSION = 1  # bump when decoding changes, so stale caches are ignored
 _MANUAL_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
@@ -334,13 +340,14 @@ class BatchIterator:
       # same draws, and the crops don't depend on whether cutout is on.
       rng = np.random.default_rng([1, self.seed, epoch, step])
       h, w = self.images.shape[1:3]
-      offsets = rng.integers(0, 2 * _CROP_PAD + 1, size=(g, 2))
+      pad = crop_pad(h)
+      offsets = rng.integers(0, 2 * pad + 1, size=(g, 2))
       flip = rng.random(g) < 0.5
       centres = rng.integers(0, [h, w], size=(g, 2))
     idx, mask = idx[self._rows], mask[self._rows]
     images = self.images[idx]
     if self.train:
-      images = normalize(crop_flip(images, offsets[self._rows], flip[self._rows], _CROP_PAD))
+      images = normalize(crop_flip(images, offsets[self._rows], flip[self._rows], pad))
       if self.cutout > 0:  # zeros after normalisation, as the DARTS/SNAS reference does
         images[cutout_square(centres[self._rows], self.cutout, h, w)] = 0.0
     else:

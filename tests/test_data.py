@@ -336,3 +336,8 @@ def test_imagenet_absent(tmp_path):
   assert '\n' not in message and '--tfds_data_dir' in message
   assert os.path.join(str(tmp_path), 'downloads', 'manual') in message
   assert 'ILSVRC2012_img_train.tar' in message and 'ILSVRC2012_img_val.tar' in message
+
+
+def test_crop_pad_scales_with_the_image():
+  """App. G.1's pad 4 at 32x32; the same relative shift on downsampled images."""
+  assert [data.crop_pad(h) for h in (32, 24, 16, 8, 4)] == [4, 3, 2, 1, 1]
