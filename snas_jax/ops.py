@@ -235,9 +235,7 @@ def _max_pool_shift_bwd(stride, residuals, g):
       hit = hit & (window(xp, ei - di, ej - dj, 2) != y_q)
     term = jnp.where(hit, window(g_up, -di, -dj, 1), 0.0)
     grad_x = term if grad_x is None else grad_x + term
-  # ~50 compares per pixel: materialise it rather than let XLA fuse (and so
-  # recompute) it into every consumer of the input's gradient.
-  return (lax.optimization_barrier(grad_x),)
+  return (grad_x,)
 
 
 _max_pool_shift.defvjp(_max_pool_shift_fwd, _max_pool_shift_bwd)
@@ -326,9 +324,7 @@ def _mix_fwd(terms, weights, keep, fan_out):
 def _mix_bwd(fan_out, residuals, cotangents):
   terms, weights, keep = residuals
   n_edges = weights.shape[0]
-  # Materialised once: left to itself XLA fuses the producers of every node's
-  # cotangent into each of the K consumers below and recomputes them.
-  g = lax.optimization_barrier(jnp.stack(cotangents))[:, None]  # [D, 1, N, H, W, C]
+  g = jnp.stack(cotangents)[:, None]  # [D, 1, N, H, W, C]
   keep6 = keep.reshape(fan_out, -1, keep.shape[1], 1, 1, 1)  # [D, S, N or 1, 1, 1, 1]
   g_keep = g * keep6  # [D, S, N, H, W, C]
   grad_terms, grad_weights = [], []
