@@ -33,14 +33,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _CIFAR_SPLITS = {'train': 50000, 'test': 10000}
 _CROP_PAD = 4  # App. G.1: pad 4, random 32x32 crop
+_CACHE_VERSION = 1  # bump when decoding changes, so stale caches are ignored
+_MANUAL_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 
 def crop_pad(height: int) -> int:
   """App. G.1's pad of 4 at 32x32, scaled with the image (2 at 16x16): the
   same relative shift, not a 4-pixel jitter of a 16-pixel image."""
   return max(1, round(_CROP_PAD * height / 32))
-_CACHE_VERSION = 1  # bump when decoding changes, so stale caches are ignored
-_MANUAL_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 
 class DataError(ValueError):

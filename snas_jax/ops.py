@@ -254,7 +254,7 @@ def avg_pool_3x3(x, *, stride: int = 1):
   """3x3 average pool, pad 1, padding excluded from the count (PyTorch
   count_include_pad=False). x: [..., H, W, C]. Linear, so one form serves
   every backend."""
-  return _avg_pool(x, stride)
+  return _avg_pool(x, stride, x.shape[-3:-1])
 
 
 def _avg_pool_count(h, w, stride, dtype):
@@ -264,22 +264,21 @@ def _avg_pool_count(h, w, stride, dtype):
                                              _out_size(w, 3, stride, 1, 1)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _avg_pool(x, stride):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _avg_pool(x, stride, hw):
   """Custom VJP: autodiff would pad the cotangent once per tap (9 full-size
   copies); the transpose is itself one fused shift-and-add."""
-  h, w = x.shape[-3:-1]
-  count = _avg_pool_count(h, w, stride, x.dtype)
+  count = _avg_pool_count(*hw, stride, x.dtype)
   total = sum(v for _, _, v in _shifted_views(_pad_hw(x, 1), 3, stride, 1, *count.shape[:2]))
   return total / count
 
 
-def _avg_pool_fwd(x, stride):
-  return _avg_pool(x, stride), jnp.zeros(x.shape[-3:-1] + (0,), x.dtype)  # only the shape
+def _avg_pool_fwd(x, stride, hw):
+  return _avg_pool(x, stride, hw), None  # linear: nothing to keep
 
 
-def _avg_pool_bwd(stride, shape_carrier, g):
-  h, w = shape_carrier.shape[:2]
+def _avg_pool_bwd(stride, hw, _, g):
+  h, w = hw
   g = g / _avg_pool_count(h, w, stride, g.dtype)
   return (sum(v for _, _, v in _transposed_views(g, 3, stride, 1, h, w)),)
 
@@ -358,17 +357,17 @@ class EdgeBatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     g, c = x.shape[0], x.shape[-1]
-    mean_var = self.variable('batch_stats', 'mean', lambda: jnp.zeros((g * c,), jnp.float32))
-    var_var = self.variable('batch_stats', 'var', lambda: jnp.ones((g * c,), jnp.float32))
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((g * c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((g * c,), jnp.float32))
     if train:
       axes = tuple(range(1, x.ndim - 1))
       mean = x.mean(axes)
       var = jnp.maximum(jnp.square(x).mean(axes) - jnp.square(mean), 0.0)
       if not self.is_initializing():
-        mean_var.value = BN_MOMENTUM * mean_var.value + (1 - BN_MOMENTUM) * mean.reshape(-1)
-        var_var.value = BN_MOMENTUM * var_var.value + (1 - BN_MOMENTUM) * var.reshape(-1)
+        ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean.reshape(-1)
+        ra_var.value = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var.reshape(-1)
     else:
-      mean, var = mean_var.value.reshape(g, c), var_var.value.reshape(g, c)
+      mean, var = ra_mean.value.reshape(g, c), ra_var.value.reshape(g, c)
     mul = lax.rsqrt(var + BN_EPSILON)
     if self.affine:
       mul = mul * self.param('scale', nn.initializers.ones, (g * c,)).reshape(g, c)
