@@ -26,7 +26,13 @@ flags.DEFINE_integer('channels', 16, 'C of the base configuration.')
 flags.DEFINE_integer('layers', 8, 'Cells of the base configuration.')
 flags.DEFINE_integer('image_size', 32, 'Image side of the base configuration (quick.flags: 16).')
 flags.DEFINE_string('sweep', '', 'Comma-separated sweeps beyond the base config and its remat '
-                    'variant: batch (16..256), channels (8..32), cells (5..20), devices (1,2,4).')
+                    'variant: batch, channels, cells, devices (values: --sweep_<name>).')
+flags.DEFINE_list('sweep_batch', ['16', '32', '128', '256'], 'Global batches of the batch sweep.')
+flags.DEFINE_list('sweep_channels', ['8', '32'], 'C values of the channels sweep.')
+flags.DEFINE_list('sweep_cells', ['5', '14', '20'], 'Cell counts of the cells sweep.')
+flags.DEFINE_list('sweep_devices', ['2', '4'], 'Fake CPU device counts of the devices sweep '
+                  '(XLA_FLAGS=--xla_force_host_platform_device_count; on accelerators: '
+                  'leave out, every device is used).')
 flags.DEFINE_bool('remat_variant', True, 'Also measure the base configuration with --remat.')
 flags.DEFINE_string('impl', 'auto', 'Op implementation (auto, shift, lax).')
 flags.DEFINE_integer('steps', 5, 'Timed steps after warm-up (the median is reported).')
@@ -35,8 +41,7 @@ flags.DEFINE_string('json_out', '', 'Also write the results here as a JSON list.
 flags.DEFINE_string('child', '', 'Internal: run one configuration given as JSON and print it.')
 FLAGS = flags.FLAGS
 
-SWEEPS = {'batch': ('batch_size', (16, 32, 128, 256)), 'channels': ('channels', (8, 32)),
-          'cells': ('layers', (5, 14, 20)), 'devices': ('devices', (2, 4))}
+SWEEPS = {'batch': 'batch_size', 'channels': 'channels', 'cells': 'layers', 'devices': 'devices'}
 
 
 def measure(spec: dict) -> dict:
@@ -105,8 +110,8 @@ def specs() -> list:
   for name in filter(None, FLAGS.sweep.split(',')):
     if name not in SWEEPS:
       raise SystemExit(f'error: unknown sweep {name!r}; use {",".join(SWEEPS)}')
-    key, values = SWEEPS[name]
-    out += [{**base, key: v} for v in values]
+    values = [int(v) for v in getattr(FLAGS, f'sweep_{name}')]
+    out += [{**base, SWEEPS[name]: v} for v in values]
   return out
 
 
