@@ -46,6 +46,8 @@ SWEEPS = {'batch': 'batch_size', 'channels': 'channels', 'cells': 'layers', 'dev
 
 def measure(spec: dict) -> dict:
   """One configuration, in this process."""
+  from snas_jax import cli
+  cli.set_cpu_devices(spec['devices'] if spec['devices'] > 1 else 0)  # before JAX starts
   import jax
   import numpy as np
   from snas_jax import costs, parallel, search
@@ -116,13 +118,9 @@ def specs() -> list:
 
 
 def run_child(spec: dict) -> dict:
-  env = dict(os.environ)
-  if spec['devices'] > 1:
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                        f' --xla_force_host_platform_device_count={spec["devices"]}').strip()
   proc = subprocess.run([sys.executable, __file__, f'--child={json.dumps(spec)}',
                          f'--steps={FLAGS.steps}', f'--warmup={FLAGS.warmup}'],
-                        capture_output=True, text=True, env=env)
+                        capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode or not lines:
     tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]

@@ -12,6 +12,7 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
+import snas_jax  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
 from snas_jax import config as config_lib  # noqa: E402
@@ -42,13 +43,10 @@ def define_runtime_flags(summary: bool = False) -> None:
 
 
 def set_cpu_devices(count: int) -> None:
-  """``count`` XLA CPU devices (0: leave XLA's default). Must run before JAX
-  starts its CPU backend (XLA reads the flag then); a count the user put in
-  XLA_FLAGS wins."""
-  flag = '--xla_force_host_platform_device_count'
-  current = os.environ.get('XLA_FLAGS', '')
-  if count and flag not in current:
-    os.environ['XLA_FLAGS'] = f'{current} {flag}={count}'.strip()
+  """``count`` XLA CPU devices (0: leave XLA's default); before JAX starts its
+  CPU backend. A count the user put in XLA_FLAGS wins."""
+  if count:
+    snas_jax.default_xla_flag('--xla_force_host_platform_device_count', count)
 
 
 def enable_compilation_cache(path: str) -> None:
