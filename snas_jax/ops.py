@@ -187,53 +187,53 @@ def pointwise_conv(x, kernel):
   return y.reshape(x.shape[:-1] + (f,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool_shift(x, stride):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool_shift(x, stride, hw):
   """Max over the 9 shifted views of x padded with -inf. x: [..., H, W, C].
 
-  Custom VJP: keeps x and the output (autodiff of a max chain keeps every
-  partial max) and routes each gradient to the first maximal tap, as XLA's
-  select-and-scatter does.
+  Custom VJP: keeps only which tap won each window (int8), and routes each
+  gradient to the first maximal tap, as XLA's select-and-scatter does
+  (autodiff of a max chain keeps every partial max).
   """
-  xp, out_hw = _max_pool_padded(x, stride)
-  return functools.reduce(jnp.maximum, [v for _, _, v in _shifted_views(xp, 3, stride, 1, *out_hw)])
+  del hw  # the input size, static, for the backward pass
+  return _max_pool_argmax(x, stride)[0]
 
 
-def _max_pool_padded(x, stride):
+def _max_pool_argmax(x, stride):
+  """The pooled maximum and the index (0..8, row-major) of its first maximal tap."""
   out_hw = (_out_size(x.shape[-3], 3, stride, 1, 1), _out_size(x.shape[-2], 3, stride, 1, 1))
-  return _pad_hw(x, 1, -jnp.inf), out_hw
+  best = tap = None
+  for t, (_, _, v) in enumerate(_shifted_views(_pad_hw(x, 1, -jnp.inf), 3, stride, 1, *out_hw)):
+    if best is None:
+      best, tap = v, jnp.zeros(v.shape, jnp.int8)
+    else:  # strictly greater: ties stay with the earlier tap
+      tap = jnp.where(v > best, jnp.int8(t), tap)
+      best = jnp.maximum(best, v)
+  return best, tap
 
 
-def _max_pool_shift_fwd(x, stride):
-  y = _max_pool_shift(x, stride)
-  return y, (x, y)
+def _max_pool_shift_fwd(x, stride, hw):
+  del hw
+  return _max_pool_argmax(x, stride)
 
 
-def _max_pool_shift_bwd(stride, residuals, g):
-  """dx[p] = Σ_taps g[q] where output q's first maximal tap reads p.
+def _max_pool_shift_bwd(stride, hw, tap, g):
+  """dx[p] = Σ_t g[q] over the taps t whose window q won at p.
 
-  Written on the input grid as one expression over shifted views of three
-  padded arrays (x, and y, g upsampled by the stride), so XLA fuses it into a
-  single loop; routing tap by tap would build K² padded copies of g.
-  Tap t of output q reads x[s·q + d_t], d_t = (i−1, j−1); seen from input
-  pixel p = s·q + d_t, the output sits at p − d_t and its tap t' at
-  p − d_t + d_t'."""
-  x, y = residuals
-  h, w = x.shape[-3:-1]
-  up = lambda a: lax.pad(a, jnp.zeros((), a.dtype), ((0, 0, 0),) * (a.ndim - 3) + (
+  Written on the input grid as one fused expression over shifted views of
+  the winning-tap map and g, both upsampled by the stride: tap t = (i, j)
+  of output q reads x[s·q + d_t], d_t = (i−1, j−1), so seen from input pixel
+  p its output sits at p − d_t."""
+  h, w = hw
+  up = lambda a, fill: lax.pad(a, jnp.full((), fill, a.dtype), ((0, 0, 0),) * (a.ndim - 3) + (
       (1, h - stride * (a.shape[-3] - 1), stride - 1),
       (1, w - stride * (a.shape[-2] - 1), stride - 1), (0, 0, 0)))
-  y_up, g_up = up(y), up(g)  # index p + 1 holds output q with s·q = p
-  xp = _pad_hw(x, 2, -jnp.inf)  # index p + 2 holds x[p]
-  window = lambda a, di, dj, pad: a[..., pad + di:pad + di + h, pad + dj:pad + dj + w, :]
-  taps = [(i - 1, j - 1) for i in range(3) for j in range(3)]
+  tap_up, g_up = up(tap, -1), up(g, 0)  # index p + 1 holds output q with s·q = p
+  window = lambda a, di, dj: a[..., 1 - di:1 - di + h, 1 - dj:1 - dj + w, :]
   grad_x = None
-  for t, (di, dj) in enumerate(taps):
-    y_q = window(y_up, -di, -dj, 1)
-    hit = window(xp, 0, 0, 2) == y_q
-    for ei, ej in taps[:t]:  # not taken by an earlier tap of the same window
-      hit = hit & (window(xp, ei - di, ej - dj, 2) != y_q)
-    term = jnp.where(hit, window(g_up, -di, -dj, 1), 0.0)
+  for t in range(9):
+    di, dj = t // 3 - 1, t % 3 - 1
+    term = jnp.where(window(tap_up, di, dj) == t, window(g_up, di, dj), 0.0)
     grad_x = term if grad_x is None else grad_x + term
   return (grad_x,)
 
@@ -247,7 +247,7 @@ def max_pool_3x3(x, *, stride: int = 1, impl: str = 'auto'):
     lead = (1,) * (x.ndim - 3)
     return lax.reduce_window(x, -jnp.inf, lax.max, lead + (3, 3, 1), lead + (stride, stride, 1),
                              ((0, 0),) * (x.ndim - 3) + ((1, 1), (1, 1), (0, 0)))
-  return _max_pool_shift(x, stride)
+  return _max_pool_shift(x, stride, x.shape[-3:-1])
 
 
 def avg_pool_3x3(x, *, stride: int = 1):
@@ -284,6 +284,24 @@ def _avg_pool_bwd(stride, hw, _, g):
 
 
 _avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
+
+
+def materialize(x):
+  """x, computed once into its own buffer: XLA:CPU fuses elementwise producers
+  into every consumer, so a gradient summed from many edges' backward passes
+  was recomputed by each of its consumers (measured: 1/7 of a cell's step).
+  A dot is never fused (an optimization barrier is removed before fusion);
+  one with the identity is exact and costs one pass over x."""
+  return jnp.einsum('...c,cd->...d', x, jnp.eye(x.shape[-1], dtype=x.dtype))
+
+
+@jax.custom_vjp
+def materialize_grad(x):
+  """Identity whose cotangent is ``materialize``d (see there)."""
+  return x
+
+
+materialize_grad.defvjp(lambda x: (x, None), lambda _, g: (materialize(g),))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -323,6 +341,7 @@ def _mix_fwd(terms, weights, keep, fan_out):
 def _mix_bwd(fan_out, residuals, cotangents):
   terms, weights, keep = residuals
   n_edges = weights.shape[0]
+  cotangents = tuple(materialize(g) for g in cotangents)
   g = jnp.stack(cotangents)[:, None]  # [D, 1, N, H, W, C]
   keep6 = keep.reshape(fan_out, -1, keep.shape[1], 1, 1, 1)  # [D, S, N or 1, 1, 1, 1]
   g_keep = g * keep6  # [D, S, N, H, W, C]

@@ -94,7 +94,7 @@ class SearchCell(nn.Module):
     nodes = [0.0] * NUM_NODES
     for b, (sources, dests, rows) in enumerate(edge_batches()):
       stride = 2 if self.reduction and sources[0] < NUM_INPUT_STATES else 1
-      x = jnp.stack([states[s] for s in sources])
+      x = ops.materialize_grad(jnp.stack([states[s] for s in sources]))
       n_edges = len(sources) * len(dests)
       if self.train and self.drop_path > 0:
         keep = 1.0 - self.drop_path
