@@ -79,6 +79,28 @@ def test_depthwise_shift_equals_lax(k, dilation, stride, fan_out, s):
     _assert_close(y_sh[g], single)
 
 
+@pytest.mark.parametrize('slice_bytes,stride', [(1, 1), (2 * 2 * 8 * 8 * 3 * 4 * 4, 2)])
+def test_depthwise_kernel_grad_in_slices_equals_lax(monkeypatch, slice_bytes, stride):
+  """The kernel gradient's loop over slices of the batch (here 6 images in
+  slices of 1, and of 2 at stride 2: (S + D·S)·H'W'C·4 bytes per image) gives
+  lax's kernel gradient."""
+  monkeypatch.setattr(ops, '_KERNEL_GRAD_SLICE_BYTES', slice_bytes)
+  rng = np.random.default_rng(7)
+  s, fan_out, k, dilation = 2, 3, 5, 2
+  x = rng.normal(size=(s, 6, 8, 8, 3)).astype(np.float32)
+  kernel = rng.normal(size=(k, k, fan_out * s, 3)).astype(np.float32)
+  out = 8 // stride
+  cotangent = rng.normal(size=(fan_out * s, 6, out, out, 3)).astype(np.float32)
+
+  def dk(impl):  # a fresh jit: the slice size is read while tracing
+    return jax.jit(lambda x, kern: jax.vjp(lambda kern: ops.depthwise_conv(
+        x, kern, stride=stride, dilation=dilation, impl=impl), kern)[1](cotangent)[0])(x, kernel)
+  jaxpr = str(jax.make_jaxpr(lambda kern: jax.vjp(lambda kern: ops.depthwise_conv(
+      x, kern, stride=stride, dilation=dilation, impl='shift'), kern)[1](cotangent))(kernel))
+  assert 'scan' in jaxpr or 'while' in jaxpr  # the sliced path ran
+  _assert_close(dk('shift'), dk('lax'))
+
+
 def test_depthwise_hand_example():
   """3x3 all-ones kernel on a 3x3 ramp: each output = sum of its in-bounds window."""
   x = jnp.arange(9, dtype=jnp.float32).reshape(1, 1, 3, 3, 1)
