@@ -353,3 +353,14 @@ def test_avg_pool_gradient_matches_reduce_window():
     got, want = grads(x, stride)
     assert float(np.abs(want).max()) > 0.1
     _assert_close(got, want)
+
+
+def test_materialize_is_exact_and_stays_a_dot_on_cpu():
+  """materialize (and the cotangent of materialize_grad) returns x bit for bit,
+  and the compiled CPU program keeps the dot that makes XLA compute x once."""
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 4, 16)) * 1e3, jnp.float32)
+  np.testing.assert_array_equal(jax.jit(ops.materialize)(x), x)
+  g = jax.grad(lambda x: jnp.sum(ops.materialize_grad(x) * x))(x)  # d/dx Σ x² = 2x
+  np.testing.assert_array_equal(g, 2 * x)
+  hlo = jax.jit(ops.materialize).lower(x).compile().as_text()
+  assert ' dot(' in hlo
