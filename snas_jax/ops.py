@@ -193,7 +193,7 @@ def _depthwise_kernel_grad(x, g, k, stride, dilation):
                       _shifted_views(_pad_hw(xs, pad), k, stride, dilation, out_h, out_w)])
 
   n = x.shape[1]
-  per_image = (x[:, 0].size + g[:, :, 0].size) * g.dtype.itemsize
+  per_image = (x.size + g.size) // n * g.dtype.itemsize
   size = max([d for d in range(1, n + 1) if n % d == 0 and d * per_image <= _KERNEL_GRAD_SLICE_BYTES],
              default=1)
   if size == n:
