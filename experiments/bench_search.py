@@ -6,6 +6,8 @@
 Each configuration runs in its own process (so peak memory is its own and a
 device count can be forced), on synthetic 32x32 images, with every op of the
 real step: Gumbel samples, forward, backward, w and α updates, BN statistics.
+The base configuration runs twice: cold, filling a fresh persistent
+compilation cache, then warm, reading it (what a resumed run pays).
 Prints a table and one JSON object per configuration (also to --json_out).
 """
 import json
@@ -15,6 +17,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,6 +37,9 @@ flags.DEFINE_list('sweep_devices', ['2', '4'], 'Fake CPU device counts of the de
                   '(XLA_FLAGS=--xla_force_host_platform_device_count; on accelerators: '
                   'leave out, every device is used).')
 flags.DEFINE_bool('remat_variant', True, 'Also measure the base configuration with --remat.')
+flags.DEFINE_bool('cache_variant', True, 'Measure the base configuration a second time in a new '
+                  'process with the persistent compilation cache its first run filled (what a '
+                  'resumed or repeated run pays).')
 flags.DEFINE_string('impl', 'auto', 'Op implementation (auto, shift, lax).')
 flags.DEFINE_integer('steps', 5, 'Timed steps after warm-up (the median is reported).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
@@ -48,6 +54,8 @@ def measure(spec: dict) -> dict:
   """One configuration, in this process."""
   from snas_jax import cli
   cli.set_cpu_devices(spec['devices'] if spec['devices'] > 1 else 0)  # before JAX starts
+  cli.enable_compilation_cache(spec.get('cache_dir', ''))
+  cli.trim_heap_after_compiles()  # as the entry scripts do
   import jax
   import numpy as np
   from snas_jax import costs, parallel, search
@@ -59,8 +67,7 @@ def measure(spec: dict) -> dict:
   size = spec['image_size']
   tables = costs.penalty_tables(cfg.channels, cfg.layers, size)
   t = time.perf_counter()
-  state = jax.jit(lambda: search.init_state(cfg, net, tx, (size, size, 3)),
-                  out_shardings=parallel.replicated(mesh))()
+  state = search.init_state(cfg, net, tx, (size, size, 3), parallel.replicated(mesh))
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t
   step = search.make_train_step(cfg, net, tx, tables, mesh)
@@ -74,6 +81,7 @@ def measure(spec: dict) -> dict:
   t = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
+  rss_compiled = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   times = []
   for i in range(FLAGS.warmup + FLAGS.steps):
     t = time.perf_counter()
@@ -86,6 +94,7 @@ def measure(spec: dict) -> dict:
           'trace_s': round(trace_s, 2), 'compile_s': round(compile_s, 2),
           'step_s': round(step_s, 3), 'images_per_s': round(cfg.batch_size / step_s, 2),
           'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+          'rss_compiled_gb': round(rss_compiled, 2),
           'xla_temp_gb': round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 2)}
 
 
@@ -104,11 +113,15 @@ def environment() -> dict:
           'flax': flax.__version__, 'optax': optax.__version__, 'python': platform.python_version()}
 
 
-def specs() -> list:
+def specs(cache_dir: str) -> list:
   base = {'batch_size': FLAGS.batch_size, 'channels': FLAGS.channels, 'layers': FLAGS.layers,
           'image_size': FLAGS.image_size,
-          'remat': False, 'impl': FLAGS.impl, 'devices': 1}
-  out = [base] + ([{**base, 'remat': True}] if FLAGS.remat_variant else [])
+          'remat': False, 'impl': FLAGS.impl, 'devices': 1, 'cache': 'off'}
+  out = [base]
+  if FLAGS.cache_variant:  # a cold run that fills a fresh cache, then one that reads it
+    out = [{**base, 'cache': 'cold', 'cache_dir': cache_dir},
+           {**base, 'cache': 'warm', 'cache_dir': cache_dir}]
+  out += [{**base, 'remat': True}] if FLAGS.remat_variant else []
   for name in filter(None, FLAGS.sweep.split(',')):
     if name not in SWEEPS:
       raise SystemExit(f'error: unknown sweep {name!r}; use {",".join(SWEEPS)}')
@@ -135,15 +148,18 @@ def main(argv):
     return
   env = environment()
   print(json.dumps(env))
-  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'remat', 'init_s', 'trace_s',
-          'compile_s', 'step_s', 'images_per_s', 'peak_rss_gb', 'xla_temp_gb')
+  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'remat', 'cache', 'init_s',
+          'trace_s', 'compile_s', 'step_s', 'images_per_s', 'rss_compiled_gb', 'peak_rss_gb',
+          'xla_temp_gb')
   print(' | '.join(cols))
   results = []
-  for spec in specs():
-    r = run_child(spec)
-    results.append(r)
-    print(' | '.join(str(r.get(c, '-')) for c in cols) + (f' | {r["error"]}' if 'error' in r else ''),
-          flush=True)
+  with tempfile.TemporaryDirectory(prefix='bench_xla_cache_') as cache_dir:
+    for spec in specs(cache_dir):
+      r = run_child(spec)
+      r.pop('cache_dir', None)
+      results.append(r)
+      print(' | '.join(str(r.get(c, '-')) for c in cols) +
+            (f' | {r["error"]}' if 'error' in r else ''), flush=True)
   for r in results:
     print(json.dumps(r))
   if FLAGS.json_out:

@@ -6,6 +6,7 @@ and ``app.run(lambda argv: cli.main(run_fn, ConfigClass))``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 
 # TensorFlow (tf.data, TensorBoard) is chatty at start-up; keep its warnings only.
@@ -55,6 +56,24 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+def trim_heap_after_compiles(min_seconds: float = 1.0) -> None:
+  """After every XLA compilation of at least ``min_seconds`` (or load from the
+  persistent cache), hands the heap memory the compiler freed back to the OS
+  (glibc's malloc_trim; elsewhere a no-op). glibc keeps it otherwise, and the
+  step's temporaries come on top: the paper's search held 5.1 GB after its
+  compile and peaked at 11.3 GB (README, Performance)."""
+  try:
+    malloc_trim = ctypes.CDLL('libc.so.6').malloc_trim
+  except (OSError, AttributeError):
+    return
+
+  def listener(event, duration_secs, **_):
+    if event == '/jax/core/compile/backend_compile_duration' and duration_secs >= min_seconds:
+      malloc_trim(0)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+
+
 @contextlib.contextmanager
 def one_line_errors():
   """A user error exits with its one-line message instead of a traceback."""
@@ -77,6 +96,7 @@ def main(run_fn, config_cls, summary_fn=None) -> None:
       raise ValueError('--workdir is required: the folder for checkpoints and outputs')
     set_cpu_devices(FLAGS.cpu_devices)
     enable_compilation_cache(FLAGS.compilation_cache_dir)
+    trim_heap_after_compiles()
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
     run_fn(cfg, FLAGS.workdir)

@@ -29,6 +29,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax import lax
 
@@ -48,10 +49,71 @@ def resolve_impl(impl: str) -> str:
 
 
 def torch_uniform_init(fan_in: int):
-  """PyTorch's default conv/linear init: U(±1/sqrt(fan_in))."""
+  """PyTorch's default conv/linear init: U(±1/sqrt(fan_in)). Inside
+  ``init_with_one_draw`` it cuts its numbers from that one shared draw."""
   bound = 1.0 / math.sqrt(fan_in)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-      key, shape, dtype, -bound, bound)
+
+  def init(key, shape, dtype=jnp.float32):
+    if _UNIFORM_POOLS:
+      return (bound * (2.0 * _UNIFORM_POOLS[-1].take(shape) - 1.0)).astype(dtype)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class _UniformPool:
+  """Consecutive chunks of one host array of U(0, 1) numbers (None: only count)."""
+
+  def __init__(self, values: np.ndarray | None = None):
+    self.values, self.used = values, 0
+
+  def take(self, shape):
+    n = math.prod(shape)
+    chunk = jnp.zeros((n,)) if self.values is None else self.values[self.used:self.used + n]
+    self.used += n
+    return chunk.reshape(shape)
+
+
+_UNIFORM_POOLS: list[_UniformPool] = []
+
+
+def init_with_one_draw(init_fn, key):
+  """``init_fn()``, a Flax init, with every ``torch_uniform_init`` parameter
+  cut on the host from one ``jax.random.uniform(key, ...)`` (not for jit).
+
+  Why: XLA:CPU expands each random draw into ~500 scalar ops and compiles a
+  kernel per output, so the paper network's jitted init (~410 draws) spent
+  16-25 s compiling. Here (1) a jitted init with those parameters as constant
+  placeholders gives every other variable (BN statistics, ...) and the count
+  of numbers needed, compiling in a second; (2) one small jit draws them; (3)
+  a trace-only pass (eval_shape) cuts them into parameters with NumPy and
+  hands them out. Still a seeded U(±bound) per parameter, not Flax's per-path
+  keys.
+  """
+  counter = _UniformPool()
+  _UNIFORM_POOLS.append(counter)
+  try:
+    variables = jax.jit(init_fn)()
+  finally:
+    _UNIFORM_POOLS.pop()
+  pool = _UniformPool(np.asarray(jax.random.uniform(key, (counter.used,))))
+  drawn = []
+
+  def cut():  # the initialisers return NumPy arrays; keep them, drop the rest
+    out = init_fn()
+    drawn.append(jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else None, out))
+    return out
+
+  _UNIFORM_POOLS.append(pool)
+  try:
+    jax.eval_shape(cut)
+  finally:
+    _UNIFORM_POOLS.pop()
+  if pool.used != counter.used:
+    raise RuntimeError(f'init drew {pool.used} numbers after counting {counter.used}: '
+                       'init_fn must draw the same shapes on every call')
+  return jax.tree.map(lambda d, v: v if d is None else d, drawn[0], variables,
+                      is_leaf=lambda d: d is None)
 
 
 def fan_out_edges(x: jax.Array, fan_out: int) -> jax.Array:
@@ -77,14 +139,15 @@ def _pad_hw(x, pad: int, value=0.0):
 
 
 def _shifted_views(xp, kernel, stride, dilation, out_h, out_w):
-  """The K² strided windows of padded xp [..., Hp, Wp, C] that a KxK op reads."""
-  ax_h, ax_w = xp.ndim - 3, xp.ndim - 2
+  """The K² strided windows of padded xp [..., Hp, Wp, C] that a KxK op reads
+  (one lax.slice each: the traced graph grows with the taps, so keep them lean)."""
+  lead = (0,) * (xp.ndim - 3)
   for i in range(kernel):
     for j in range(kernel):
-      yield i, j, lax.slice_in_dim(
-          lax.slice_in_dim(xp, i * dilation, i * dilation + (out_h - 1) * stride + 1,
-                           stride, axis=ax_h),
-          j * dilation, j * dilation + (out_w - 1) * stride + 1, stride, axis=ax_w)
+      start = lead + (i * dilation, j * dilation, 0)
+      limit = xp.shape[:-3] + (i * dilation + (out_h - 1) * stride + 1,
+                               j * dilation + (out_w - 1) * stride + 1, xp.shape[-1])
+      yield i, j, lax.slice(xp, start, limit, (1,) * len(lead) + (stride, stride, 1))
 
 
 def _per_edge(v, ndim: int):
@@ -142,11 +205,19 @@ def _depthwise_shift(x, kernel, stride, dilation):
   """
   k = kernel.shape[0]
   pad, out_h, out_w = _depthwise_geometry(x, k, stride, dilation)
+  taps = _kernel_taps(kernel)
   out = None
-  for i, j, view in _shifted_views(_pad_hw(x, pad), k, stride, dilation, out_h, out_w):
-    term = view[None] * _per_edge(kernel[i, j], 6)
+  for i, j, view in _shifted_views(_pad_hw(x, pad)[None], k, stride, dilation, out_h, out_w):
+    term = view * taps[i * k + j]
     out = term if out is None else out + term
   return out
+
+
+def _kernel_taps(kernel):
+  """[K,K,D,S,C] -> the K² taps, row-major, each [D,S,1,1,1,C] to broadcast
+  against [1,S,N,H,W,C] views (one split instead of K² index expressions)."""
+  k, _, d, s, c = kernel.shape
+  return lax.split(kernel.reshape(k * k * d, s, 1, 1, 1, c), (d,) * (k * k))
 
 
 def _depthwise_shift_fwd(x, kernel, stride, dilation):
@@ -163,9 +234,10 @@ def _depthwise_shift_bwd(stride, dilation, residuals, g):
   # upsampled by the stride (interior zeros) and padded, with the flipped
   # kernel. Sums over small axes are unrolled: XLA:CPU fuses a chain of adds
   # into one loop but materialises a reduce over a short axis (10x slower).
+  taps = _kernel_taps(kernel)
   acc = None
   for i, j, view in _transposed_views(g, k, stride, dilation, h, w):
-    term = view * _per_edge(kernel[k - 1 - i, k - 1 - j], 6)
+    term = view * taps[(k - 1 - i) * k + (k - 1 - j)]
     acc = term if acc is None else acc + term
   grad_x = functools.reduce(jnp.add, [acc[d] for d in range(fan_out)])
   return grad_x, grad_kernel.reshape(kernel.shape)
@@ -189,8 +261,8 @@ def _depthwise_kernel_grad(x, g, k, stride, dilation):
   pad, out_h, out_w = _depthwise_geometry(x, k, stride, dilation)
 
   def taps(xs, gs):
-    return jnp.stack([(view[None] * gs).sum((2, 3, 4)) for _, _, view in
-                      _shifted_views(_pad_hw(xs, pad), k, stride, dilation, out_h, out_w)])
+    return jnp.stack([(view * gs).sum((2, 3, 4)) for _, _, view in
+                      _shifted_views(_pad_hw(xs, pad)[None], k, stride, dilation, out_h, out_w)])
 
   n = x.shape[1]
   per_image = (x.size + g.size) // n * g.dtype.itemsize

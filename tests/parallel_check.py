@@ -37,8 +37,7 @@ def main():
   net = search.make_network(CONFIG)
   tx = search.make_optimizer(CONFIG, steps_per_epoch=STEPS)
   tables = costs.penalty_tables(CONFIG.channels, CONFIG.layers, IMAGE)
-  state = jax.jit(lambda: search.init_state(CONFIG, net, tx, (IMAGE, IMAGE, 3)),
-                  out_shardings=parallel.replicated(mesh))()
+  state = search.init_state(CONFIG, net, tx, (IMAGE, IMAGE, 3), parallel.replicated(mesh))
   step = search.make_train_step(CONFIG, net, tx, tables, mesh)
   local = GLOBAL_BATCH // jax.process_count()
   rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)

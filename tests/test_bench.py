@@ -27,14 +27,17 @@ def bench(bench_module):
 def test_sweeps_vary_one_field_of_the_base_config(bench):
   flags.FLAGS(['bench', '--channels=8', '--layers=3', '--image_size=16',
                '--sweep=batch,devices', '--sweep_batch=16,128'])
-  rows = [(s['batch_size'], s['channels'], s['layers'], s['image_size'], s['devices'], s['remat'])
-          for s in bench.specs()]
-  assert rows == [(64, 8, 3, 16, 1, False), (64, 8, 3, 16, 1, True),  # base and its remat variant
-                  (16, 8, 3, 16, 1, False), (128, 8, 3, 16, 1, False),
-                  (64, 8, 3, 16, 2, False), (64, 8, 3, 16, 4, False)]
+  specs = bench.specs('/tmp/cache')
+  rows = [(s['batch_size'], s['channels'], s['layers'], s['image_size'], s['devices'], s['remat'],
+           s['cache']) for s in specs]
+  assert rows == [(64, 8, 3, 16, 1, False, 'cold'), (64, 8, 3, 16, 1, False, 'warm'),  # base twice
+                  (64, 8, 3, 16, 1, True, 'off'),  # its remat variant
+                  (16, 8, 3, 16, 1, False, 'off'), (128, 8, 3, 16, 1, False, 'off'),
+                  (64, 8, 3, 16, 2, False, 'off'), (64, 8, 3, 16, 4, False, 'off')]
+  assert [s.get('cache_dir') for s in specs[:3]] == ['/tmp/cache', '/tmp/cache', None]
 
 
 def test_unknown_sweep_is_a_one_line_error(bench):
   flags.FLAGS(['bench', '--sweep=batch,colours'])
   with pytest.raises(SystemExit, match="unknown sweep 'colours'"):
-    bench.specs()
+    bench.specs('')

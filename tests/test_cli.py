@@ -22,3 +22,38 @@ def test_cpu_devices_sets_the_xla_device_count(n, xla_flags, expected):
                         text=True, env=env, cwd=ROOT, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split()[-1] == str(expected)
+
+
+TRIM_CHECK = """
+import ctypes, jax, jax.numpy as jnp
+calls = []
+class FakeLibc:
+  def malloc_trim(self, pad):
+    calls.append(pad)
+ctypes.CDLL = lambda name: FakeLibc()
+from snas_jax import cli
+cli.trim_heap_after_compiles(min_seconds={min_seconds})
+jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
+print(len(calls))
+"""
+
+
+@pytest.mark.parametrize('min_seconds, expected', [(0.0, 1), (1e9, 0)])
+def test_heap_is_trimmed_after_long_compiles_only(min_seconds, expected):
+  """malloc_trim(0) runs after a compilation that took at least min_seconds."""
+  proc = subprocess.run([sys.executable, '-c', TRIM_CHECK.format(min_seconds=min_seconds)],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  calls = int(proc.stdout.split()[-1])
+  assert (calls >= 1) if expected else (calls == 0)
+
+
+def test_xla_defaults_leave_the_users_flags_alone():
+  """Importing snas_jax adds its XLA:CPU defaults; a flag already in XLA_FLAGS wins."""
+  code = 'import os, snas_jax; print(os.environ["XLA_FLAGS"])'
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                        timeout=120, env=dict(os.environ, XLA_FLAGS='--xla_cpu_opt_preset=CPU_OPT_PRESET_DEFAULT'))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ['--xla_cpu_opt_preset=CPU_OPT_PRESET_DEFAULT',
+                                 '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED']

@@ -115,7 +115,7 @@ def test_step_never_retraces():
   net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=1)
   tables = costs.penalty_tables(cfg.channels, cfg.layers, 8)
   step = jax.jit(chex.assert_max_traces(search.train_step_fn(cfg, net, tx, tables), n=1))
-  state = jax.jit(lambda: search.init_state(cfg, net, tx, (8, 8, 3)))()
+  state = search.init_state(cfg, net, tx, (8, 8, 3))
   rng = np.random.default_rng(0)
   alphas = []
   for epoch in range(3):
@@ -190,7 +190,7 @@ def test_stronger_eta_gives_sparser_cells():
     net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=20)
     tables = costs.penalty_tables(cfg.channels, cfg.layers, 8)
     step = jax.jit(search.train_step_fn(cfg, net, tx, tables))
-    state = jax.jit(lambda: search.init_state(cfg, net, tx, (8, 8, 3)))()
+    state = search.init_state(cfg, net, tx, (8, 8, 3))
     for _ in range(20):
       state, _ = step(state, batch, np.float32(1.0))
     alpha = state.params['alpha']
@@ -205,3 +205,38 @@ def test_stronger_eta_gives_sparser_cells():
   assert kept_eta < kept_free  # more edges derived `none` (measured 14 -> 5)
   assert expected_eta < expected_free
   assert child_eta < 0.8 * child_free
+
+
+def test_init_draws_each_parameter_once_from_its_bound():
+  """init_state cuts every torch-uniform parameter from one draw: each within
+  ±1/sqrt(fan_in) with the variance of that uniform, no two alike, the same
+  for the same seed; BN statistics and the tree are those of a plain init."""
+  cfg = search.SearchConfig(channels=4, layers=2, batch_size=4, epochs=1, impl='lax')
+  net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=1)
+  state = search.init_state(cfg, net, tx, (8, 8, 3))
+  z = np.full((genotypes.NUM_EDGES, genotypes.NUM_OPS), 1 / genotypes.NUM_OPS, np.float32)
+  plain = jax.jit(lambda: net.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32),
+                                   z, z, False))()
+  assert jax.tree.structure(plain['params']) == jax.tree.structure(state.params['w'])
+  chex.assert_trees_all_equal(plain['batch_stats'], state.batch_stats)
+  w = state.params['w']
+  edge = w['cell_0']['edges_from_0_1']['sep_conv_3x3']['DilConv_0']
+  stem, dense = w['stem_conv']['kernel'], w['classifier']['kernel']
+  pointwise = edge['PointwiseConv_0']['kernel']  # [edges, C_in, C_out]
+  for x, fan_in in ((edge['DepthwiseConv_0']['kernel'], 9), (pointwise, pointwise.shape[1]),
+                    (stem, 27), (dense, dense.shape[0])):
+    bound = 1 / np.sqrt(fan_in)
+    assert np.abs(x).max() <= bound and np.abs(x).max() > 0.9 * bound
+    np.testing.assert_allclose(np.var(np.asarray(x)), bound ** 2 / 3, rtol=0.3)
+  kernels = [np.asarray(x).ravel() for path, x in jax.tree_util.tree_leaves_with_path(w)
+             if path[-1].key == 'kernel']
+  firsts = np.array([k[0] for k in kernels])
+  assert len(np.unique(firsts)) == len(firsts)  # no two parameters share a chunk
+  np.testing.assert_allclose(np.asarray(w['stem_bn']['scale']), 1.0)
+  again = search.init_state(cfg, net, tx, (8, 8, 3))
+  chex.assert_trees_all_equal(state.params, again.params)
+  other = search.init_state(search.SearchConfig(channels=4, layers=2, batch_size=4, epochs=1,
+                                                impl='lax', seed=1), net, tx, (8, 8, 3))
+  assert not np.allclose(stem, other.params['w']['stem_conv']['kernel'])
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      search.abstract_state(cfg, net, tx, (8, 8, 3)), state)
