@@ -13,9 +13,6 @@ def default_xla_flag(flag: str, value) -> None:
 # XLA:CPU's default scheduler runs independent ops side by side and so keeps
 # more buffers alive; the memory-minimising one keeps fewer (one 32x32, C=16
 # search cell: 1.59 -> 1.48 GB of temporaries; at an earlier stage of the code
-# 6.7 -> 1.2 GB, README "Performance"). Its FAST_COMPILE preset compiled that
-# cell in 18.3 s instead of 24.7 s, and the step did not get slower (2.49 ->
-# 2.25 s). Set on import, before JAX starts its CPU backend; flags the user
-# put in XLA_FLAGS win.
+# 6.7 -> 1.2 GB, README "Performance"). Set on import, before JAX starts its
+# CPU backend; a flag already in XLA_FLAGS wins.
 default_xla_flag('--xla_cpu_scheduler_type', 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED')
-default_xla_flag('--xla_cpu_opt_preset', 'CPU_OPT_PRESET_FAST_COMPILE')

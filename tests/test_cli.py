@@ -50,10 +50,14 @@ def test_heap_is_trimmed_after_long_compiles_only(min_seconds, expected):
 
 
 def test_xla_defaults_leave_the_users_flags_alone():
-  """Importing snas_jax adds its XLA:CPU defaults; a flag already in XLA_FLAGS wins."""
+  """Importing snas_jax adds its XLA:CPU scheduler default unless XLA_FLAGS has one."""
   code = 'import os, snas_jax; print(os.environ["XLA_FLAGS"])'
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
-                        timeout=120, env=dict(os.environ, XLA_FLAGS='--xla_cpu_opt_preset=CPU_OPT_PRESET_DEFAULT'))
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.split() == ['--xla_cpu_opt_preset=CPU_OPT_PRESET_DEFAULT',
-                                 '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED']
+  for given, expected in (('--xla_cpu_opt_preset=CPU_OPT_PRESET_DEFAULT',
+                           ['--xla_cpu_opt_preset=CPU_OPT_PRESET_DEFAULT',
+                            '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED']),
+                          ('--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT',
+                           ['--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT'])):
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120, env=dict(os.environ, XLA_FLAGS=given))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == expected
