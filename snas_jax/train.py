@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax.extend import core as jax_core
 
-from snas_jax import checkpoint, child_model, data, genotypes, parallel, reporting
+from snas_jax import checkpoint, child_model, data, genotypes, ops, parallel, reporting
 from snas_jax import config as config_lib
 from snas_jax.config import field
 
@@ -420,7 +420,8 @@ def training_loss(logits, aux_logits, labels, *, aux_weight: float, smoothing: f
 
 
 class Steps(NamedTuple):
-  init: Callable  # (seed int32) -> TrainState, replicated
+  init: Callable  # (seed: int) -> TrainState, replicated (host-side, not for jit)
+  abstract_state: Callable  # () -> ShapeDtypeStructs of a TrainState (for restoring)
   train: Callable  # (state, batch, lr, drop_rate) -> (state, metrics); state donated
   evaluate: Callable  # (state, batch) -> sums {'loss', 'correct', 'correct_top5', 'count'}
 
@@ -455,20 +456,33 @@ def _make_steps(spec: _StepSpec, mesh) -> Steps:
   tx = make_optimizer(spec)
   size = spec.image_size
 
-  def init(seed):
-    # lazy_init traces the forward only for shapes and skips its compute, the
-    # compact lax ops trace small, and an 'rbg' key compiles its ~100 draws in
-    # seconds where partitionable threefry takes ~20 s on XLA:CPU. The
-    # parameters do not depend on the impl.
-    key = jax.random.key(seed, impl='rbg')
-    params_key, dropout_key = jax.random.split(key)
-    images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-    variables = model.clone(impl='lax').lazy_init(
-        {'params': params_key, 'dropout': dropout_key}, images, jnp.float32(0), train=True)
+  rep = parallel.replicated(mesh)
+  init_images = jnp.zeros((2, size, size, 3))
+
+  def init_variables(key):
+    # The dead forward pass traces small with the compact lax ops (the
+    # parameters do not depend on the impl).
+    return model.clone(impl='lax').init({'params': key, 'dropout': key}, init_images,
+                                        jnp.float32(0), train=True)
+
+  def state_from_variables(variables, seed):
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables['batch_stats'], opt_state=tx.init(params),
                       rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+
+  assemble = jax.jit(state_from_variables, out_shardings=rep)
+
+  def init(seed):
+    # All parameters from one random draw (ops.init_with_one_draw): the
+    # paper's 20-cell child took 36 s to initialise as one jitted init.
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
+    variables = ops.init_with_one_draw(lambda: init_variables(key), key)
+    return assemble(jax.device_put(variables, rep), jnp.int32(seed))
+
+  def abstract_state():
+    variables = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
+    return jax.eval_shape(state_from_variables, variables, jnp.int32(0))
 
   def train_step(state: TrainState, batch: dict, lr, drop_rate):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -502,9 +516,9 @@ def _make_steps(spec: _StepSpec, mesh) -> Steps:
             'correct_top5': jnp.sum(jnp.any(top5 == labels[:, None], -1) * mask),
             'count': jnp.sum(mask)}
 
-  rep, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  rows = parallel.batch_sharded(mesh)
   return Steps(
-      init=jax.jit(init, out_shardings=rep),
+      init=init, abstract_state=abstract_state,
       train=jax.jit(train_step, in_shardings=(rep, rows, rep, rep), out_shardings=(rep, rep),
                     donate_argnums=0),
       evaluate=jax.jit(eval_step, in_shardings=(rep, rows), out_shardings=rep))
@@ -591,16 +605,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir)
   steps = make_steps(config, genotype, mesh)
-  seed = jnp.int32(config.seed)
   latest = ckpt.latest_step()
   if latest is None:
-    state = steps.init(seed)
+    state = steps.init(config.seed)
     meta = {'epoch': 0, 'step_in_epoch': 0, 'epoch_sums': {}, 'elapsed_s': 0.0,
             'last_eval': None, 'finished': False}
   else:
     check_resumable(ckpt.restore_meta(latest), config, genotype, workdir)
-    abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, seed),
-                                        parallel.replicated(mesh))
+    abstract = checkpoint.abstract_like(steps.abstract_state(), parallel.replicated(mesh))
     state, meta = ckpt.restore(abstract, latest)
   meta.update(config=config_lib.to_dict(config), genotype=genotype.to_dict())
   writer = reporting.MetricsWriter(workdir, resume_step=latest)

@@ -6,12 +6,14 @@ import json
 import math
 import os
 
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import run_script, write_imagenet_metadata
-from snas_jax import checkpoint, data, genotypes, train
+from snas_jax import checkpoint, data, genotypes, parallel, train
 
 
 # A small cell that still has every kind of edge: a conv, a dilated conv,
@@ -332,3 +334,26 @@ def test_imagenet_one_step_under_mock_data(tmp_path):
   [record] = [json.loads(l) for l in (tmp_path / 'work' / 'metrics.jsonl').read_text().splitlines()]
   assert record['step'] == 1 and record['lr'] == 0.1
   assert math.isfinite(record['train_aux_ce'])  # the auxiliary head ran (7x7 map at 224)
+
+
+def test_child_init_is_seeded_bounded_and_matches_its_abstract_state():
+  """Steps.init draws the child's parameters at once (ops.init_with_one_draw):
+  deterministic per seed, within PyTorch's U(±1/sqrt(fan_in)), and shaped as
+  abstract_state (what a resumed run restores into)."""
+  config = train.TrainConfig(genotype_json='unused', channels=8, layers=5)
+  steps = train.make_steps(config, genotypes.SNAS_MILD, parallel.make_mesh())
+
+  def kernels(seed):
+    state = steps.init(seed)
+    return state, {jax.tree_util.keystr(path): np.asarray(x) for path, x in
+                   jax.tree_util.tree_leaves_with_path(state.params) if path[-1].key == 'kernel'}
+
+  state, first = kernels(0)
+  chex.assert_trees_all_equal_shapes_and_dtypes(steps.abstract_state(), state)
+  _, again = kernels(0)
+  _, other = kernels(1)
+  stem = next(k for k in first if 'stem' in k)  # [3, 3, 3, C_stem]: fan_in 27
+  assert 0.9 / np.sqrt(27) < np.abs(first[stem]).max() <= 1 / np.sqrt(27)
+  assert len({float(v.ravel()[0]) for v in first.values()}) == len(first)  # no shared chunks
+  chex.assert_trees_all_equal(first, again)
+  assert not np.allclose(first[stem], other[stem])
