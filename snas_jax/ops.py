@@ -245,7 +245,7 @@ def _depthwise_shift_bwd(stride, dilation, residuals, g):
 
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
-# Images per slice of the kernel gradient's loop: x and g of one slice should
+# Bytes of x and g per slice of the kernel gradient's loop: one slice should
 # stay in a core's L2 cache (2 MB on current x86 server cores).
 _KERNEL_GRAD_SLICE_BYTES = 2 << 20
 

@@ -154,16 +154,20 @@ def make_optimizer(cfg: SearchConfig, steps_per_epoch: int) -> optax.GradientTra
   return optax.partition({'w': w_tx, 'alpha': alpha_tx}, labels)
 
 
+def _network_variables(net: SearchNetwork, image_shape, key) -> dict:
+  """Flax's init of the network. Its dead forward pass is traced with the
+  compact lax ops (the parameters are the same for every impl)."""
+  z = jnp.full((genotypes.NUM_EDGES, genotypes.NUM_OPS), 1.0 / genotypes.NUM_OPS)
+  return net.clone(impl='lax').init(key, jnp.zeros((1,) + tuple(image_shape)), z, z, False)
+
+
 def init_variables(cfg: SearchConfig, net: SearchNetwork, image_shape) -> dict:
   """The network's parameters and BN statistics (host and device arrays; not
-  for jit). Quick to start (the paper's network: ~5 s, was 19-32 s as one
-  jitted init): the dead forward pass is traced with the compact lax ops (the
-  parameters are the same for every impl) and all parameters come from one
-  random draw (ops.init_with_one_draw)."""
+  for jit). Quick to start (the paper's network: 5-8 s, was 19-32 s as one
+  jitted init): all parameters come from one random draw
+  (ops.init_with_one_draw)."""
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
-  z = jnp.full((genotypes.NUM_EDGES, genotypes.NUM_OPS), 1.0 / genotypes.NUM_OPS)
-  images = jnp.zeros((1,) + tuple(image_shape))
-  return ops.init_with_one_draw(lambda: net.clone(impl='lax').init(key, images, z, z, False), key)
+  return ops.init_with_one_draw(lambda: _network_variables(net, image_shape, key), key)
 
 
 def state_from_variables(cfg: SearchConfig, tx, variables: dict) -> SearchState:
@@ -188,9 +192,8 @@ def init_state(cfg: SearchConfig, net: SearchNetwork, tx, image_shape,
 
 def abstract_state(cfg: SearchConfig, net: SearchNetwork, tx, image_shape) -> SearchState:
   """ShapeDtypeStructs of ``init_state`` (for restoring a checkpoint), no compute."""
-  z = jnp.zeros((genotypes.NUM_EDGES, genotypes.NUM_OPS))
-  variables = jax.eval_shape(lambda: net.clone(impl='lax').init(
-      jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_shape)), z, z, False))
+  variables = jax.eval_shape(
+      functools.partial(_network_variables, net, image_shape), jax.random.PRNGKey(0))
   return jax.eval_shape(functools.partial(state_from_variables, cfg, tx), variables)
 
 # ----------------------------------------------------------------------------
