@@ -49,8 +49,15 @@ class Checkpointer:
     """(state, meta) at ``step`` (default: latest); ``abstract_state`` gives the
     tree, shapes and shardings (``jax.eval_shape`` of the init, sharded)."""
     step = self._step(step)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except ValueError as e:  # Orbax: another tree or shape; its message spans lines
+      cause = ' '.join(str(e).split())
+      raise CheckpointError(
+          f'the checkpoint at step {step} in {self.directory} does not fit this network '
+          f'(written by another configuration or version of snas_jax?); start a new --workdir. '
+          f'Orbax: {cause[:300]}') from e
     return restored['state'], restored['meta']
 
   def _step(self, step):

@@ -69,6 +69,7 @@ class ChildCell(nn.Module):
   reduction: bool
   reduction_prev: bool
   impl: str = 'auto'
+  remat: bool = False  # passed to the ops (see _ChildNetwork)
 
   @nn.compact
   def __call__(self, s0, s1, drop_rate, train: bool):
@@ -86,7 +87,7 @@ class ChildCell(nn.Module):
       total = None
       for j, (name, state) in enumerate(edges):
         stride = 2 if self.reduction and state < NUM_INPUT_STATES else 1
-        op = ops.make_op(name, self.c, stride, affine=True, impl=self.impl,
+        op = ops.make_op(name, self.c, stride, affine=True, impl=self.impl, remat=self.remat,
                          op_name=f'node{node}_edge{j}_{name}')
         if op is None:  # 'none': nothing to compute, no parameters
           continue
@@ -147,7 +148,10 @@ class _ChildNetwork(nn.Module):
   def __call__(self, images, drop_rate, train: bool):
     """images [N,H,W,3], drop_rate scalar -> (logits [N,K], aux logits [N,K] or None)."""
     s0, s1 = self.stem(images, train)
-    cell_cls = nn.remat(ChildCell, static_argnums=(4,)) if self.remat else ChildCell
+    # remat: whole cells on the 'lax' path, the convolutions' VJP on XLA:CPU
+    # (as search_model.SearchNetwork, which says why).
+    remat_cells = self.remat and ops.resolve_impl(self.impl) == 'lax'
+    cell_cls = nn.remat(ChildCell, static_argnums=(4,)) if remat_cells else ChildCell
     c_cell, reduction_prev = self.c, self.reduction_prev_at_start
     reductions = reduction_layers(self.layers)
     aux_logits = None
@@ -157,7 +161,7 @@ class _ChildNetwork(nn.Module):
         c_cell *= 2
       cell = self.genotype.reduce if reduction else self.genotype.normal
       s0, s1 = s1, cell_cls(cell, self.genotype.concat, c_cell, reduction, reduction_prev,
-                            self.impl, name=f'cell_{i}')(s0, s1, drop_rate, train)
+                            self.impl, self.remat, name=f'cell_{i}')(s0, s1, drop_rate, train)
       reduction_prev = reduction
       if i == 2 * self.layers // 3 and self.auxiliary and train:
         aux_logits = AuxiliaryHead(self.num_classes, self.aux_pool_stride, self.aux_bn_after_768,

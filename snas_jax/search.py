@@ -54,9 +54,9 @@ class SearchConfig:
   impl: str = field('auto', 'Depthwise conv / max pool implementation: shift (fast on CPU), '
                     'lax (XLA native; fast on GPU/TPU) or auto (by backend).',
                     choices=('auto', 'shift', 'lax'))
-  remat: bool = field(False, 'Recompute each cell in the backward pass (the reference\'s '
-                      '--use_ckpt): less memory on GPU/TPU; XLA:CPU shares the values '
-                      'again, so no change there (README, Performance).')
+  remat: bool = field(False, 'Recompute more in the backward pass (the reference\'s --use_ckpt): '
+                      'less memory, slower. Each cell on GPU/TPU; on CPU the convolutions '
+                      'recompute their depthwise outputs (README, Performance).')
   # Method.
   method: str = field('snas', 'snas: Gumbel-softmax samples Z; darts: Z = softmax(α) '
                       '(single-level DARTS baseline) with DARTS top-2 derivation.',

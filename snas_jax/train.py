@@ -80,8 +80,9 @@ class TrainConfig:
                                   '2L//3, training only); 0 removes the head.')
   drop_path_prob: float = field(0.2, 'Final drop-path rate, ramped linearly from 0 over the '
                                 'epochs; per-sample, on every edge but the identity.')
-  remat: bool = field(False, 'Recompute each cell in the backward pass: less memory, ~1/3 more '
-                      'compute.')
+  remat: bool = field(False, 'Recompute more in the backward pass: less memory, more compute. '
+                      'Each cell on GPU/TPU; on CPU the convolutions recompute their '
+                      'depthwise outputs.')
   op_impl: str = field('auto', 'Depthwise conv / max pool implementation: auto (shift-and-add on '
                        'CPU, XLA elsewhere), lax or shift.', choices=('auto', 'lax', 'shift'))
   # Optimisation.

@@ -222,14 +222,14 @@ def test_init_draws_each_parameter_once_from_its_bound():
   w = state.params['w']
   edge = w['cell_0']['edges_from_0_1']['sep_conv_3x3']['DilConv_0']
   stem, dense = w['stem_conv']['kernel'], w['classifier']['kernel']
-  pointwise = edge['PointwiseConv_0']['kernel']  # [edges, C_in, C_out]
-  for x, fan_in in ((edge['DepthwiseConv_0']['kernel'], 9), (pointwise, pointwise.shape[1]),
+  pointwise = edge['pointwise_kernel']  # [edges, C_in, C_out]
+  for x, fan_in in ((edge['depthwise_kernel'], 9), (pointwise, pointwise.shape[1]),
                     (stem, 27), (dense, dense.shape[0])):
     bound = 1 / np.sqrt(fan_in)
     assert np.abs(x).max() <= bound and np.abs(x).max() > 0.9 * bound
     np.testing.assert_allclose(np.var(np.asarray(x)), bound ** 2 / 3, rtol=0.3)
   kernels = [np.asarray(x).ravel() for path, x in jax.tree_util.tree_leaves_with_path(w)
-             if path[-1].key == 'kernel']
+             if path[-1].key.endswith('kernel')]
   firsts = np.array([k[0] for k in kernels])
   assert len(np.unique(firsts)) == len(firsts)  # no two parameters share a chunk
   np.testing.assert_allclose(np.asarray(w['stem_bn']['scale']), 1.0)

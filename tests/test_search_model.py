@@ -135,8 +135,9 @@ def _primitive_counts(jaxpr, acc=None):
 
 def test_impl_reaches_every_op():
   """Trace only: with 'shift' the network has no grouped (depthwise) conv and
-  no reduce_window max; with 'lax' no custom-VJP kernel (but the mixers and avg pools); and the counts match
-  (each depthwise conv / max pool is one or the other)."""
+  no reduce_window max; with 'lax' no custom-VJP kernel (but the mixers and
+  avg pools); and the counts match (each depthwise conv / max pool is one or
+  the other)."""
   x = jnp.zeros((N, HW, HW, 3))
   counts = {}
   for impl in ('lax', 'shift'):
@@ -152,11 +153,36 @@ def test_impl_reaches_every_op():
   mixers = 2 * 4 * 3
   assert lax_c['custom_vjp_call'] == mixers
   assert shift_c['conv_general_dilated_grouped'] == 0 and shift_c['reduce_window_max'] == 0
-  assert shift_c['custom_vjp_call'] == mixers + (lax_c['conv_general_dilated_grouped']
+  # In training each shift depthwise conv sits inside a DilConv's relu_conv_bn
+  # (2 custom VJPs); each max pool is one.
+  assert shift_c['custom_vjp_call'] == mixers + (2 * lax_c['conv_general_dilated_grouped']
                                                  + lax_c['reduce_window_max'])
   # 2 cells x 4 edge batches x (sep3 2 + sep5 2 + dil3 1 + dil5 1) depthwise convs.
   assert lax_c['conv_general_dilated_grouped'] == 2 * 4 * 6
   assert lax_c['reduce_window_max'] == 2 * 4
+
+
+def test_remat_recomputes_cells_on_lax_and_depthwise_convs_on_shift():
+  """Trace only. remat on the 'lax' path wraps each cell in jax.checkpoint;
+  on 'shift' (XLA:CPU) it reaches every DilConv instead, whose backward
+  pass then recomputes the depthwise conv from a materialised input: one
+  more dot per DilConv (2 cells x 4 edge batches x 6) and no checkpoint."""
+  x = jnp.zeros((N, HW, HW, 3))
+
+  def grad_counts(impl, remat):
+    net = sm.SearchNetwork(**TINY, impl=impl, remat=remat)
+    shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), x, UNIFORM, UNIFORM, True))
+    loss = lambda p, stats: net.apply({'params': p, 'batch_stats': stats}, x, UNIFORM,
+                                      UNIFORM, True, mutable=['batch_stats'])[0].sum()
+    return _primitive_counts(jax.make_jaxpr(jax.grad(loss))(shapes['params'],
+                                                             shapes['batch_stats']).jaxpr)
+
+  checkpoints = lambda counts: sum(n for name, n in counts.items()
+                                  if name.startswith(('remat', 'checkpoint')))
+  assert checkpoints(grad_counts('lax', True)) > 0
+  plain, remat = grad_counts('shift', False), grad_counts('shift', True)
+  assert checkpoints(remat) == 0
+  assert remat['dot_general'] - plain['dot_general'] == TINY['layers'] * 4 * 6
 
 
 # ----------------------------------------------------------------------------
@@ -293,9 +319,11 @@ def _compare_grads(g_lax, g_shift, rel=1e-4):
 def test_lax_and_shift_mixed_edges_agree_in_loss_and_gradients():
   """The edge batch leaving a reduction cell's two inputs (S = 2 sources,
   fan_out 4: 8 stride-2 edges, all 7 ops, FactorizedReduce included) with a
-  soft Z: loss and gradients w.r.t. parameters, Z and input agree between
-  impls. (Stride 1 at module level: the slow cell test below; the kernels in
-  both strides: test_ops.py; impl threading through the network: above.)
+  soft Z: loss, gradients w.r.t. parameters, Z and input, and the running
+  statistics' update agree between impls, and with the shift path's remat
+  (its convolutions recompute their depthwise outputs). (Stride 1 at module
+  level: the slow cell test below; the kernels in both strides: test_ops.py;
+  impl threading through the network: above.)
 
   Tolerance: the impls differ by float32 summation order (~1e-7 relative per
   op, test_ops.py); train-mode BN over 4·4·4 = 64 values per channel divides
@@ -309,8 +337,8 @@ def test_lax_and_shift_mixed_edges_agree_in_loss_and_gradients():
   weights = rng.normal(size=(4, N, HW // 2, HW // 2, C)).astype(np.float32)
   keep = np.ones((8, 1), np.float32)
   results = {}
-  for impl in ('lax', 'shift'):
-    edges = sm.MixedEdges(C, stride=2, fan_out=4, train=True, impl=impl)
+  for impl, remat in (('lax', False), ('shift', False), ('shift', True)):
+    edges = sm.MixedEdges(C, stride=2, fan_out=4, train=True, impl=impl, remat=remat)
     if impl == 'lax':
       variables = _variables(jax.eval_shape(lambda: edges.init(jax.random.key(0), x, z, keep)), 8)
       # The zero op is never built: 7 op modules (the pools hold only BN
@@ -320,18 +348,24 @@ def test_lax_and_shift_mixed_edges_agree_in_loss_and_gradients():
                                           'dil_conv_3x3', 'dil_conv_5x5'}
 
     def loss(params, z, x, edges=edges):
-      out, _ = edges.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                           x, z, keep, mutable=['batch_stats'])
-      return jnp.sum(jnp.tanh(jnp.stack(out)) * weights)
+      out, updates = edges.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                 x, z, keep, mutable=['batch_stats'])
+      return jnp.sum(jnp.tanh(jnp.stack(out)) * weights), updates['batch_stats']
 
-    results[impl] = jax.device_get(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
-        variables['params'], z, x))
-  (v_lax, g_lax), (v_shift, g_shift) = results['lax'], results['shift']
-  np.testing.assert_allclose(v_shift, v_lax, rtol=1e-5)
+    results[impl, remat] = jax.device_get(jax.jit(jax.value_and_grad(
+        loss, argnums=(0, 1, 2), has_aux=True))(variables['params'], z, x))
+  moved = lambda stats: jax.tree.map(lambda new, old: new - old, stats, variables['batch_stats'])
+  (v_lax, stats_lax), g_lax = results['lax', False]
+  for key in (('shift', False), ('shift', True)):
+    (v_shift, stats_shift), g_shift = results[key]
+    np.testing.assert_allclose(v_shift, v_lax, rtol=1e-5)
+    # The running statistics move the same way (on the shift path DilConv
+    # updates them from its fused op's outputs).
+    _compare_grads(moved(stats_lax), moved(stats_shift), rel=1e-5)
+    _compare_grads(g_lax, g_shift, rel=1e-5)
   # All weights present (SPEC §4 sizes at C = 4, per edge: sep3 104, sep5
   # 232, dil3 52, dil5 116, FactorizedReduce 16; 8 edges).
   assert sum(a.size for a in jax.tree_util.tree_leaves(g_lax[0])) == 8 * (104 + 232 + 52 + 116 + 16)
-  _compare_grads(g_lax, g_shift, rel=1e-5)
 
 
 _SLOW = pytest.mark.skipif(not os.environ.get('SNAS_SLOW_TESTS'),
