@@ -619,8 +619,8 @@ def relu_conv_bn(x, dw, pw, scale, bias, stride, dilation, remat=False):
   the depthwise output (or, with ``remat``, recomputes it from x too) and
   the BN statistics, recomputes the 1x1 conv (a cheap dot), and makes the
   rest of the backward pass wait for the weight gradients. Paper search
-  step, same run: 12.4 -> 10.5 s, XLA temporaries 6.0 -> 3.7 GB (remat:
-  14.3 s, 2.4 GB); README "Performance".
+  step, back-to-back runs: 12.4 -> 10.5 s, XLA temporaries 6.0 -> 3.7 GB
+  (remat: 14.3 s, 2.4 GB); README "Performance".
 
   A recomputation must not read the same operands as the forward pass:
   XLA's common-subexpression elimination would merge the two and the kept
@@ -641,7 +641,10 @@ def _relu_conv_bn_fwd(x, dw, pw, scale, bias, stride, dilation, remat):
 
 
 def _after(v, dy):
-  """v plus a zero that XLA must compute from dy (it does not fold 0·x for floats)."""
+  """v plus a zero that XLA must compute from dy (it does not fold 0·x for floats).
+
+  The zero is 0·dy[0]: NaN if that entry is not finite, which only happens
+  when the gradients are not finite anyway (the scripts stop on a NaN loss)."""
   return v + 0.0 * dy.reshape(-1)[0].astype(v.dtype)
 
 
