@@ -504,11 +504,16 @@ class EdgeBatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    scale, bias, statistics = _bn_variables(self, x.shape[0], x.shape[-1], self.affine, train)
-    mean, var = _moments(x) if train else statistics()
-    if train:
-      statistics(mean, var)
-    return _normalize(x, mean, var, scale, bias)
+    return _batch_norm(x, train, *_bn_variables(self, x.shape[0], x.shape[-1], self.affine, train))
+
+
+def _batch_norm(x, train: bool, scale, bias, statistics):
+  """Training: normalise with x's batch statistics and update the running
+  ones; evaluation: normalise with the running ones (``_bn_variables``)."""
+  mean, var = _moments(x) if train else statistics()
+  if train:
+    statistics(mean, var)
+  return _normalize(x, mean, var, scale, bias)
 
 
 def _bn_variables(module: nn.Module, g: int, c: int, affine: bool, train: bool):
@@ -591,10 +596,7 @@ class DilConv(nn.Module):
       return y
     h = pointwise_conv(depthwise_conv(nn.relu(x), dw, stride=self.stride,
                                       dilation=self.dilation, impl=self.impl), pw)
-    mean, var = _moments(h) if train else statistics()
-    if train:
-      statistics(mean, var)
-    return _normalize(h, mean, var, scale, bias)
+    return _batch_norm(h, train, scale, bias, statistics)
 
 
 def _relu_conv(x, dw, pw, stride, dilation):
@@ -628,16 +630,14 @@ def relu_conv_bn(x, dw, pw, scale, bias, stride, dilation, remat=False):
   with a zero added that depends on the cotangent, which also keeps XLA from
   running it before the backward pass needs it.
   """
-  h = _relu_conv(x, dw, pw, stride, dilation)[1]
-  mean, var = _moments(h)
-  return _normalize(h, mean, var, scale, bias), mean, var
+  return _relu_conv_bn_fwd(x, dw, pw, scale, bias, stride, dilation, remat)[0]
 
 
 def _relu_conv_bn_fwd(x, dw, pw, scale, bias, stride, dilation, remat):
   a, h = _relu_conv(x, dw, pw, stride, dilation)
   mean, var = _moments(h)
   y = _normalize(h, mean, var, scale, bias)
-  return (y, mean, var), (x, dw, pw, scale, bias, mean, var, None if remat else a)
+  return (y, mean, var), (x, dw, pw, scale, mean, var, None if remat else a)
 
 
 def _after(v, dy):
@@ -649,7 +649,7 @@ def _after(v, dy):
 
 
 def _relu_conv_bn_bwd(stride, dilation, remat, residuals, cotangents):
-  x, dw, pw, scale, bias, mean, var, a = residuals
+  x, dw, pw, scale, mean, var, a = residuals
   dy, dmean, dvar = cotangents
   k, _, g, c = dw.shape
   s, f = x.shape[0], pw.shape[-1]
