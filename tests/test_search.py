@@ -210,15 +210,20 @@ def test_stronger_eta_gives_sparser_cells():
 def test_init_draws_each_parameter_once_from_its_bound():
   """init_state cuts every torch-uniform parameter from one draw: each within
   ±1/sqrt(fan_in) with the variance of that uniform, no two alike, the same
-  for the same seed; BN statistics and the tree are those of a plain init."""
+  for the same seed; the tree is that of a plain init, BN statistics fresh."""
   cfg = search.SearchConfig(channels=4, layers=2, batch_size=4, epochs=1, impl='lax')
   net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=1)
   state = search.init_state(cfg, net, tx, (8, 8, 3))
   z = np.full((genotypes.NUM_EDGES, genotypes.NUM_OPS), 1 / genotypes.NUM_OPS, np.float32)
-  plain = jax.jit(lambda: net.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32),
-                                   z, z, False))()
+  # The plain init's shapes (compiling it, random draws and all, took 30 s).
+  plain = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32),
+                                          z, z, False))
   assert jax.tree.structure(plain['params']) == jax.tree.structure(state.params['w'])
-  chex.assert_trees_all_equal(plain['batch_stats'], state.batch_stats)
+  # BN statistics start as Flax's (and PyTorch's) do: mean 0, variance 1.
+  fresh_stats = jax.tree_util.tree_map_with_path(
+      lambda path, s: np.full(s.shape, path[-1].key == 'var', s.dtype), plain['batch_stats'])
+  assert {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(fresh_stats)} == {'mean', 'var'}
+  chex.assert_trees_all_equal(fresh_stats, state.batch_stats)
   w = state.params['w']
   edge = w['cell_0']['edges_from_0_1']['sep_conv_3x3']['DilConv_0']
   stem, dense = w['stem_conv']['kernel'], w['classifier']['kernel']
