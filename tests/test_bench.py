@@ -41,3 +41,15 @@ def test_unknown_sweep_is_a_one_line_error(bench):
   flags.FLAGS(['bench', '--sweep=batch,colours'])
   with pytest.raises(SystemExit, match="unknown sweep 'colours'"):
     bench.specs('')
+
+
+def test_fused_kernels_counts_the_optimised_programs_fusions(bench):
+  import jax
+  import jax.numpy as jnp
+  one = jax.jit(lambda x: x * 2 + 1).lower(jnp.ones(1000)).compile()
+  assert bench.fused_kernels(one) == 1  # one elementwise chain: one loop fusion
+
+  class NoText:
+    def as_text(self):
+      raise RuntimeError('no HLO')
+  assert bench.fused_kernels(NoText()) is None
