@@ -546,22 +546,6 @@ def _bn_variables(module: nn.Module, g: int, c: int, affine: bool, train: bool):
   return scale, bias, statistics
 
 
-class DepthwiseConv(nn.Module):
-  kernel_size: int
-  stride: int = 1
-  dilation: int = 1
-  fan_out: int = 1
-  impl: str = 'auto'
-
-  @nn.compact
-  def __call__(self, x):
-    s, c = x.shape[0], x.shape[-1]
-    kernel = self.param('kernel', torch_uniform_init(self.kernel_size ** 2),
-                        (self.kernel_size, self.kernel_size, self.fan_out * s, c))
-    return depthwise_conv(x, kernel, stride=self.stride, dilation=self.dilation,
-                          impl=self.impl)
-
-
 class PointwiseConv(nn.Module):
   features: int
   fan_out: int = 1

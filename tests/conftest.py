@@ -24,6 +24,26 @@ def run_script(script, *args, env=None, timeout=600):
                         capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
 
 
+def primitive_counts(jaxpr, acc=None):
+  """How often each primitive appears in a jaxpr and its sub-jaxprs (loops,
+  custom VJPs, jits); convolutions split into _grouped and _dense."""
+  import collections
+  from jax.extend import core as jax_core
+  acc = collections.Counter() if acc is None else acc
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'conv_general_dilated':
+      name += '_grouped' if eqn.params['feature_group_count'] > 1 else '_dense'
+    acc[name] += 1
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (list, tuple)) else [v]:
+        if isinstance(sub, jax_core.ClosedJaxpr):
+          primitive_counts(sub.jaxpr, acc)
+        elif isinstance(sub, jax_core.Jaxpr):
+          primitive_counts(sub, acc)
+  return acc
+
+
 @pytest.fixture(scope='session')
 def cifar_dir():
   if not os.path.exists(os.path.join(CIFAR_DIR, 'train.npz')):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from conftest import primitive_counts
 from snas_jax import ops
 from snas_jax.genotypes import PRIMITIVES
 
@@ -104,16 +105,6 @@ def test_depthwise_kernel_grad_in_slices_equals_lax(monkeypatch, slice_bytes, st
   _assert_close(dk('shift'), dk('lax'))
 
 
-def _primitive_counts(jaxpr, counts=None):
-  """How often each primitive appears in a jaxpr and its sub-jaxprs."""
-  counts = {} if counts is None else counts
-  for eqn in jaxpr.eqns:
-    counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
-    for sub in jax.core.jaxprs_in_params(eqn.params):
-      _primitive_counts(sub, counts)
-  return counts
-
-
 def test_kernel_grad_is_one_loop_body_whatever_the_taps():
   """The kernel gradient's taps are a loop, not unrolled: XLA:CPU compiled two
   kernels per unrolled tap (half of a search cell's kernels). The traced
@@ -124,7 +115,7 @@ def test_kernel_grad_is_one_loop_body_whatever_the_taps():
     kernel = np.ones((k, k, 2, 3), np.float32)
     closed = jax.make_jaxpr(lambda kern: jax.vjp(lambda kern: ops.depthwise_conv(
         x, kern, impl='shift'), kern)[1](np.ones((2, 4, 8, 8, 3), np.float32)))(kernel)
-    return _primitive_counts(closed.jaxpr)
+    return primitive_counts(closed.jaxpr)
 
   three, five = counts(3), counts(5)
   # The forward and dx sums stay unrolled (one fused kernel each, either way).
@@ -331,7 +322,7 @@ def _edge_slice(tree, g, n_edges, n_src, c):
   vectors [G·C] (or [S·C] where the BN runs before the fan-out)."""
   def cut(path, leaf):
     names = [getattr(p, 'key', '') for p in path]
-    if names[-1] == 'depthwise_kernel' or any(n.startswith('DepthwiseConv') for n in names):
+    if names[-1] == 'depthwise_kernel':
       return leaf[:, :, g:g + 1]
     if names[-1] == 'pointwise_kernel' or any(n.startswith('PointwiseConv') for n in names):
       return leaf[g:g + 1]

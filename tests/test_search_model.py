@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jax_core
 
+from conftest import primitive_counts
 from snas_jax import genotypes, ops, sampling
 from snas_jax import search_model as sm
 from snas_jax.genotypes import EDGES, NUM_EDGES, NUM_OPS, PRIMITIVES
@@ -117,22 +117,6 @@ def test_wrong_z_shape_raises():
                                     UNIFORM, jnp.zeros((14, 7)), True))
 
 
-def _primitive_counts(jaxpr, acc=None):
-  acc = collections.Counter() if acc is None else acc
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == 'conv_general_dilated':
-      name += '_grouped' if eqn.params['feature_group_count'] > 1 else '_dense'
-    acc[name] += 1
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (list, tuple)) else [v]:
-        if isinstance(sub, jax_core.ClosedJaxpr):
-          _primitive_counts(sub.jaxpr, acc)
-        elif isinstance(sub, jax_core.Jaxpr):
-          _primitive_counts(sub, acc)
-  return acc
-
-
 def test_impl_reaches_every_op():
   """Trace only: with 'shift' the network has no grouped (depthwise) conv and
   no reduce_window max; with 'lax' no custom-VJP kernel (but the mixers and
@@ -145,7 +129,7 @@ def test_impl_reaches_every_op():
     shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), x, UNIFORM, UNIFORM, True))
     jaxpr = jax.make_jaxpr(lambda v: net.apply(v, x, UNIFORM, UNIFORM, True,
                                                mutable=['batch_stats']))(shapes)
-    counts[impl] = _primitive_counts(jaxpr.jaxpr)
+    counts[impl] = primitive_counts(jaxpr.jaxpr)
   lax_c, shift_c = counts['lax'], counts['shift']
   assert lax_c['conv_general_dilated_grouped'] > 0 and lax_c['reduce_window_max'] > 0
   # ops.mix_edges, the avg pool and materialize_grad (of the edge batch's input):
@@ -175,7 +159,7 @@ def test_remat_recomputes_cells_on_lax_and_depthwise_convs_on_shift():
     shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), x, UNIFORM, UNIFORM, True))
     loss = lambda p, stats: net.apply({'params': p, 'batch_stats': stats}, x, UNIFORM,
                                       UNIFORM, True, mutable=['batch_stats'])[0].sum()
-    return _primitive_counts(jax.make_jaxpr(jax.grad(loss))(shapes['params'],
+    return primitive_counts(jax.make_jaxpr(jax.grad(loss))(shapes['params'],
                                                              shapes['batch_stats']).jaxpr)
 
   checkpoints = lambda counts: sum(n for name, n in counts.items()
