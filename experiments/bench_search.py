@@ -40,7 +40,9 @@ flags.DEFINE_bool('remat_variant', True, 'Also measure the base configuration wi
 flags.DEFINE_bool('cache_variant', True, 'Measure the base configuration a second time in a new '
                   'process with the persistent compilation cache its first run filled (what a '
                   'resumed or repeated run pays).')
-flags.DEFINE_string('impl', 'auto', 'Op implementation (auto, shift, lax).')
+flags.DEFINE_string('impl', 'auto', 'Op implementation (auto, native, shift, lax).')
+flags.DEFINE_bool('huge_pages', True, 'Run each configuration as the entry scripts do (their '
+                  '--huge_pages): glibc backing large blocks with transparent huge pages.')
 flags.DEFINE_integer('steps', 5, 'Timed steps after warm-up (the median is reported).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 flags.DEFINE_string('json_out', '', 'Also write the results here as a JSON list.')
@@ -58,7 +60,7 @@ def measure(spec: dict) -> dict:
   cli.trim_heap_after_compiles()  # as the entry scripts do
   import jax
   import numpy as np
-  from snas_jax import costs, parallel, search
+  from snas_jax import costs, ops, parallel, search
   cfg = search.SearchConfig(channels=spec['channels'], layers=spec['layers'],
                             batch_size=spec['batch_size'], remat=spec['remat'], impl=spec['impl'],
                             resource_eta=1e-3, epochs=150)
@@ -90,7 +92,9 @@ def measure(spec: dict) -> dict:
     if i >= FLAGS.warmup:
       times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
-  return {**spec, 'devices': len(jax.devices()), 'init_s': round(init_s, 2),
+  return {**spec, 'devices': len(jax.devices()), 'impl': ops.resolve_impl(spec['impl']),
+          'huge_pages': cli.HUGE_PAGES in os.environ.get('GLIBC_TUNABLES', ''),
+          'init_s': round(init_s, 2),
           'trace_s': round(trace_s, 2), 'compile_s': round(compile_s, 2),
           'step_s': round(step_s, 3), 'images_per_s': round(cfg.batch_size / step_s, 2),
           'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -142,9 +146,11 @@ def specs(cache_dir: str) -> list:
 
 
 def run_child(spec: dict) -> dict:
+  from snas_jax import cli
+  env = cli.huge_pages_env() if FLAGS.huge_pages else None
   proc = subprocess.run([sys.executable, __file__, f'--child={json.dumps(spec)}',
                          f'--steps={FLAGS.steps}', f'--warmup={FLAGS.warmup}'],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, env=env)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode or not lines:
     tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
@@ -159,7 +165,8 @@ def main(argv):
     return
   env = environment()
   print(json.dumps(env))
-  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'remat', 'cache', 'init_s',
+  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'impl', 'huge_pages',
+          'remat', 'cache', 'init_s',
           'trace_s', 'compile_s', 'step_s', 'images_per_s', 'rss_compiled_gb', 'peak_rss_gb',
           'xla_temp_gb', 'kernels')
   print(' | '.join(cols))

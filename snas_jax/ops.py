@@ -17,10 +17,12 @@ leading batch axis and a BN a reduction over the middle axes, with no
 transposes; with the edge axis next to the channels XLA:CPU spent about a third
 of a search step transposing operands for its matmuls (README "Performance").
 
-The depthwise convolution and max pool have two implementations, picked per
-backend (``impl``): ``'lax'`` (XLA's convolution / reduce_window; fine on
-GPU/TPU) and ``'shift'`` (a sum/max over K² shifted views; on XLA:CPU
-4–26x faster, PERF_NOTES.md). ``'auto'`` picks ``'shift'`` on CPU only.
+The depthwise convolution and max pool have three implementations, picked
+per backend (``impl``): ``'lax'`` (XLA's convolution / reduce_window; fine on
+GPU/TPU), ``'shift'`` (a sum/max over K² shifted views; on XLA:CPU 4–26x
+faster, PERF_NOTES.md) and ``'native'`` (the depthwise conv as hand-written
+C++ custom calls, ``snas_jax/native``; the pools as 'shift'). ``'auto'``
+picks ``'native'`` on a single CPU device, ``'shift'`` on several.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from snas_jax import native
 from snas_jax.genotypes import PRIMITIVES
 
 # PyTorch BatchNorm momentum 0.1 == Flax momentum 0.9.
@@ -41,11 +44,34 @@ BN_EPSILON = 1e-5
 
 
 def resolve_impl(impl: str) -> str:
+  """'auto': 'native' on a CPU-only single-device run whose kernels build,
+  'shift' on other CPU runs, 'lax' elsewhere.
+
+  Why 'native' needs one device: XLA's SPMD partitioner cannot split a custom
+  call, so on a mesh of several devices it would gather the whole batch to
+  every device; the XLA ops ('shift') partition like any other.
+  """
   if impl == 'auto':
-    return 'shift' if jax.default_backend() == 'cpu' else 'lax'
-  if impl not in ('lax', 'shift'):
-    raise ValueError(f'unknown op implementation {impl!r}; use auto, lax or shift')
+    if jax.default_backend() != 'cpu':
+      return 'lax'
+    if jax.device_count() == 1 and native.available():
+      return 'native'
+    if jax.device_count() == 1:
+      _warn_native_fallback()
+    return 'shift'
+  if impl not in IMPLS:
+    raise ValueError(f'unknown op implementation {impl!r}; use one of {", ".join(IMPLS)}')
+  if impl == 'native':
+    native.require()
   return impl
+
+
+IMPLS = ('auto', 'native', 'shift', 'lax')
+
+
+@functools.cache
+def _warn_native_fallback():
+  native.warn_fallback()
 
 
 def torch_uniform_init(fan_in: int):
@@ -170,8 +196,32 @@ def depthwise_conv(x, kernel, *, stride: int = 1, dilation: int = 1, impl: str =
         rhs_dilation=(dilation, dilation), feature_group_count=g * c,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return jnp.moveaxis(y.reshape(n, y.shape[1], y.shape[2], g, c), 3, 0)
-  y = _depthwise_shift(x, kernel.reshape(k, k, g // s, s, c), stride, dilation)
+  y = _depthwise(x, kernel.reshape(k, k, g // s, s, c), stride, dilation, impl)
   return y.reshape((g,) + y.shape[2:])
+
+
+def _depthwise(x, kernel, stride, dilation, impl, relu=False):
+  """The 'shift' or 'native' depthwise conv of relu?(x): [S,N,H,W,C], [K,K,D,S,C] -> [D,S,N,H',W',C]."""
+  if resolve_impl(impl) == 'native':
+    return _depthwise_native(x, kernel, stride, dilation, relu)
+  return _depthwise_shift(jnp.maximum(x, 0.0) if relu else x, kernel, stride, dilation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise_native(x, kernel, stride, dilation, relu):
+  """``native.depthwise_forward`` with its backward call as the VJP (keeps x)."""
+  return native.depthwise_forward(x, kernel, stride, dilation, relu)
+
+
+def _depthwise_native_fwd(x, kernel, stride, dilation, relu):
+  return _depthwise_native(x, kernel, stride, dilation, relu), (x, kernel)
+
+
+def _depthwise_native_bwd(stride, dilation, relu, residuals, g):
+  return native.depthwise_backward(*residuals, g, stride, dilation, relu)
+
+
+_depthwise_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
 
 
 def _depthwise_geometry(x, k, stride, dilation):
@@ -583,8 +633,9 @@ class DilConv(nn.Module):
     dw = self.param('depthwise_kernel', torch_uniform_init(k * k), (k, k, g, c))
     pw = self.param('pointwise_kernel', torch_uniform_init(c), (g, c, self.c_out))
     scale, bias, statistics = _bn_variables(self, g, self.c_out, self.affine, train)
-    if train and resolve_impl(self.impl) == 'shift':
-      y, mean, var = relu_conv_bn(x, dw, pw, scale, bias, self.stride, self.dilation, self.remat)
+    if train and resolve_impl(self.impl) in ('shift', 'native'):
+      y, mean, var = relu_conv_bn(x, dw, pw, scale, bias, self.stride, self.dilation, self.remat,
+                                  resolve_impl(self.impl))
       statistics(mean, var)
       return y
     h = pointwise_conv(depthwise_conv(nn.relu(x), dw, stride=self.stride,
@@ -592,17 +643,16 @@ class DilConv(nn.Module):
     return _batch_norm(h, train, scale, bias, statistics)
 
 
-def _relu_conv(x, dw, pw, stride, dilation):
-  """ReLU -> depthwise (shift) -> 1x1: ([G,N,H',W',C] after the depthwise, [G,N,H',W',F])."""
+def _relu_conv(x, dw, pw, stride, dilation, impl):
+  """ReLU -> depthwise (shift or native) -> 1x1: ([G,N,H',W',C] after the depthwise, [G,N,H',W',F])."""
   k, _, g, c = dw.shape
-  a = _depthwise_shift(jnp.maximum(x, 0.0), dw.reshape(k, k, g // x.shape[0], x.shape[0], c),
-                       stride, dilation)
+  a = _depthwise(x, dw.reshape(k, k, g // x.shape[0], x.shape[0], c), stride, dilation, impl, relu=True)
   a = a.reshape((g,) + a.shape[2:])
   return a, pointwise_conv(a, pw)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def relu_conv_bn(x, dw, pw, scale, bias, stride, dilation, remat=False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def relu_conv_bn(x, dw, pw, scale, bias, stride, dilation, remat=False, impl='shift'):
   """Training-mode DilConv for XLA:CPU: (y, batch mean, batch variance).
 
   x: [S,N,H,W,C]; dw: [K,K,G,C]; pw: [G,C,F]; scale, bias: [G,F] or None.
@@ -623,11 +673,11 @@ def relu_conv_bn(x, dw, pw, scale, bias, stride, dilation, remat=False):
   with a zero added that depends on the cotangent, which also keeps XLA from
   running it before the backward pass needs it.
   """
-  return _relu_conv_bn_fwd(x, dw, pw, scale, bias, stride, dilation, remat)[0]
+  return _relu_conv_bn_fwd(x, dw, pw, scale, bias, stride, dilation, remat, impl)[0]
 
 
-def _relu_conv_bn_fwd(x, dw, pw, scale, bias, stride, dilation, remat):
-  a, h = _relu_conv(x, dw, pw, stride, dilation)
+def _relu_conv_bn_fwd(x, dw, pw, scale, bias, stride, dilation, remat, impl):
+  a, h = _relu_conv(x, dw, pw, stride, dilation, impl)
   mean, var = _moments(h)
   y = _normalize(h, mean, var, scale, bias)
   return (y, mean, var), (x, dw, pw, scale, mean, var, None if remat else a)
@@ -641,13 +691,13 @@ def _after(v, dy):
   return v + 0.0 * dy.reshape(-1)[0].astype(v.dtype)
 
 
-def _relu_conv_bn_bwd(stride, dilation, remat, residuals, cotangents):
+def _relu_conv_bn_bwd(stride, dilation, remat, impl, residuals, cotangents):
   x, dw, pw, scale, mean, var, a = residuals
   dy, dmean, dvar = cotangents
   k, _, g, c = dw.shape
   s, f = x.shape[0], pw.shape[-1]
   if remat:
-    a, h = _relu_conv(materialize(x, after=dy), dw, pw, stride, dilation)
+    a, h = _relu_conv(materialize(x, after=dy), dw, pw, stride, dilation, impl)
   else:
     h = pointwise_conv(a, _after(pw, dy))
   m = h[0].size // f  # values per statistic: N·H'·W'
@@ -670,10 +720,12 @@ def _relu_conv_bn_bwd(stride, dilation, remat, residuals, cotangents):
   d_pw = jnp.einsum('gpc,gpf->gcf', a.reshape(g, -1, c), dh)
   # The rest waits for the weight gradients (see the docstring).
   da = jnp.einsum('gpf,gcf->gpc', dh, _after(pw, d_pw)).reshape(a.shape)
-  dr, d_dw = _depthwise_shift_bwd(stride, dilation, (jnp.maximum(x, 0.0),
-                                                     dw.reshape(k, k, g // s, s, c)),
-                                  da.reshape((g // s, s) + a.shape[1:]))
-  dx = _after(jnp.where(x > 0, dr, 0.0), d_dw)
+  kernel, da = dw.reshape(k, k, g // s, s, c), da.reshape((g // s, s) + a.shape[1:])
+  if impl == 'native':  # one call: both gradients, dx already masked by the ReLU
+    dx, d_dw = native.depthwise_backward(x, kernel, da, stride, dilation, relu=True)
+  else:
+    dr, d_dw = _depthwise_shift_bwd(stride, dilation, (jnp.maximum(x, 0.0), kernel), da)
+    dx = _after(jnp.where(x > 0, dr, 0.0), d_dw)
   return dx, d_dw.reshape(dw.shape), d_pw, d_scale, d_bias
 
 

@@ -51,9 +51,10 @@ class SearchConfig:
   layers: int = field(8, 'Cells in the search network; reductions at L//3 and 2L//3.')
   drop_path: float = field(0.0, 'Per-sample drop probability of each edge during search. The '
                            'reference uses 0.3; the paper does not mention it.')
-  impl: str = field('auto', 'Depthwise conv / max pool implementation: shift (fast on CPU), '
-                    'lax (XLA native; fast on GPU/TPU) or auto (by backend).',
-                    choices=('auto', 'shift', 'lax'))
+  impl: str = field('auto', 'Depthwise conv / max pool implementation: native (C++ custom calls, '
+                    'fastest on one CPU device), shift (XLA shift-and-add, fast on CPU), lax '
+                    "(XLA's convolutions; fast on GPU/TPU) or auto (native on one CPU device, "
+                    'shift on several, lax elsewhere).', choices=('auto', 'native', 'shift', 'lax'))
   remat: bool = field(False, 'Recompute more in the backward pass (the reference\'s --use_ckpt): '
                       'less memory, slower. Each cell on GPU/TPU; on CPU the convolutions '
                       'recompute their depthwise outputs (README, Performance).')

@@ -83,8 +83,9 @@ class TrainConfig:
   remat: bool = field(False, 'Recompute more in the backward pass: less memory, more compute. '
                       'Each cell on GPU/TPU; on CPU the convolutions recompute their '
                       'depthwise outputs.')
-  op_impl: str = field('auto', 'Depthwise conv / max pool implementation: auto (shift-and-add on '
-                       'CPU, XLA elsewhere), lax or shift.', choices=('auto', 'lax', 'shift'))
+  op_impl: str = field('auto', 'Depthwise conv / max pool implementation: auto (C++ custom calls '
+                       'on one CPU device, shift-and-add on several, XLA elsewhere), native, '
+                       'shift or lax.', choices=('auto', 'native', 'shift', 'lax'))
   # Optimisation.
   batch_size: int = field(96, 'Global batch size (all devices and hosts together).')
   epochs: int = field(600, 'Training epochs.')

@@ -61,3 +61,27 @@ def test_xla_defaults_leave_the_users_flags_alone():
                           timeout=120, env=dict(os.environ, XLA_FLAGS=given))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == expected
+
+
+RESTART_CHECK = """
+import os, sys
+sys.path.insert(0, {root!r})
+from snas_jax import cli
+print('run', sys.argv[1:], os.environ.get('GLIBC_TUNABLES', ''), flush=True)
+cli.restart_with_huge_pages()
+"""
+
+
+@pytest.mark.parametrize('given, expected', [
+    ('', 'glibc.malloc.hugetlb=1'),
+    ('glibc.malloc.check=0', 'glibc.malloc.check=0:glibc.malloc.hugetlb=1'),  # kept, extended
+])
+def test_restart_with_huge_pages_runs_the_script_again_once(tmp_path, given, expected):
+  """The script runs twice, the second time (same arguments) with glibc asked
+  for huge pages; the second run does not restart again."""
+  script = tmp_path / 'script.py'
+  script.write_text(RESTART_CHECK.format(root=ROOT))
+  proc = subprocess.run([sys.executable, str(script), '--flag=1'], capture_output=True, text=True,
+                        timeout=120, env=dict(os.environ, GLIBC_TUNABLES=given))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.splitlines() == [f"run ['--flag=1'] {given}", f"run ['--flag=1'] {expected}"]

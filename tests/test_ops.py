@@ -1,7 +1,8 @@
-"""Tests for snas_jax.ops: fast ('shift') vs plain ('lax') kernels, pools,
-FactorizedReduce, parameter counts (SPEC §4 sizes) and edge batching.
+"""Tests for snas_jax.ops: fast ('shift', and 'native': the C++ custom calls)
+vs plain ('lax') kernels, pools, FactorizedReduce, parameter counts (SPEC §4
+sizes) and edge batching.
 
-Tolerances: 'shift' and 'lax' compute the same sums of products in a
+Tolerances: 'shift', 'native' and 'lax' compute the same sums of products in a
 different order, so in float32 they agree to a few ulps of the largest term;
 we allow 1e-5 relative to the largest magnitude of each compared array
 (O(25) products of O(1) numbers: a few 1e-7 expected, measured ≤ 2.5e-7).
@@ -18,7 +19,7 @@ import pytest
 from jax import lax
 
 from conftest import primitive_counts
-from snas_jax import ops
+from snas_jax import native, ops
 from snas_jax.genotypes import PRIMITIVES
 
 
@@ -48,28 +49,31 @@ DW_CONFIGS = [(k, d, s) + _LAYOUTS[(i + (k == 5)) % 4]
 
 @functools.partial(jax.jit, static_argnames=('stride', 'dilation'))
 def _dw_fwd_bwd(x, kernel, cotangent, stride, dilation):
-  """(y, dx, dkernel) for 'lax' and for 'shift': one compile for both."""
+  """(y, dx, dkernel) for 'lax', 'shift' and 'native': one compile for all."""
   def one(impl):
     y, vjp = jax.vjp(lambda x, k: ops.depthwise_conv(
         x, k, stride=stride, dilation=dilation, impl=impl), x, kernel)
     return (y,) + vjp(cotangent)
-  return one('lax'), one('shift')
+  return one('lax'), one('shift'), one('native')
 
 
 @pytest.mark.parametrize('k,dilation,stride,fan_out,s', DW_CONFIGS)
-def test_depthwise_shift_equals_lax(k, dilation, stride, fan_out, s):
+def test_depthwise_shift_and_native_equal_lax(k, dilation, stride, fan_out, s):
   rng = np.random.default_rng(k * 100 + dilation * 10 + stride)
   x = rng.normal(size=(s, 2, 8, 7, 3)).astype(np.float32)  # non-square: catches an H/W swap
   kernel = rng.normal(size=(k, k, fan_out * s, 3)).astype(np.float32)
   pad = dilation * (k - 1) // 2
   out_h, out_w = ((size + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for size in (8, 7))
   cotangent = rng.normal(size=(fan_out * s, 2, out_h, out_w, 3)).astype(np.float32)
-  (y_lax, dx_lax, dk_lax), (y_sh, dx_sh, dk_sh) = _dw_fwd_bwd(x, kernel, cotangent, stride, dilation)
+  plain, *fast = _dw_fwd_bwd(x, kernel, cotangent, stride, dilation)
+  y_lax = plain[0]
   chex.assert_shape(y_lax, (fan_out * s, 2, out_h, out_w, 3))
   assert out_h == (8 if stride == 1 else 4) and out_w == (7 if stride == 1 else 4)  # 'same'
-  for a, b in ((y_sh, y_lax), (dx_sh, dx_lax), (dk_sh, dk_lax)):
-    chex.assert_equal_shape([a, b])
-    _assert_close(a, b)
+  for outputs in fast:
+    for a, b in zip(outputs, plain):
+      chex.assert_equal_shape([a, b])
+      _assert_close(a, b)
+  y_sh = fast[0][0]
   # Edge g = d*S + src reads source src with kernel [..., g, :]: every edge
   # against a plain depthwise convolution of its own source.
   for g in range(fan_out * s):
@@ -78,6 +82,57 @@ def test_depthwise_shift_equals_lax(k, dilation, stride, fan_out, s):
         rhs_dilation=(dilation, dilation), feature_group_count=3,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     _assert_close(y_sh[g], single)
+
+
+@pytest.mark.parametrize('k,dilation,stride', [(3, 1, 1), (5, 2, 2)])
+def test_native_depthwise_wide_channels_with_relu(k, dilation, stride):
+  """The C++ kernels' full 16-channel blocks and their tail (C = 37 = 2·16 + 5),
+  rows whose width is no multiple of their 4-pixel unroll (W = 11), NaN and
+  negative inputs through the fused ReLU (dx zero where ReLU clipped x, NaN
+  in stays NaN out, as jnp.maximum) and a batch split over many threads'
+  chunks (N = 10): forward and both gradients against lax."""
+  rng = np.random.default_rng(11)
+  s, fan_out, c = 2, 2, 37
+  x = rng.normal(size=(s, 10, 9, 11, c)).astype(np.float32)
+  kernel = rng.normal(size=(k, k, fan_out, s, c)).astype(np.float32)
+  y = jax.jit(lambda x, kern: native.depthwise_forward(x, kern, stride, dilation, True))(x, kernel)
+  cotangent = rng.normal(size=y.shape).astype(np.float32)
+
+  def plain(x, kern):
+    return ops.depthwise_conv(jax.nn.relu(x), kern.reshape(k, k, fan_out * s, c), stride=stride,
+                              dilation=dilation, impl='lax').reshape(y.shape)
+  want, vjp = jax.vjp(plain, x, kernel)
+  dx, dk = jax.jit(lambda x, kern, g: native.depthwise_backward(x, kern, g, stride, dilation, True))(
+      x, kernel, cotangent)
+  _assert_close(y, want)
+  for got, ref in zip((dx, dk), vjp(cotangent)):
+    _assert_close(got, ref)
+  assert np.all(np.asarray(dx)[x <= 0] == 0) and np.abs(dx).max() > 0.1
+  x_nan = x.copy()
+  x_nan[0, 0, 4, 4, 0] = np.nan  # even: read at stride 2 and dilation 2 too
+  y_nan = np.asarray(native.depthwise_forward(x_nan, kernel, stride, dilation, True))
+  assert np.isnan(y_nan).any() and np.isfinite(y_nan[:, 1:]).all()
+
+
+def test_native_build_failure_is_one_clear_error(monkeypatch, tmp_path):
+  """No working compiler: the build names the cause, 'auto' falls back to
+  'shift' with a warning, and an explicit 'native' says what to use instead."""
+  monkeypatch.setenv('CXX', '/bin/false')
+  monkeypatch.setenv('SNAS_JAX_NATIVE_DIR', str(tmp_path))
+  with pytest.raises(native.NativeBuildError, match='false failed on depthwise.cc'):
+    native._build()
+  monkeypatch.setattr(native, '_load', lambda: 'no compiler (test)')
+  ops._warn_native_fallback.cache_clear()
+  with pytest.warns(UserWarning, match=r'native CPU kernels unavailable \(no compiler \(test\)\)'):
+    assert ops.resolve_impl('auto') == 'shift'
+  with pytest.raises(native.NativeBuildError, match="Use impl='shift'"):
+    ops.resolve_impl('native')
+  ops._warn_native_fallback.cache_clear()
+
+
+def test_auto_picks_native_on_one_cpu_device():
+  assert jax.device_count() == 1 and native.available()
+  assert ops.resolve_impl('auto') == 'native'
 
 
 # Bytes per image of x (S·H·W·C) and g (D·S·H'·W'·C) below, at stride 2.
@@ -139,11 +194,11 @@ def _dilconv_fwd_bwd(args, cotangents, stride, dilation, remat):
     mean, var = ops._moments(h)
     return ops._normalize(h, mean, var, scale, bias), mean, var
 
-  def fused(*args):
-    return ops.relu_conv_bn(*args, stride, dilation, remat)
+  def fused(impl):
+    return lambda *args: ops.relu_conv_bn(*args, stride, dilation, remat, impl)
 
   out = []
-  for f in (plain, fused):
+  for f in (plain, fused('shift'), fused('native')):
     y, vjp = jax.vjp(f, *args)
     out.append((y, vjp(cotangents)))
   return out
@@ -161,15 +216,15 @@ def test_relu_conv_bn_equals_autodiff_of_lax(k, dilation, stride, fan_out, s, af
           normal(g, f) if affine else None, normal(g, f) if affine else None)
   out_h, out_w = (8, 7) if stride == 1 else (4, 4)
   cotangents = (normal(g, 2, out_h, out_w, f), normal(g, f), normal(g, f))
-  (y_plain, grads_plain), (y_fused, grads_fused) = _dilconv_fwd_bwd(args, cotangents,
-                                                                    stride, dilation, remat)
-  chex.assert_shape(y_fused[0], (g, 2, out_h, out_w, f))
-  _assert_close(y_fused, y_plain)
-  # Train-mode BN over 2·8·7 values divides by small standard deviations:
-  # measured ≤ 5.3e-7 relative to each gradient's largest entry.
-  _assert_close(grads_fused, grads_plain, rel=1e-5)
-  assert all(np.abs(d).max() > 0 for d in jax.tree.leaves(grads_fused))
-  assert (grads_fused[3] is None) == (not affine)
+  (y_plain, grads_plain), *fused = _dilconv_fwd_bwd(args, cotangents, stride, dilation, remat)
+  for y_fused, grads_fused in fused:  # shift, native
+    chex.assert_shape(y_fused[0], (g, 2, out_h, out_w, f))
+    _assert_close(y_fused, y_plain)
+    # Train-mode BN over 2·8·7 values divides by small standard deviations:
+    # measured ≤ 5.3e-7 relative to each gradient's largest entry.
+    _assert_close(grads_fused, grads_plain, rel=1e-5)
+    assert all(np.abs(d).max() > 0 for d in jax.tree.leaves(grads_fused))
+    assert (grads_fused[3] is None) == (not affine)
 
 
 def test_depthwise_hand_example():
@@ -177,7 +232,7 @@ def test_depthwise_hand_example():
   x = jnp.arange(9, dtype=jnp.float32).reshape(1, 1, 3, 3, 1)
   kernel = jnp.ones((3, 3, 1, 1))
   want = np.array([[8, 15, 12], [21, 36, 27], [20, 33, 24]], np.float32)
-  for impl in ('lax', 'shift'):
+  for impl in ('lax', 'shift', 'native'):
     np.testing.assert_array_equal(ops.depthwise_conv(x, kernel, impl=impl)[0, 0, :, :, 0], want)
   with pytest.raises(ValueError, match='unknown op implementation'):
     ops.depthwise_conv(x, kernel, impl='cuda')

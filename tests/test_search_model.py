@@ -124,7 +124,7 @@ def test_impl_reaches_every_op():
   the other)."""
   x = jnp.zeros((N, HW, HW, 3))
   counts = {}
-  for impl in ('lax', 'shift'):
+  for impl in ('lax', 'shift', 'native'):
     net = sm.SearchNetwork(**TINY, impl=impl)
     shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), x, UNIFORM, UNIFORM, True))
     jaxpr = jax.make_jaxpr(lambda v: net.apply(v, x, UNIFORM, UNIFORM, True,
@@ -322,7 +322,8 @@ def test_lax_and_shift_mixed_edges_agree_in_loss_and_gradients():
   weights = rng.normal(size=(4, N, HW // 2, HW // 2, C)).astype(np.float32)
   keep = np.ones((8, 1), np.float32)
   results = {}
-  for impl, remat in (('lax', False), ('shift', False), ('shift', True)):
+  for impl, remat in (('lax', False), ('shift', False), ('shift', True), ('native', False),
+                      ('native', True)):
     edges = sm.MixedEdges(C, stride=2, fan_out=4, train=True, impl=impl, remat=remat)
     if impl == 'lax':
       variables = _variables(jax.eval_shape(lambda: edges.init(jax.random.key(0), x, z, keep)), 8)
@@ -341,7 +342,7 @@ def test_lax_and_shift_mixed_edges_agree_in_loss_and_gradients():
         loss, argnums=(0, 1, 2), has_aux=True))(variables['params'], z, x))
   moved = lambda stats: jax.tree.map(lambda new, old: new - old, stats, variables['batch_stats'])
   (v_lax, stats_lax), g_lax = results['lax', False]
-  for key in (('shift', False), ('shift', True)):
+  for key in (('shift', False), ('shift', True), ('native', False), ('native', True)):
     (v_shift, stats_shift), g_shift = results[key]
     np.testing.assert_allclose(v_shift, v_lax, rtol=1e-5)
     # The running statistics move the same way (on the shift path DilConv
@@ -374,7 +375,7 @@ def test_lax_and_shift_cells_agree_in_loss_and_gradients():
   z = np.asarray(sampling.relaxed_sample(alpha, noise, 1.0))
   weights = rng.normal(size=(N, HW // 2, HW // 2, 4 * C)).astype(np.float32)
   results = {}
-  for impl in ('lax', 'shift'):
+  for impl in ('lax', 'shift', 'native'):
     cell = sm.SearchCell(C, reduction=True, reduction_prev=False, train=True, impl=impl)
     if impl == 'lax':
       variables = _variables(jax.eval_shape(lambda: cell.init(jax.random.key(0), s0, s1, UNIFORM)), 8)
@@ -387,9 +388,10 @@ def test_lax_and_shift_cells_agree_in_loss_and_gradients():
     value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(
         variables['params'], z, s0, s1)
     results[impl] = jax.device_get((value, grads))
-  (v_lax, g_lax), (v_shift, g_shift) = results['lax'], results['shift']
-  np.testing.assert_allclose(v_shift, v_lax, rtol=1e-5)
-  _compare_grads(g_lax, g_shift)
+  v_lax, g_lax = results['lax']
+  for impl in ('shift', 'native'):
+    np.testing.assert_allclose(results[impl][0], v_lax, rtol=1e-5)
+    _compare_grads(g_lax, results[impl][1])
 
 
 @_SLOW
@@ -402,7 +404,7 @@ def test_lax_and_shift_networks_agree_in_loss_and_gradients():
   rng = np.random.default_rng(9)
   zr = jax.nn.softmax(jnp.asarray(rng.normal(size=(NUM_EDGES, NUM_OPS)), jnp.float32))
   results = {}
-  for impl in ('lax', 'shift'):
+  for impl in ('lax', 'shift', 'native'):
     net = sm.SearchNetwork(**TINY, impl=impl)
     if impl == 'lax':
       variables = _variables(jax.eval_shape(lambda: net.init(jax.random.key(0), x, UNIFORM, zr, True)), 21)
@@ -414,6 +416,7 @@ def test_lax_and_shift_networks_agree_in_loss_and_gradients():
 
     results[impl] = jax.device_get(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
         variables['params'], zr))
-  (v_lax, g_lax), (v_shift, g_shift) = results['lax'], results['shift']
-  np.testing.assert_allclose(v_shift, v_lax, rtol=1e-5)
-  _compare_grads(g_lax, g_shift)
+  v_lax, g_lax = results['lax']
+  for impl in ('shift', 'native'):
+    np.testing.assert_allclose(results[impl][0], v_lax, rtol=1e-5)
+    _compare_grads(g_lax, results[impl][1])

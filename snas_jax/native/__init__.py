@@ -1,0 +1,131 @@
+"""Hand-written CPU kernels (XLA FFI custom calls), built on first use.
+
+``depthwise.cc`` holds the edge-batched depthwise convolution's forward pass
+and its backward pass (input and kernel gradients in one call), each one loop
+nest over an image at a time on XLA's intra-op threads. On XLA:CPU they
+replace ~25 fused kernels per convolution (README "Performance").
+
+The library is compiled from source with the machine's C++ compiler the first
+time it is needed (``-march=native``: it runs where it was built) and cached
+under ``~/.cache/snas_jax/native`` (``SNAS_JAX_NATIVE_DIR`` moves it), keyed by
+the source, the compiler, jaxlib and the CPU, so a fresh clone needs no build
+step. Without a compiler ``available()`` is False and ops fall back to XLA
+('shift'); ``SNAS_JAX_NATIVE=0`` forces that fallback.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jaxlib
+import numpy as np
+
+_SOURCE = Path(__file__).with_name('depthwise.cc')
+_FLAGS = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w']
+_TARGETS = {'snas_depthwise_forward': 'SnasDepthwiseForward',
+            'snas_depthwise_backward': 'SnasDepthwiseBackward'}
+
+
+class NativeBuildError(RuntimeError):
+  pass
+
+
+def _cpu_id() -> bytes:
+  try:
+    with open('/proc/cpuinfo', 'rb') as f:
+      return b''.join(sorted({l for l in f if l.startswith((b'model name', b'flags'))}))
+  except OSError:
+    return b''
+
+
+def _build() -> Path:
+  cxx = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++') or shutil.which('clang++')
+  if not cxx:
+    raise NativeBuildError('no C++ compiler found (install g++ or set CXX)')
+  version = subprocess.run([cxx, '--version'], capture_output=True, text=True).stdout
+  key = hashlib.sha256(b'\0'.join([_SOURCE.read_bytes(), ' '.join(_FLAGS).encode(),
+                                   version.encode(), jaxlib.__version__.encode(),
+                                   _cpu_id()])).hexdigest()[:16]
+  out_dir = Path(os.path.expanduser(os.environ.get('SNAS_JAX_NATIVE_DIR',
+                                                   '~/.cache/snas_jax/native')))
+  library = out_dir / f'depthwise-{key}.so'
+  if library.exists():
+    return library
+  out_dir.mkdir(parents=True, exist_ok=True)
+  # Build beside the target and rename: processes building at once (several
+  # hosts' processes on one machine) never load a half-written file.
+  with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    part = Path(tmp) / library.name
+    done = subprocess.run([cxx, *_FLAGS, '-I', jax.ffi.include_dir(), str(_SOURCE), '-o', str(part)],
+                          capture_output=True, text=True)
+    if done.returncode:
+      raise NativeBuildError(f'{cxx} failed on {_SOURCE.name}: {done.stderr.strip()[-2000:]}')
+    os.replace(part, library)
+  return library
+
+
+@functools.cache
+def _load() -> str | None:
+  """Builds and registers the kernels once; None if it worked, else why not."""
+  if os.environ.get('SNAS_JAX_NATIVE', '1') == '0':
+    return 'SNAS_JAX_NATIVE=0'
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_build()))
+  except (NativeBuildError, OSError, AttributeError) as e:
+    return str(e)
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+  return None
+
+
+def available() -> bool:
+  """Whether the native kernels can run here (builds them on the first call)."""
+  return _load() is None
+
+
+def require():
+  problem = _load()
+  if problem is not None:
+    raise NativeBuildError(f"impl='native' needs the CPU kernels, which did not build: {problem}. "
+                           "Use impl='shift' (or 'auto') instead.")
+
+
+def fallback_reason() -> str | None:
+  return _load()
+
+
+def _attrs(stride, dilation, relu):
+  return dict(stride=np.int64(stride), dilation=np.int64(dilation), relu=bool(relu))
+
+
+def depthwise_forward(x, kernel, stride: int, dilation: int, relu: bool):
+  """x [S,N,H,W,C], kernel [K,K,D,S,C] -> [D,S,N,H',W',C] (x through ReLU first if relu)."""
+  require()
+  k, d = kernel.shape[0], kernel.shape[2]
+  s, n, h, w, c = x.shape
+  pad = dilation * (k - 1) // 2
+  out = lambda size: (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+  shape = jax.ShapeDtypeStruct((d, s, n, out(h), out(w), c), x.dtype)
+  return jax.ffi.ffi_call('snas_depthwise_forward', shape)(x, kernel, **_attrs(stride, dilation, relu))
+
+
+def depthwise_backward(x, kernel, g, stride: int, dilation: int, relu: bool):
+  """(dx [S,N,H,W,C], dkernel [K,K,D,S,C]) for the cotangent g [D,S,N,H',W',C] of
+  ``depthwise_forward``; dx summed over the D edges and zero where ReLU clipped x."""
+  require()
+  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
+  return jax.ffi.ffi_call('snas_depthwise_backward', shapes)(x, kernel, g,
+                                                              **_attrs(stride, dilation, relu))
+
+
+def warn_fallback():
+  warnings.warn(f'snas_jax: native CPU kernels unavailable ({fallback_reason()}); '
+                'using the slower XLA ops (impl=shift)', stacklevel=3)

@@ -1,0 +1,405 @@
+// Edge-batched depthwise convolution for XLA:CPU, as XLA FFI custom calls.
+//
+// Why by hand: XLA:CPU compiles a shift-and-add depthwise conv and its two
+// gradients into ~25 fused kernels per convolution (a search cell has 24),
+// each a full pass over memory; compiling them is most of the search step's
+// compile time and running them a third of its step time. Here each is one
+// loop nest over one image at a time, whose data stay in the L2 cache.
+//
+// Layouts (row-major, the channels innermost so the inner loops vectorise):
+//   x      [S, N, H, W, C]       S source states
+//   kernel [K, K, D, S, C]       D edges (fan-out) leave each source
+//   y, g   [D, S, N, H', W', C]  one output per edge
+// Padding is 'same'-style: dilation * (K - 1) / 2 on every side.
+//
+// Built and loaded by snas_jax/native/__init__.py; tested against lax in
+// tests/test_ops.py.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// body(i) for i in [0, n), on the calling thread and XLA's intra-op pool.
+// Deadlock-free when every pool thread is busy: the caller claims items too,
+// and waits only for items that a helper has claimed (and so is running).
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& body) {
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  // A helper that starts after the last item was claimed returns at once;
+  // `body` (on the caller's stack) is used only for claimed items.
+  auto work = [state, n, &body]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      body(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+struct Geometry {
+  int64_t S, N, H, W, C, K, D, Ho, Wo, stride, dilation, pad;
+
+  static ffi::Error From(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& kernel, int64_t stride,
+                         int64_t dilation, Geometry* out) {
+    auto xd = x.dimensions();
+    auto kd = kernel.dimensions();
+    if (xd.size() != 5 || kd.size() != 5 || kd[0] != kd[1] || kd[3] != xd[0] ||
+        kd[4] != xd[4] || stride < 1 || dilation < 1 || (dilation * (kd[0] - 1)) % 2) {
+      return ffi::Error::InvalidArgument(
+          "depthwise: x must be [S,N,H,W,C] and the kernel [K,K,D,S,C] with odd K");
+    }
+    Geometry& g = *out;
+    g = Geometry{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[2], 0, 0, stride, dilation, 0};
+    g.pad = dilation * (g.K - 1) / 2;
+    g.Ho = (g.H + 2 * g.pad - dilation * (g.K - 1) - 1) / stride + 1;
+    g.Wo = (g.W + 2 * g.pad - dilation * (g.K - 1) - 1) / stride + 1;
+    return ffi::Error::Success();
+  }
+  // Element offsets of one pixel's C channels.
+  int64_t X(int64_t s, int64_t n, int64_t h, int64_t w) const {
+    return (((s * N + n) * H + h) * W + w) * C;
+  }
+  int64_t Y(int64_t d, int64_t s, int64_t n, int64_t h, int64_t w) const {
+    return ((((d * S + s) * N + n) * Ho + h) * Wo + w) * C;
+  }
+  int64_t Tap(int64_t i, int64_t j, int64_t d, int64_t s) const {
+    return (((i * K + j) * D + d) * S + s) * C;
+  }
+  // Input row/column read by output position o through tap t, or -1 if padding.
+  int64_t In(int64_t o, int64_t t, int64_t size) const {
+    int64_t p = o * stride + t * dilation - pad;
+    return p >= 0 && p < size ? p : -1;
+  }
+  // Output row/column that reads input position p through tap t, or -1.
+  int64_t Out(int64_t p, int64_t t, int64_t size) const {
+    int64_t q = p + pad - t * dilation;
+    if (q < 0 || q % stride) return -1;
+    q /= stride;
+    return q < size ? q : -1;
+  }
+};
+
+// relu?(x[s, n]) zero-padded by `pad` on every side: [Hp, Wp, C], so the
+// loops below read every tap without bounds checks. One copy per image (in
+// the cache), and the ReLU applied once rather than per tap and edge.
+void PadImage(const Geometry& g, const float* __restrict x, int64_t s, int64_t n, bool relu,
+              std::vector<float>& out) {
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C;
+  out.assign(Hp * Wp * C, 0.0f);
+  for (int64_t h = 0; h < g.H; ++h) {
+    const float* __restrict src = x + g.X(s, n, h, 0);
+    float* __restrict dst = out.data() + ((h + g.pad) * Wp + g.pad) * C;
+    if (relu) {  // max(NaN, 0) is NaN, as jnp.maximum
+      for (int64_t c = 0; c < g.W * C; ++c) dst[c] = std::max(src[c], 0.0f);
+    } else {
+      std::memcpy(dst, src, sizeof(float) * g.W * C);
+    }
+  }
+}
+
+// Channel blocks: GCC/Clang vector types of 16 and 8 floats (one AVX-512 /
+// AVX register; other targets split them), then single floats. Every loop
+// below is written once for a block type T and runs on all three.
+typedef float V16 __attribute__((vector_size(64)));
+typedef float V8 __attribute__((vector_size(32)));
+
+template <typename T>
+inline T Load(const float* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));  // an unaligned vector load
+  return v;
+}
+template <typename T>
+inline void Store(float* p, T v) {
+  std::memcpy(p, &v, sizeof(T));
+}
+
+// f(T{}, c0) for the blocks [c0, c0 + lanes of T) that tile [0, C).
+template <typename F>
+void ForBlocks(int64_t C, F f) {
+  int64_t c0 = 0;
+  for (; c0 + 16 <= C; c0 += 16) f(V16{}, c0);
+  if (c0 + 8 <= C) f(V8{}, c0), c0 += 8;
+  for (; c0 < C; ++c0) f(0.0f, c0);
+}
+
+// Four output pixels at once: four independent sums hide the FMA latency.
+constexpr int64_t kUnroll = 4;
+
+// Channels [c0, c0 + lanes) of y[d, s, n] from the padded image xp.
+template <typename T>
+void ForwardBlock(const Geometry& g, const float* __restrict xp, const float* __restrict k,
+                  float* __restrict y, int64_t s, int64_t n, int64_t c0) {
+  const int64_t Wp = g.W + 2 * g.pad, C = g.C, step = g.stride * C;
+  for (int64_t d = 0; d < g.D; ++d) {
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      const float* __restrict row = xp + oh * g.stride * Wp * C + c0;
+      float* __restrict out = y + g.Y(d, s, n, oh, 0) + c0;
+      int64_t ow = 0;
+      for (; ow + kUnroll <= g.Wo; ow += kUnroll) {
+        T a0{}, a1{}, a2{}, a3{};
+        for (int64_t i = 0; i < g.K; ++i) {
+          for (int64_t j = 0; j < g.K; ++j) {
+            const float* __restrict xv = row + (i * g.dilation * Wp + j * g.dilation + ow * g.stride) * C;
+            const T kv = Load<T>(k + g.Tap(i, j, d, s) + c0);
+            a0 += Load<T>(xv) * kv;
+            a1 += Load<T>(xv + step) * kv;
+            a2 += Load<T>(xv + 2 * step) * kv;
+            a3 += Load<T>(xv + 3 * step) * kv;
+          }
+        }
+        Store(out + ow * C, a0), Store(out + (ow + 1) * C, a1);
+        Store(out + (ow + 2) * C, a2), Store(out + (ow + 3) * C, a3);
+      }
+      for (; ow < g.Wo; ++ow) {
+        T a{};
+        for (int64_t i = 0; i < g.K; ++i)
+          for (int64_t j = 0; j < g.K; ++j)
+            a += Load<T>(row + (i * g.dilation * Wp + j * g.dilation + ow * g.stride) * C) *
+                 Load<T>(k + g.Tap(i, j, d, s) + c0);
+        Store(out + ow * C, a);
+      }
+    }
+  }
+}
+
+// part[tap, d, c0:] += Σ over (H', W') of the padded image's view for the
+// tap times g[d, s, n]: the kernel gradient of one image.
+template <typename T>
+void KernelGradBlock(const Geometry& g, const float* __restrict xp, const float* __restrict gy,
+                     float* __restrict part, int64_t s, int64_t n, int64_t c0) {
+  const int64_t Wp = g.W + 2 * g.pad, C = g.C, step = g.stride * C;
+  for (int64_t d = 0; d < g.D; ++d) {
+    for (int64_t i = 0; i < g.K; ++i) {
+      for (int64_t j = 0; j < g.K; ++j) {
+        T a0{}, a1{}, a2{}, a3{};
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          const float* __restrict xv = xp + ((oh * g.stride + i * g.dilation) * Wp + j * g.dilation) * C + c0;
+          const float* __restrict gv = gy + g.Y(d, s, n, oh, 0) + c0;
+          int64_t ow = 0;
+          for (; ow + kUnroll <= g.Wo; ow += kUnroll) {
+            a0 += Load<T>(xv + ow * step) * Load<T>(gv + ow * C);
+            a1 += Load<T>(xv + (ow + 1) * step) * Load<T>(gv + (ow + 1) * C);
+            a2 += Load<T>(xv + (ow + 2) * step) * Load<T>(gv + (ow + 2) * C);
+            a3 += Load<T>(xv + (ow + 3) * step) * Load<T>(gv + (ow + 3) * C);
+          }
+          for (; ow < g.Wo; ++ow) a0 += Load<T>(xv + ow * step) * Load<T>(gv + ow * C);
+        }
+        float* pv = part + ((i * g.K + j) * g.D + d) * C + c0;
+        Store(pv, Load<T>(pv) + ((a0 + a1) + (a2 + a3)));
+      }
+    }
+  }
+}
+
+// Stride 1: dx[h, w] = Σ_d Σ_taps gp_d[h + 2·pad − i·dil, w + 2·pad − j·dil]·k[i, j, d]
+// over the D cotangent images padded by `pad` (gp), a gather like the
+// forward pass; zero where the ReLU clipped x.
+template <typename T>
+void InputGradBlock(const Geometry& g, const float* __restrict gp, const float* __restrict x,
+                    const float* __restrict k, float* __restrict dx, int64_t s, int64_t n,
+                    int64_t c0, bool relu) {
+  const int64_t Wp = g.W + 2 * g.pad, Hp = g.H + 2 * g.pad, C = g.C, reach = 2 * g.pad;
+  auto finish = [&](int64_t h, int64_t w, T a) {
+    const int64_t at = g.X(s, n, h, w) + c0;
+    if (relu) {
+      const T xv = Load<T>(x + at);
+      a = xv > T{} ? a : T{};  // elementwise select (for T = float, the plain ternary)
+    }
+    Store(dx + at, a);
+  };
+  for (int64_t h = 0; h < g.H; ++h) {
+    int64_t w = 0;
+    for (; w + kUnroll <= g.W; w += kUnroll) {
+      T a0{}, a1{}, a2{}, a3{};
+      for (int64_t d = 0; d < g.D; ++d) {
+        for (int64_t i = 0; i < g.K; ++i) {
+          for (int64_t j = 0; j < g.K; ++j) {
+            const float* __restrict gv = gp + ((d * Hp + h + reach - i * g.dilation) * Wp + w + reach -
+                                               j * g.dilation) * C + c0;
+            const T kv = Load<T>(k + g.Tap(i, j, d, s) + c0);
+            a0 += Load<T>(gv) * kv;
+            a1 += Load<T>(gv + C) * kv;
+            a2 += Load<T>(gv + 2 * C) * kv;
+            a3 += Load<T>(gv + 3 * C) * kv;
+          }
+        }
+      }
+      finish(h, w, a0), finish(h, w + 1, a1), finish(h, w + 2, a2), finish(h, w + 3, a3);
+    }
+    for (; w < g.W; ++w) {
+      T a{};
+      for (int64_t d = 0; d < g.D; ++d)
+        for (int64_t i = 0; i < g.K; ++i)
+          for (int64_t j = 0; j < g.K; ++j)
+            a += Load<T>(gp + ((d * Hp + h + reach - i * g.dilation) * Wp + w + reach - j * g.dilation) *
+                                  C + c0) *
+                 Load<T>(k + g.Tap(i, j, d, s) + c0);
+      finish(h, w, a);
+    }
+  }
+}
+
+// Stride 2: each output pixel's g scattered onto its taps of a padded buffer
+// (a gather would test every tap's parity).
+template <typename T>
+void InputGradScatterBlock(const Geometry& g, const float* __restrict gy, const float* __restrict k,
+                           float* __restrict dxp, int64_t s, int64_t n, int64_t c0) {
+  const int64_t Wp = g.W + 2 * g.pad, C = g.C;
+  for (int64_t d = 0; d < g.D; ++d) {
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        const T gv = Load<T>(gy + g.Y(d, s, n, oh, ow) + c0);
+        float* __restrict base = dxp + (oh * g.stride * Wp + ow * g.stride) * C + c0;
+        for (int64_t i = 0; i < g.K; ++i) {
+          for (int64_t j = 0; j < g.K; ++j) {
+            float* __restrict dv = base + (i * g.dilation * Wp + j * g.dilation) * C;
+            Store(dv, Load<T>(dv) + gv * Load<T>(k + g.Tap(i, j, d, s) + c0));
+          }
+        }
+      }
+    }
+  }
+}
+
+void Forward(const Geometry& g, const float* x, const float* k, float* y, int64_t item,
+             bool relu) {
+  static thread_local std::vector<float> xp;
+  const int64_t s = item / g.N, n = item % g.N;
+  PadImage(g, x, s, n, relu, xp);
+  ForBlocks(g.C, [&](auto t, int64_t c0) { ForwardBlock<decltype(t)>(g, xp.data(), k, y, s, n, c0); });
+}
+
+// For images [n0, n1) of source s: dx (Σ over the D edges of the transposed
+// conv of g; zero where relu clipped x) and the chunk's partial kernel
+// gradient part[tap, d, c].
+void Backward(const Geometry& g, const float* __restrict x, const float* __restrict k,
+              const float* __restrict gy, float* __restrict dx, float* __restrict part, int64_t s,
+              int64_t n0, int64_t n1, bool relu) {
+  static thread_local std::vector<float> xp, buf;
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C;
+  std::memset(part, 0, sizeof(float) * g.K * g.K * g.D * C);
+  for (int64_t n = n0; n < n1; ++n) {
+    PadImage(g, x, s, n, relu, xp);
+    ForBlocks(C, [&](auto t, int64_t c0) { KernelGradBlock<decltype(t)>(g, xp.data(), gy, part, s, n, c0); });
+    if (g.stride == 1) {  // buf: the D cotangent images, each padded
+      buf.assign(g.D * Hp * Wp * C, 0.0f);
+      for (int64_t d = 0; d < g.D; ++d)
+        for (int64_t h = 0; h < g.Ho; ++h)
+          std::memcpy(buf.data() + ((d * Hp + h + g.pad) * Wp + g.pad) * C, gy + g.Y(d, s, n, h, 0),
+                      sizeof(float) * g.Wo * C);
+      ForBlocks(C, [&](auto t, int64_t c0) {
+        InputGradBlock<decltype(t)>(g, buf.data(), x, k, dx, s, n, c0, relu);
+      });
+      continue;
+    }
+    buf.assign(Hp * Wp * C, 0.0f);  // buf: dx padded, scattered into
+    ForBlocks(C, [&](auto t, int64_t c0) {
+      InputGradScatterBlock<decltype(t)>(g, gy, k, buf.data(), s, n, c0);
+    });
+    for (int64_t h = 0; h < g.H; ++h) {
+      const float* __restrict src = buf.data() + ((h + g.pad) * Wp + g.pad) * C;
+      const float* __restrict xv = x + g.X(s, n, h, 0);
+      float* __restrict dst = dx + g.X(s, n, h, 0);
+      for (int64_t c = 0; c < g.W * C; ++c) dst[c] = !relu || xv[c] > 0.0f ? src[c] : 0.0f;
+    }
+  }
+}
+
+ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
+                            int64_t stride, int64_t dilation, bool relu) {
+  Geometry g;
+  if (ffi::Error e = Geometry::From(x, kernel, stride, dilation, &g); e.failure()) return e;
+  const float* xp = x.typed_data();
+  const float* kp = kernel.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, g.S * g.N, [&](int64_t item) { Forward(g, xp, kp, yp, item, relu); });
+  return ffi::Error::Success();
+}
+
+ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gy,
+                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dk,
+                             int64_t stride, int64_t dilation, bool relu) {
+  Geometry g;
+  if (ffi::Error e = Geometry::From(x, kernel, stride, dilation, &g); e.failure()) return e;
+  // Each item is a chunk of images of one source with its own partial kernel
+  // gradient (summed below): enough items to balance the threads.
+  const int64_t chunks = std::min<int64_t>(g.N, 8);
+  const int64_t tap_size = g.K * g.K * g.D * g.C;
+  std::vector<float> parts(g.S * chunks * tap_size);
+  const float *xp = x.typed_data(), *kp = kernel.typed_data(), *gp = gy.typed_data();
+  float* dxp = dx->typed_data();
+  ParallelFor(pool, g.S * chunks, [&](int64_t item) {
+    const int64_t s = item / chunks, c = item % chunks;
+    const int64_t n0 = g.N * c / chunks, n1 = g.N * (c + 1) / chunks;
+    float* part = parts.data() + item * tap_size;
+    Backward(g, xp, kp, gp, dxp, part, s, n0, n1, relu);
+  });
+  // dk[tap, d, s, c] = Σ over the chunks of part[s, chunk][tap, d, c].
+  float* dkp = dk->typed_data();
+  for (int64_t t = 0; t < g.K * g.K; ++t) {
+    for (int64_t d = 0; d < g.D; ++d) {
+      for (int64_t s = 0; s < g.S; ++s) {
+        float* out = dkp + ((t * g.D + d) * g.S + s) * g.C;
+        std::memset(out, 0, sizeof(float) * g.C);
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          const float* p = parts.data() + (s * chunks + chunk) * tap_size + (t * g.D + d) * g.C;
+          for (int64_t c = 0; c < g.C; ++c) out[c] += p[c];
+        }
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasDepthwiseForward, DepthwiseForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("dilation")
+                                  .Attr<bool>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasDepthwiseBackward, DepthwiseBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("dilation")
+                                  .Attr<bool>("relu"));
