@@ -677,6 +677,11 @@ def relu_conv_bn(x, dw, pw, scale, bias, stride, dilation, remat=False, impl='sh
 
 
 def _relu_conv_bn_fwd(x, dw, pw, scale, bias, stride, dilation, remat, impl):
+  if impl == 'native' and not remat:  # one call; the depthwise output is never stored
+    k, _, g, c = dw.shape
+    h, mean, var = native.dilconv_forward(x, dw.reshape(k, k, g // x.shape[0], x.shape[0], c), pw,
+                                          stride, dilation)
+    return (_normalize(h, mean, var, scale, bias), mean, var), (x, dw, pw, scale, mean, var, h)
   a, h = _relu_conv(x, dw, pw, stride, dilation, impl)
   mean, var = _moments(h)
   y = _normalize(h, mean, var, scale, bias)
@@ -696,6 +701,8 @@ def _relu_conv_bn_bwd(stride, dilation, remat, impl, residuals, cotangents):
   dy, dmean, dvar = cotangents
   k, _, g, c = dw.shape
   s, f = x.shape[0], pw.shape[-1]
+  if impl == 'native' and not remat:
+    return _dilconv_native_bwd(stride, dilation, x, dw, pw, scale, mean, var, a, dy, dmean, dvar)
   if remat:
     a, h = _relu_conv(materialize(x, after=dy), dw, pw, stride, dilation, impl)
   else:
@@ -726,6 +733,26 @@ def _relu_conv_bn_bwd(stride, dilation, remat, impl, residuals, cotangents):
   else:
     dr, d_dw = _depthwise_shift_bwd(stride, dilation, (jnp.maximum(x, 0.0), kernel), da)
     dx = _after(jnp.where(x > 0, dr, 0.0), d_dw)
+  return dx, d_dw.reshape(dw.shape), d_pw, d_scale, d_bias
+
+
+def _dilconv_native_bwd(stride, dilation, x, dw, pw, scale, mean, var, h, dy, dmean, dvar):
+  """The native VJP: BN's two reductions in one call, then everything else in
+  one more, from the gradient reaching h written as A·dy + B·(h − mean) + C0
+  (the same algebra as the XLA form below, with d_norm = scale·dy)."""
+  k, _, g, c = dw.shape
+  m = h[0].size // h.shape[-1]  # values per statistic: N·H'·W'
+  sum_dy, sum_dy_centred = native.bn_grad_sums(h, dy, mean)
+  rstd = lax.rsqrt(var + BN_EPSILON)
+  gain = rstd if scale is None else rstd * scale
+  b = 2.0 * dvar / m - gain * jnp.square(rstd) * sum_dy_centred / m
+  c0 = dmean / m - gain * sum_dy / m
+  coef = jnp.stack([jnp.broadcast_to(gain, b.shape), b, c0, mean])
+  dx, d_dw, d_pw = native.dilconv_backward(x, dw.reshape(k, k, g // x.shape[0], x.shape[0], c), pw,
+                                           h, dy, coef, stride, dilation)
+  d_scale = d_bias = None
+  if scale is not None:
+    d_scale, d_bias = sum_dy_centred * rstd, sum_dy
   return dx, d_dw.reshape(dw.shape), d_pw, d_scale, d_bias
 
 

@@ -227,6 +227,23 @@ def test_relu_conv_bn_equals_autodiff_of_lax(k, dilation, stride, fan_out, s, af
     assert (grads_fused[3] is None) == (not affine)
 
 
+def test_native_dilconv_wide_channels():
+  """The native DilConv's channel blocks (C = 20: one 16-wide block and four
+  single channels; F = 24: a 16- and an 8-wide block), a batch in several
+  threads' chunks (N = 10) and rows that are no multiple of the 4-pixel
+  unroll (W = 11), stride 1, fan-out 2 over 2 sources, against autodiff of
+  the lax ops."""
+  rng = np.random.default_rng(21)
+  s, fan_out, c, f, k = 2, 2, 20, 24, 3
+  g = s * fan_out
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  args = (normal(s, 10, 9, 11, c), normal(k, k, g, c), normal(g, c, f), normal(g, f), normal(g, f))
+  cotangents = (normal(g, 10, 9, 11, f), normal(g, f), normal(g, f))
+  (y_plain, grads_plain), _, (y_native, grads_native) = _dilconv_fwd_bwd(args, cotangents, 1, 1, False)
+  _assert_close(y_native, y_plain)
+  _assert_close(grads_native, grads_plain, rel=1e-5)
+
+
 def test_depthwise_hand_example():
   """3x3 all-ones kernel on a 3x3 ramp: each output = sum of its in-bounds window."""
   x = jnp.arange(9, dtype=jnp.float32).reshape(1, 1, 3, 3, 1)

@@ -1,9 +1,11 @@
 """Hand-written CPU kernels (XLA FFI custom calls), built on first use.
 
 ``depthwise.cc`` holds the edge-batched depthwise convolution's forward pass
-and its backward pass (input and kernel gradients in one call), each one loop
-nest over an image at a time on XLA's intra-op threads. On XLA:CPU they
-replace ~25 fused kernels per convolution (README "Performance").
+and its backward pass (input and kernel gradients in one call), and the
+training-mode DilConv (ReLU -> depthwise -> 1x1 conv with BN's batch
+statistics; its backward pass in two calls), each looping over one image at a
+time on XLA's intra-op threads. On XLA:CPU a DilConv's ~34 fused kernels
+become three calls and a few elementwise kernels (README "Performance").
 
 The library is compiled from source with the machine's C++ compiler the first
 time it is needed (``-march=native``: it runs where it was built) and cached
@@ -31,7 +33,10 @@ import numpy as np
 _SOURCE = Path(__file__).with_name('depthwise.cc')
 _FLAGS = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w']
 _TARGETS = {'snas_depthwise_forward': 'SnasDepthwiseForward',
-            'snas_depthwise_backward': 'SnasDepthwiseBackward'}
+            'snas_depthwise_backward': 'SnasDepthwiseBackward',
+            'snas_dilconv_forward': 'SnasDilConvForward',
+            'snas_bn_grad_sums': 'SnasBnGradSums',
+            'snas_dilconv_backward': 'SnasDilConvBackward'}
 
 
 class NativeBuildError(RuntimeError):
@@ -124,6 +129,38 @@ def depthwise_backward(x, kernel, g, stride: int, dilation: int, relu: bool):
   shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
   return jax.ffi.ffi_call('snas_depthwise_backward', shapes)(x, kernel, g,
                                                               **_attrs(stride, dilation, relu))
+
+
+def _out_hw(x, k, stride, dilation):
+  pad = dilation * (k - 1) // 2
+  return tuple((size + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for size in x.shape[2:4])
+
+
+def dilconv_forward(x, kernel, pw, stride: int, dilation: int):
+  """ReLU -> depthwise -> 1x1 of x [S,N,H,W,C] with kernel [K,K,D,S,C] and pw
+  [G,C,F] (G = D·S): (h [G,N,H',W',F], its batch mean and biased variance [G,F])."""
+  require()
+  g, f = pw.shape[0], pw.shape[2]
+  h_shape = (g, x.shape[1]) + _out_hw(x, kernel.shape[0], stride, dilation) + (f,)
+  stats = jax.ShapeDtypeStruct((g, f), x.dtype)
+  return jax.ffi.ffi_call('snas_dilconv_forward', (jax.ShapeDtypeStruct(h_shape, x.dtype), stats, stats))(
+      x, kernel, pw, stride=np.int64(stride), dilation=np.int64(dilation))
+
+
+def bn_grad_sums(h, dy, mean):
+  """(Σ dy, Σ dy·(h − mean)) over (N, H', W'): h, dy [G,N,H',W',F], mean [G,F] -> 2 x [G,F]."""
+  require()
+  stats = jax.ShapeDtypeStruct(mean.shape, mean.dtype)
+  return jax.ffi.ffi_call('snas_bn_grad_sums', (stats, stats))(h, dy, mean)
+
+
+def dilconv_backward(x, kernel, pw, h, dy, coef, stride: int, dilation: int):
+  """(dx, dkernel, dpw) of ``dilconv_forward`` for the gradient reaching h,
+  dh = A·dy + B·(h − mean) + C0 with coef = [A, B, C0, mean] ([4,G,F])."""
+  require()
+  shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, kernel, pw))
+  return jax.ffi.ffi_call('snas_dilconv_backward', shapes)(
+      x, kernel, pw, h, dy, coef, stride=np.int64(stride), dilation=np.int64(dilation))
 
 
 def warn_fallback():

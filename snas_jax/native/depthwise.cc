@@ -129,6 +129,21 @@ void PadImage(const Geometry& g, const float* __restrict x, int64_t s, int64_t n
 typedef float V16 __attribute__((vector_size(64)));
 typedef float V8 __attribute__((vector_size(32)));
 
+// D images [H', W', C] of one source image n, d_stride floats apart: in the
+// global [D, S, N, H', W', C] layout, or one thread's buffer.
+struct Images {
+  float* base;
+  int64_t d_stride;
+  float* At(int64_t d, int64_t offset) const { return base + d * d_stride + offset; }
+  static Images Global(const Geometry& g, const float* y, int64_t s, int64_t n) {
+    return {const_cast<float*>(y) + g.Y(0, s, n, 0, 0), g.S * g.N * g.Ho * g.Wo * g.C};
+  }
+  static Images Local(const Geometry& g, std::vector<float>& buf, int64_t channels) {
+    buf.resize(g.D * g.Ho * g.Wo * channels);
+    return {buf.data(), g.Ho * g.Wo * channels};
+  }
+};
+
 template <typename T>
 inline T Load(const float* p) {
   T v;
@@ -155,12 +170,12 @@ constexpr int64_t kUnroll = 4;
 // Channels [c0, c0 + lanes) of y[d, s, n] from the padded image xp.
 template <typename T>
 void ForwardBlock(const Geometry& g, const float* __restrict xp, const float* __restrict k,
-                  float* __restrict y, int64_t s, int64_t n, int64_t c0) {
+                  Images y, int64_t s, int64_t c0) {
   const int64_t Wp = g.W + 2 * g.pad, C = g.C, step = g.stride * C;
   for (int64_t d = 0; d < g.D; ++d) {
     for (int64_t oh = 0; oh < g.Ho; ++oh) {
       const float* __restrict row = xp + oh * g.stride * Wp * C + c0;
-      float* __restrict out = y + g.Y(d, s, n, oh, 0) + c0;
+      float* __restrict out = y.At(d, oh * g.Wo * g.C) + c0;
       int64_t ow = 0;
       for (; ow + kUnroll <= g.Wo; ow += kUnroll) {
         T a0{}, a1{}, a2{}, a3{};
@@ -192,8 +207,8 @@ void ForwardBlock(const Geometry& g, const float* __restrict xp, const float* __
 // part[tap, d, c0:] += Σ over (H', W') of the padded image's view for the
 // tap times g[d, s, n]: the kernel gradient of one image.
 template <typename T>
-void KernelGradBlock(const Geometry& g, const float* __restrict xp, const float* __restrict gy,
-                     float* __restrict part, int64_t s, int64_t n, int64_t c0) {
+void KernelGradBlock(const Geometry& g, const float* __restrict xp, Images gy,
+                     float* __restrict part, int64_t c0) {
   const int64_t Wp = g.W + 2 * g.pad, C = g.C, step = g.stride * C;
   for (int64_t d = 0; d < g.D; ++d) {
     for (int64_t i = 0; i < g.K; ++i) {
@@ -201,7 +216,7 @@ void KernelGradBlock(const Geometry& g, const float* __restrict xp, const float*
         T a0{}, a1{}, a2{}, a3{};
         for (int64_t oh = 0; oh < g.Ho; ++oh) {
           const float* __restrict xv = xp + ((oh * g.stride + i * g.dilation) * Wp + j * g.dilation) * C + c0;
-          const float* __restrict gv = gy + g.Y(d, s, n, oh, 0) + c0;
+          const float* __restrict gv = gy.At(d, oh * g.Wo * C) + c0;
           int64_t ow = 0;
           for (; ow + kUnroll <= g.Wo; ow += kUnroll) {
             a0 += Load<T>(xv + ow * step) * Load<T>(gv + ow * C);
@@ -269,13 +284,13 @@ void InputGradBlock(const Geometry& g, const float* __restrict gp, const float* 
 // Stride 2: each output pixel's g scattered onto its taps of a padded buffer
 // (a gather would test every tap's parity).
 template <typename T>
-void InputGradScatterBlock(const Geometry& g, const float* __restrict gy, const float* __restrict k,
-                           float* __restrict dxp, int64_t s, int64_t n, int64_t c0) {
+void InputGradScatterBlock(const Geometry& g, Images gy, const float* __restrict k,
+                           float* __restrict dxp, int64_t s, int64_t c0) {
   const int64_t Wp = g.W + 2 * g.pad, C = g.C;
   for (int64_t d = 0; d < g.D; ++d) {
     for (int64_t oh = 0; oh < g.Ho; ++oh) {
       for (int64_t ow = 0; ow < g.Wo; ++ow) {
-        const T gv = Load<T>(gy + g.Y(d, s, n, oh, ow) + c0);
+        const T gv = Load<T>(gy.At(d, (oh * g.Wo + ow) * C) + c0);
         float* __restrict base = dxp + (oh * g.stride * Wp + ow * g.stride) * C + c0;
         for (int64_t i = 0; i < g.K; ++i) {
           for (int64_t j = 0; j < g.K; ++j) {
@@ -293,41 +308,63 @@ void Forward(const Geometry& g, const float* x, const float* k, float* y, int64_
   static thread_local std::vector<float> xp;
   const int64_t s = item / g.N, n = item % g.N;
   PadImage(g, x, s, n, relu, xp);
-  ForBlocks(g.C, [&](auto t, int64_t c0) { ForwardBlock<decltype(t)>(g, xp.data(), k, y, s, n, c0); });
+  const Images out = Images::Global(g, y, s, n);
+  ForBlocks(g.C, [&](auto t, int64_t c0) { ForwardBlock<decltype(t)>(g, xp.data(), k, out, s, c0); });
 }
 
-// For images [n0, n1) of source s: dx (Σ over the D edges of the transposed
-// conv of g; zero where relu clipped x) and the chunk's partial kernel
-// gradient part[tap, d, c].
-void Backward(const Geometry& g, const float* __restrict x, const float* __restrict k,
-              const float* __restrict gy, float* __restrict dx, float* __restrict part, int64_t s,
-              int64_t n0, int64_t n1, bool relu) {
-  static thread_local std::vector<float> xp, buf;
+// One image n of source s, given xp (its padded, relu'd copy) and gy (its D
+// cotangent images): dx[s, n] (Σ over the D edges of the transposed conv;
+// zero where relu clipped x) and part[tap, d, c] += its kernel gradient.
+void BackwardImage(const Geometry& g, const float* __restrict x, const float* __restrict xp,
+                   const float* __restrict k, Images gy, float* __restrict dx,
+                   float* __restrict part, int64_t s, int64_t n, bool relu) {
+  static thread_local std::vector<float> buf;
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C;
-  std::memset(part, 0, sizeof(float) * g.K * g.K * g.D * C);
+  ForBlocks(C, [&](auto t, int64_t c0) { KernelGradBlock<decltype(t)>(g, xp, gy, part, c0); });
+  if (g.stride == 1) {  // buf: the D cotangent images, each padded
+    buf.assign(g.D * Hp * Wp * C, 0.0f);
+    for (int64_t d = 0; d < g.D; ++d)
+      for (int64_t h = 0; h < g.Ho; ++h)
+        std::memcpy(buf.data() + ((d * Hp + h + g.pad) * Wp + g.pad) * C, gy.At(d, h * g.Wo * C),
+                    sizeof(float) * g.Wo * C);
+    ForBlocks(C, [&](auto t, int64_t c0) {
+      InputGradBlock<decltype(t)>(g, buf.data(), x, k, dx, s, n, c0, relu);
+    });
+    return;
+  }
+  buf.assign(Hp * Wp * C, 0.0f);  // buf: dx padded, scattered into
+  ForBlocks(C, [&](auto t, int64_t c0) { InputGradScatterBlock<decltype(t)>(g, gy, k, buf.data(), s, c0); });
+  for (int64_t h = 0; h < g.H; ++h) {
+    const float* __restrict src = buf.data() + ((h + g.pad) * Wp + g.pad) * C;
+    const float* __restrict xv = x + g.X(s, n, h, 0);
+    float* __restrict dst = dx + g.X(s, n, h, 0);
+    for (int64_t c = 0; c < g.W * C; ++c) dst[c] = !relu || xv[c] > 0.0f ? src[c] : 0.0f;
+  }
+}
+
+void Backward(const Geometry& g, const float* x, const float* k, const float* gy, float* dx,
+              float* part, int64_t s, int64_t n0, int64_t n1, bool relu) {
+  static thread_local std::vector<float> xp;
+  std::memset(part, 0, sizeof(float) * g.K * g.K * g.D * g.C);
   for (int64_t n = n0; n < n1; ++n) {
     PadImage(g, x, s, n, relu, xp);
-    ForBlocks(C, [&](auto t, int64_t c0) { KernelGradBlock<decltype(t)>(g, xp.data(), gy, part, s, n, c0); });
-    if (g.stride == 1) {  // buf: the D cotangent images, each padded
-      buf.assign(g.D * Hp * Wp * C, 0.0f);
-      for (int64_t d = 0; d < g.D; ++d)
-        for (int64_t h = 0; h < g.Ho; ++h)
-          std::memcpy(buf.data() + ((d * Hp + h + g.pad) * Wp + g.pad) * C, gy + g.Y(d, s, n, h, 0),
-                      sizeof(float) * g.Wo * C);
-      ForBlocks(C, [&](auto t, int64_t c0) {
-        InputGradBlock<decltype(t)>(g, buf.data(), x, k, dx, s, n, c0, relu);
-      });
-      continue;
-    }
-    buf.assign(Hp * Wp * C, 0.0f);  // buf: dx padded, scattered into
-    ForBlocks(C, [&](auto t, int64_t c0) {
-      InputGradScatterBlock<decltype(t)>(g, gy, k, buf.data(), s, n, c0);
-    });
-    for (int64_t h = 0; h < g.H; ++h) {
-      const float* __restrict src = buf.data() + ((h + g.pad) * Wp + g.pad) * C;
-      const float* __restrict xv = x + g.X(s, n, h, 0);
-      float* __restrict dst = dx + g.X(s, n, h, 0);
-      for (int64_t c = 0; c < g.W * C; ++c) dst[c] = !relu || xv[c] > 0.0f ? src[c] : 0.0f;
+    BackwardImage(g, x, xp.data(), k, Images::Global(g, gy, s, n), dx, part, s, n, relu);
+  }
+}
+
+// dk[tap, d, s, c] = Σ over the chunks of parts[s, chunk][tap, d, c].
+void SumKernelParts(const Geometry& g, const float* parts, int64_t chunks, float* dk) {
+  const int64_t tap_size = g.K * g.K * g.D * g.C;
+  for (int64_t t = 0; t < g.K * g.K; ++t) {
+    for (int64_t d = 0; d < g.D; ++d) {
+      for (int64_t s = 0; s < g.S; ++s) {
+        float* out = dk + ((t * g.D + d) * g.S + s) * g.C;
+        std::memset(out, 0, sizeof(float) * g.C);
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          const float* p = parts + (s * chunks + chunk) * tap_size + (t * g.D + d) * g.C;
+          for (int64_t c = 0; c < g.C; ++c) out[c] += p[c];
+        }
+      }
     }
   }
 }
@@ -363,18 +400,241 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     float* part = parts.data() + item * tap_size;
     Backward(g, xp, kp, gp, dxp, part, s, n0, n1, relu);
   });
-  // dk[tap, d, s, c] = Σ over the chunks of part[s, chunk][tap, d, c].
-  float* dkp = dk->typed_data();
-  for (int64_t t = 0; t < g.K * g.K; ++t) {
+  SumKernelParts(g, parts.data(), chunks, dk->typed_data());
+  return ffi::Error::Success();
+}
+
+// ----------------------------------------------------------------------------
+// DilConv in training: ReLU -> depthwise -> 1x1 conv, with the batch
+// statistics of its output for BN (normalised in XLA, where it fuses into the
+// consumer), and its backward pass. The depthwise output never reaches
+// memory: each image's is recomputed in the cache where it is needed.
+// pw [G, C, F] with G = D·S (edge g = d·S + s); h, dy [G, N, H', W', F].
+
+// out[p, f0:] = Σ_k in[p, k] · w[k, f0:] over P pixels (one image's 1x1
+// conv); adds Σ_p out and Σ_p out² to sum[f0:] and sumsq[f0:] if given.
+template <typename T>
+void MatMulBlock(const float* __restrict in, const float* __restrict w, float* __restrict out,
+                 int64_t P, int64_t Kd, int64_t Fo, int64_t f0, float* sum, float* sumsq) {
+  T s1{}, s2{};
+  int64_t p = 0;
+  for (; p + kUnroll <= P; p += kUnroll) {
+    T a0{}, a1{}, a2{}, a3{};
+    const float* __restrict r = in + p * Kd;
+    for (int64_t k = 0; k < Kd; ++k) {
+      const T wv = Load<T>(w + k * Fo + f0);
+      a0 += r[k] * wv;
+      a1 += r[Kd + k] * wv;
+      a2 += r[2 * Kd + k] * wv;
+      a3 += r[3 * Kd + k] * wv;
+    }
+    Store(out + p * Fo + f0, a0), Store(out + (p + 1) * Fo + f0, a1);
+    Store(out + (p + 2) * Fo + f0, a2), Store(out + (p + 3) * Fo + f0, a3);
+    s1 += (a0 + a1) + (a2 + a3);
+    s2 += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3);
+  }
+  for (; p < P; ++p) {
+    T a{};
+    for (int64_t k = 0; k < Kd; ++k) a += in[p * Kd + k] * Load<T>(w + k * Fo + f0);
+    Store(out + p * Fo + f0, a);
+    s1 += a;
+    s2 += a * a;
+  }
+  if (sum != nullptr) {
+    Store(sum + f0, Load<T>(sum + f0) + s1);
+    Store(sumsq + f0, Load<T>(sumsq + f0) + s2);
+  }
+}
+
+// dw[c, f0:] += Σ_p a[p, c] · dh[p, f0:] (one image's 1x1 weight gradient).
+template <typename T>
+void OuterBlock(const float* __restrict a, const float* __restrict dh, float* __restrict dw,
+                int64_t P, int64_t C, int64_t F, int64_t f0) {
+  for (int64_t c = 0; c < C; ++c) {
+    T a0{}, a1{}, a2{}, a3{};
+    int64_t p = 0;
+    for (; p + kUnroll <= P; p += kUnroll) {
+      a0 += a[p * C + c] * Load<T>(dh + p * F + f0);
+      a1 += a[(p + 1) * C + c] * Load<T>(dh + (p + 1) * F + f0);
+      a2 += a[(p + 2) * C + c] * Load<T>(dh + (p + 2) * F + f0);
+      a3 += a[(p + 3) * C + c] * Load<T>(dh + (p + 3) * F + f0);
+    }
+    for (; p < P; ++p) a0 += a[p * C + c] * Load<T>(dh + p * F + f0);
+    Store(dw + c * F + f0, Load<T>(dw + c * F + f0) + ((a0 + a1) + (a2 + a3)));
+  }
+}
+
+ffi::Error CheckPointwise(const Geometry& g, ffi::Buffer<ffi::F32>& pw) {
+  auto d = pw.dimensions();
+  if (d.size() != 3 || d[0] != g.D * g.S || d[1] != g.C) {
+    return ffi::Error::InvalidArgument("dilconv: the 1x1 kernel must be [D*S, C, F]");
+  }
+  return ffi::Error::Success();
+}
+
+// The depthwise outputs of image n of source s for all D edges, into a.
+Images DepthwiseImage(const Geometry& g, const float* x, const float* k, int64_t s, int64_t n,
+                      std::vector<float>& xp, std::vector<float>& abuf) {
+  PadImage(g, x, s, n, true, xp);
+  const Images a = Images::Local(g, abuf, g.C);
+  ForBlocks(g.C, [&](auto t, int64_t c0) { ForwardBlock<decltype(t)>(g, xp.data(), k, a, s, c0); });
+  return a;
+}
+
+ffi::Error DilConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                          ffi::Buffer<ffi::F32> pw, ffi::ResultBuffer<ffi::F32> h,
+                          ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
+                          int64_t stride, int64_t dilation) {
+  Geometry g;
+  if (ffi::Error e = Geometry::From(x, kernel, stride, dilation, &g); e.failure()) return e;
+  if (ffi::Error e = CheckPointwise(g, pw); e.failure()) return e;
+  const int64_t F = pw.dimensions()[2], P = g.Ho * g.Wo, C = g.C;
+  const float *xv = x.typed_data(), *kv = kernel.typed_data(), *wv = pw.typed_data();
+  float* hv = h->typed_data();
+  std::vector<float> parts(g.S * g.N * g.D * 2 * F, 0.0f);  // per image: [D][Σh, Σh²][F]
+  ParallelFor(pool, g.S * g.N, [&](int64_t item) {
+    static thread_local std::vector<float> xp, abuf;
+    const int64_t s = item / g.N, n = item % g.N;
+    const Images a = DepthwiseImage(g, xv, kv, s, n, xp, abuf);
     for (int64_t d = 0; d < g.D; ++d) {
-      for (int64_t s = 0; s < g.S; ++s) {
-        float* out = dkp + ((t * g.D + d) * g.S + s) * g.C;
-        std::memset(out, 0, sizeof(float) * g.C);
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          const float* p = parts.data() + (s * chunks + chunk) * tap_size + (t * g.D + d) * g.C;
-          for (int64_t c = 0; c < g.C; ++c) out[c] += p[c];
-        }
+      const int64_t e = d * g.S + s;
+      float* part = parts.data() + (item * g.D + d) * 2 * F;
+      ForBlocks(F, [&](auto t, int64_t f0) {
+        MatMulBlock<decltype(t)>(a.At(d, 0), wv + e * C * F, hv + (e * g.N + n) * P * F, P, C, F, f0,
+                                 part, part + F);
+      });
+    }
+  });
+  // Batch mean and biased variance, E[h²] − E[h]², summed over images in double.
+  const double m = static_cast<double>(g.N * P);
+  for (int64_t e = 0; e < g.D * g.S; ++e) {
+    const int64_t d = e / g.S, s = e % g.S;
+    for (int64_t f = 0; f < F; ++f) {
+      double s1 = 0, s2 = 0;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const float* part = parts.data() + ((s * g.N + n) * g.D + d) * 2 * F;
+        s1 += part[f], s2 += part[F + f];
       }
+      const double mu = s1 / m;
+      mean->typed_data()[e * F + f] = static_cast<float>(mu);
+      var->typed_data()[e * F + f] = static_cast<float>(std::max(s2 / m - mu * mu, 0.0));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// Σ dy and Σ dy·(h − mean) over (N, H', W') per (edge, channel): BN's
+// backward reductions. h, dy [G, N, H', W', F]; mean [G, F].
+ffi::Error BnGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> dy,
+                      ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> sum_dy,
+                      ffi::ResultBuffer<ffi::F32> sum_dy_centred) {
+  auto hd = h.dimensions();
+  if (hd.size() != 5 || dy.element_count() != h.element_count() ||
+      mean.element_count() != hd[0] * hd[4]) {
+    return ffi::Error::InvalidArgument("bn_grad_sums: h and dy [G,N,H,W,F], mean [G,F]");
+  }
+  const int64_t G = hd[0], N = hd[1], P = hd[2] * hd[3], F = hd[4];
+  const float *hv = h.typed_data(), *dv = dy.typed_data(), *mv = mean.typed_data();
+  std::vector<float> parts(G * N * 2 * F);
+  ParallelFor(pool, G * N, [&](int64_t item) {
+    const int64_t e = item / N;
+    const float* hp = hv + item * P * F;
+    const float* dp = dv + item * P * F;
+    float* part = parts.data() + item * 2 * F;
+    ForBlocks(F, [&](auto t, int64_t f0) {
+      using T = decltype(t);
+      const T mu = Load<T>(mv + e * F + f0);
+      T a{}, b{};
+      for (int64_t p = 0; p < P; ++p) {
+        const T gv = Load<T>(dp + p * F + f0);
+        a += gv;
+        b += gv * (Load<T>(hp + p * F + f0) - mu);
+      }
+      Store(part + f0, a);
+      Store(part + F + f0, b);
+    });
+  });
+  for (int64_t e = 0; e < G; ++e) {
+    for (int64_t f = 0; f < F; ++f) {
+      double a = 0, b = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const float* part = parts.data() + (e * N + n) * 2 * F;
+        a += part[f], b += part[F + f];
+      }
+      sum_dy->typed_data()[e * F + f] = static_cast<float>(a);
+      sum_dy_centred->typed_data()[e * F + f] = static_cast<float>(b);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// dx, d(depthwise kernel), d(1x1 kernel) of the DilConv, given the gradient
+// reaching h as dh = A·dy + B·(h − mean) + C0 (coef [4, G, F]: A, B, C0,
+// mean; BN's backward, its coefficients from BnGradSums, formed in XLA).
+ffi::Error DilConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> pw,
+                           ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> dy,
+                           ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> dx,
+                           ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dpw,
+                           int64_t stride, int64_t dilation) {
+  Geometry g;
+  if (ffi::Error e = Geometry::From(x, kernel, stride, dilation, &g); e.failure()) return e;
+  if (ffi::Error e = CheckPointwise(g, pw); e.failure()) return e;
+  const int64_t F = pw.dimensions()[2], P = g.Ho * g.Wo, C = g.C, G = g.D * g.S;
+  if (h.element_count() != G * g.N * P * F || dy.element_count() != h.element_count() ||
+      coef.element_count() != 4 * G * F) {
+    return ffi::Error::InvalidArgument("dilconv_backward: h, dy [G,N,H',W',F] and coef [4,G,F]");
+  }
+  const float *xv = x.typed_data(), *kv = kernel.typed_data(), *wv = pw.typed_data();
+  const float *hv = h.typed_data(), *dyv = dy.typed_data(), *cv = coef.typed_data();
+  std::vector<float> pw_t(G * F * C);  // [G, F, C]: da = dh · pw_t is a MatMulBlock
+  for (int64_t e = 0; e < G; ++e)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t f = 0; f < F; ++f) pw_t[(e * F + f) * C + c] = wv[(e * C + c) * F + f];
+  const int64_t chunks = std::min<int64_t>(g.N, 8);
+  const int64_t tap_size = g.K * g.K * g.D * C, pw_size = g.D * C * F;
+  std::vector<float> parts(g.S * chunks * tap_size), pw_parts(g.S * chunks * pw_size, 0.0f);
+  float* dxv = dx->typed_data();
+  ParallelFor(pool, g.S * chunks, [&](int64_t item) {
+    static thread_local std::vector<float> xp, abuf, dhbuf, dabuf;
+    const int64_t s = item / chunks, chunk = item % chunks;
+    float* part = parts.data() + item * tap_size;
+    float* pw_part = pw_parts.data() + item * pw_size;
+    std::memset(part, 0, sizeof(float) * tap_size);
+    for (int64_t n = g.N * chunk / chunks; n < g.N * (chunk + 1) / chunks; ++n) {
+      const Images a = DepthwiseImage(g, xv, kv, s, n, xp, abuf);
+      const Images dh = Images::Local(g, dhbuf, F), da = Images::Local(g, dabuf, C);
+      for (int64_t d = 0; d < g.D; ++d) {
+        const int64_t e = d * g.S + s;
+        const float* hp = hv + (e * g.N + n) * P * F;
+        const float* dp = dyv + (e * g.N + n) * P * F;
+        ForBlocks(F, [&](auto t, int64_t f0) {
+          using T = decltype(t);
+          const T A = Load<T>(cv + e * F + f0), B = Load<T>(cv + (G + e) * F + f0);
+          const T C0 = Load<T>(cv + (2 * G + e) * F + f0), mu = Load<T>(cv + (3 * G + e) * F + f0);
+          float* out = dh.At(d, 0);
+          for (int64_t p = 0; p < P; ++p)
+            Store(out + p * F + f0, A * Load<T>(dp + p * F + f0) + B * (Load<T>(hp + p * F + f0) - mu) + C0);
+        });
+        ForBlocks(F, [&](auto t, int64_t f0) {
+          OuterBlock<decltype(t)>(a.At(d, 0), dh.At(d, 0), pw_part + d * C * F, P, C, F, f0);
+        });
+        ForBlocks(C, [&](auto t, int64_t c0) {
+          MatMulBlock<decltype(t)>(dh.At(d, 0), pw_t.data() + e * F * C, da.At(d, 0), P, F, C, c0,
+                                   nullptr, nullptr);
+        });
+      }
+      BackwardImage(g, xv, xp.data(), kv, da, dxv, part, s, n, true);
+    }
+  });
+  SumKernelParts(g, parts.data(), chunks, dk->typed_data());
+  for (int64_t e = 0; e < G; ++e) {  // dpw[e] = Σ over the chunks of its source
+    const int64_t d = e / g.S, s = e % g.S;
+    float* out = dpw->typed_data() + e * C * F;
+    std::memset(out, 0, sizeof(float) * C * F);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const float* p = pw_parts.data() + (s * chunks + chunk) * pw_size + d * C * F;
+      for (int64_t i = 0; i < C * F; ++i) out[i] += p[i];
     }
   }
   return ffi::Error::Success();
@@ -403,3 +663,39 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasDepthwiseBackward, DepthwiseBackward,
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("dilation")
                                   .Attr<bool>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasDilConvForward, DilConvForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("dilation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasBnGradSums, BnGradSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasDilConvBackward, DilConvBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("dilation"));
