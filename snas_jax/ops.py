@@ -612,10 +612,10 @@ class DilConv(nn.Module):
 
   Its variables sit in this module ('depthwise_kernel' [K,K,G,C],
   'pointwise_kernel' [G,C,F], and the BN's) rather than in sub-modules,
-  because in training on XLA:CPU ('shift') the four steps are one function
-  with a hand-written VJP, ``relu_conv_bn``. ``remat``: that VJP recomputes
-  the depthwise conv too instead of keeping it (less memory, slower); the
-  'lax' path (GPU/TPU) ignores it (the networks remat whole cells there).
+  because in training on XLA:CPU ('shift', 'native') the four steps are one
+  function with a hand-written VJP, ``relu_conv_bn``. ``remat``: that VJP
+  keeps less and recomputes more (less memory, slower); the 'lax' path
+  (GPU/TPU) ignores it (the networks remat whole cells there).
   """
   c_out: int
   kernel_size: int
@@ -657,6 +657,11 @@ def relu_conv_bn(x, dw, pw, scale, bias, stride, dilation, remat=False, impl='sh
 
   x: [S,N,H,W,C]; dw: [K,K,G,C]; pw: [G,C,F]; scale, bias: [G,F] or None.
 
+  impl 'native': the C++ calls of ``snas_jax.native`` (one forward, two
+  backward; the depthwise output is recomputed per image in the cache, never
+  stored). It keeps x and the 1x1 conv's output h (``remat``: recomputes h
+  in the backward pass too). impl 'shift', the XLA form below:
+
   Why a hand-written VJP: autodiff keeps both [G,N,H',W',·] intermediates of
   every edge (after the depthwise and after the 1x1 conv) until the backward
   pass, and XLA:CPU's scheduler runs the small weight-gradient reductions
@@ -677,11 +682,10 @@ def relu_conv_bn(x, dw, pw, scale, bias, stride, dilation, remat=False, impl='sh
 
 
 def _relu_conv_bn_fwd(x, dw, pw, scale, bias, stride, dilation, remat, impl):
-  if impl == 'native' and not remat:  # one call; the depthwise output is never stored
-    k, _, g, c = dw.shape
-    h, mean, var = native.dilconv_forward(x, dw.reshape(k, k, g // x.shape[0], x.shape[0], c), pw,
-                                          stride, dilation)
-    return (_normalize(h, mean, var, scale, bias), mean, var), (x, dw, pw, scale, mean, var, h)
+  if impl == 'native':  # one call; the depthwise output is never stored
+    h, mean, var = _dilconv_native(x, dw, pw, stride, dilation)
+    y = _normalize(h, mean, var, scale, bias)
+    return (y, mean, var), (x, dw, pw, scale, mean, var, None if remat else h)
   a, h = _relu_conv(x, dw, pw, stride, dilation, impl)
   mean, var = _moments(h)
   y = _normalize(h, mean, var, scale, bias)
@@ -701,7 +705,9 @@ def _relu_conv_bn_bwd(stride, dilation, remat, impl, residuals, cotangents):
   dy, dmean, dvar = cotangents
   k, _, g, c = dw.shape
   s, f = x.shape[0], pw.shape[-1]
-  if impl == 'native' and not remat:
+  if impl == 'native':
+    if remat:  # h again, from a weight tied to dy: neither merged with the forward call nor early
+      a = _dilconv_native(x, dw, _after(pw, dy), stride, dilation)[0]
     return _dilconv_native_bwd(stride, dilation, x, dw, pw, scale, mean, var, a, dy, dmean, dvar)
   if remat:
     a, h = _relu_conv(materialize(x, after=dy), dw, pw, stride, dilation, impl)
@@ -734,6 +740,13 @@ def _relu_conv_bn_bwd(stride, dilation, remat, impl, residuals, cotangents):
     dr, d_dw = _depthwise_shift_bwd(stride, dilation, (jnp.maximum(x, 0.0), kernel), da)
     dx = _after(jnp.where(x > 0, dr, 0.0), d_dw)
   return dx, d_dw.reshape(dw.shape), d_pw, d_scale, d_bias
+
+
+def _dilconv_native(x, dw, pw, stride, dilation):
+  """(h, mean, var) of the native DilConv; dw [K,K,G,C] as the module holds it."""
+  k, _, g, c = dw.shape
+  return native.dilconv_forward(x, dw.reshape(k, k, g // x.shape[0], x.shape[0], c), pw, stride,
+                                dilation)
 
 
 def _dilconv_native_bwd(stride, dilation, x, dw, pw, scale, mean, var, h, dy, dmean, dvar):

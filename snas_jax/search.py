@@ -57,7 +57,7 @@ class SearchConfig:
                     'shift on several, lax elsewhere).', choices=('auto', 'native', 'shift', 'lax'))
   remat: bool = field(False, 'Recompute more in the backward pass (the reference\'s --use_ckpt): '
                       'less memory, slower. Each cell on GPU/TPU; on CPU the convolutions '
-                      'recompute their depthwise outputs (README, Performance).')
+                      'recompute their outputs before BN (README, Performance).')
   # Method.
   method: str = field('snas', 'snas: Gumbel-softmax samples Z; darts: Z = softmax(α) '
                       '(single-level DARTS baseline) with DARTS top-2 derivation.',

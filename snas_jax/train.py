@@ -82,7 +82,7 @@ class TrainConfig:
                                 'epochs; per-sample, on every edge but the identity.')
   remat: bool = field(False, 'Recompute more in the backward pass: less memory, more compute. '
                       'Each cell on GPU/TPU; on CPU the convolutions recompute their '
-                      'depthwise outputs.')
+                      'outputs before BN.')
   op_impl: str = field('auto', 'Depthwise conv / max pool implementation: auto (C++ custom calls '
                        'on one CPU device, shift-and-add on several, XLA elsewhere), native, '
                        'shift or lax.', choices=('auto', 'native', 'shift', 'lax'))

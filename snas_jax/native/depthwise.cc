@@ -205,29 +205,60 @@ void ForwardBlock(const Geometry& g, const float* __restrict xp, const float* __
 }
 
 // part[tap, d, c0:] += Σ over (H', W') of the padded image's view for the
-// tap times g[d, s, n]: the kernel gradient of one image.
+// tap times g[d, s, n]: the kernel gradient of one image. A row of K taps at
+// a time, so each load of g feeds K products (K a compile-time constant:
+// the K sums stay in registers).
+template <typename T, int K>
+void KernelGradRows(const Geometry& g, const float* __restrict xp, Images gy,
+                    float* __restrict part, int64_t c0) {
+  const int64_t Wp = g.W + 2 * g.pad, C = g.C, step = g.stride * C, jstep = g.dilation * C;
+  for (int64_t d = 0; d < g.D; ++d) {
+    for (int64_t i = 0; i < K; ++i) {
+      T a[K] = {}, b[K] = {};  // two pixels at a time: 2K independent sums
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        const float* __restrict xv = xp + (oh * g.stride + i * g.dilation) * Wp * C + c0;
+        const float* __restrict gv = gy.At(d, oh * g.Wo * C) + c0;
+        int64_t ow = 0;
+        for (; ow + 2 <= g.Wo; ow += 2) {
+          const T g0 = Load<T>(gv + ow * C), g1 = Load<T>(gv + (ow + 1) * C);
+          const float* x0 = xv + ow * step;
+#pragma GCC unroll 8
+          for (int j = 0; j < K; ++j) {
+            a[j] += Load<T>(x0 + j * jstep) * g0;
+            b[j] += Load<T>(x0 + step + j * jstep) * g1;
+          }
+        }
+        for (; ow < g.Wo; ++ow) {
+          const T g0 = Load<T>(gv + ow * C);
+#pragma GCC unroll 8
+          for (int j = 0; j < K; ++j) a[j] += Load<T>(xv + ow * step + j * jstep) * g0;
+        }
+      }
+      for (int j = 0; j < K; ++j) {
+        float* pv = part + ((i * K + j) * g.D + d) * C + c0;
+        Store(pv, Load<T>(pv) + (a[j] + b[j]));
+      }
+    }
+  }
+}
+
 template <typename T>
 void KernelGradBlock(const Geometry& g, const float* __restrict xp, Images gy,
                      float* __restrict part, int64_t c0) {
+  if (g.K == 3) return KernelGradRows<T, 3>(g, xp, gy, part, c0);
+  if (g.K == 5) return KernelGradRows<T, 5>(g, xp, gy, part, c0);
   const int64_t Wp = g.W + 2 * g.pad, C = g.C, step = g.stride * C;
-  for (int64_t d = 0; d < g.D; ++d) {
+  for (int64_t d = 0; d < g.D; ++d) {  // any other K: one tap at a time
     for (int64_t i = 0; i < g.K; ++i) {
       for (int64_t j = 0; j < g.K; ++j) {
-        T a0{}, a1{}, a2{}, a3{};
+        T a{};
         for (int64_t oh = 0; oh < g.Ho; ++oh) {
           const float* __restrict xv = xp + ((oh * g.stride + i * g.dilation) * Wp + j * g.dilation) * C + c0;
           const float* __restrict gv = gy.At(d, oh * g.Wo * C) + c0;
-          int64_t ow = 0;
-          for (; ow + kUnroll <= g.Wo; ow += kUnroll) {
-            a0 += Load<T>(xv + ow * step) * Load<T>(gv + ow * C);
-            a1 += Load<T>(xv + (ow + 1) * step) * Load<T>(gv + (ow + 1) * C);
-            a2 += Load<T>(xv + (ow + 2) * step) * Load<T>(gv + (ow + 2) * C);
-            a3 += Load<T>(xv + (ow + 3) * step) * Load<T>(gv + (ow + 3) * C);
-          }
-          for (; ow < g.Wo; ++ow) a0 += Load<T>(xv + ow * step) * Load<T>(gv + ow * C);
+          for (int64_t ow = 0; ow < g.Wo; ++ow) a += Load<T>(xv + ow * step) * Load<T>(gv + ow * C);
         }
         float* pv = part + ((i * g.K + j) * g.D + d) * C + c0;
-        Store(pv, Load<T>(pv) + ((a0 + a1) + (a2 + a3)));
+        Store(pv, Load<T>(pv) + a);
       }
     }
   }
@@ -446,21 +477,27 @@ void MatMulBlock(const float* __restrict in, const float* __restrict w, float* _
   }
 }
 
-// dw[c, f0:] += Σ_p a[p, c] · dh[p, f0:] (one image's 1x1 weight gradient).
+// dw[c, f0:] += Σ_p a[p, c] · dh[p, f0:] (one image's 1x1 weight gradient),
+// 8 channels c at a time: each load of dh feeds 8 products.
 template <typename T>
 void OuterBlock(const float* __restrict a, const float* __restrict dh, float* __restrict dw,
                 int64_t P, int64_t C, int64_t F, int64_t f0) {
-  for (int64_t c = 0; c < C; ++c) {
-    T a0{}, a1{}, a2{}, a3{};
-    int64_t p = 0;
-    for (; p + kUnroll <= P; p += kUnroll) {
-      a0 += a[p * C + c] * Load<T>(dh + p * F + f0);
-      a1 += a[(p + 1) * C + c] * Load<T>(dh + (p + 1) * F + f0);
-      a2 += a[(p + 2) * C + c] * Load<T>(dh + (p + 2) * F + f0);
-      a3 += a[(p + 3) * C + c] * Load<T>(dh + (p + 3) * F + f0);
+  constexpr int64_t kRows = 8;
+  int64_t c = 0;
+  for (; c + kRows <= C; c += kRows) {
+    T acc[kRows] = {};
+    for (int64_t p = 0; p < P; ++p) {
+      const T gv = Load<T>(dh + p * F + f0);
+      const float* __restrict ap = a + p * C + c;
+#pragma GCC unroll 8
+      for (int r = 0; r < kRows; ++r) acc[r] += ap[r] * gv;
     }
-    for (; p < P; ++p) a0 += a[p * C + c] * Load<T>(dh + p * F + f0);
-    Store(dw + c * F + f0, Load<T>(dw + c * F + f0) + ((a0 + a1) + (a2 + a3)));
+    for (int r = 0; r < kRows; ++r) Store(dw + (c + r) * F + f0, Load<T>(dw + (c + r) * F + f0) + acc[r]);
+  }
+  for (; c < C; ++c) {
+    T acc{};
+    for (int64_t p = 0; p < P; ++p) acc += a[p * C + c] * Load<T>(dh + p * F + f0);
+    Store(dw + c * F + f0, Load<T>(dw + c * F + f0) + acc);
   }
 }
 
