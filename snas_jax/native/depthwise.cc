@@ -108,19 +108,30 @@ struct Geometry {
 // relu?(x[s, n]) zero-padded by `pad` on every side: [Hp, Wp, C], so the
 // loops below read every tap without bounds checks. One copy per image (in
 // the cache), and the ReLU applied once rather than per tap and edge.
-void PadImage(const Geometry& g, const float* __restrict x, int64_t s, int64_t n, bool relu,
-              std::vector<float>& out) {
-  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C;
-  out.assign(Hp * Wp * C, 0.0f);
-  for (int64_t h = 0; h < g.H; ++h) {
-    const float* __restrict src = x + g.X(s, n, h, 0);
-    float* __restrict dst = out.data() + ((h + g.pad) * Wp + g.pad) * C;
+// Writes rows [H, W·C] (row stride `src_stride`) into out, a [H + 2·pad,
+// W + 2·pad, C] image with a zero border of `pad`; only the border is zeroed.
+void PadRows(const float* __restrict src, int64_t src_stride, int64_t H, int64_t W, int64_t C,
+             int64_t pad, bool relu, float* __restrict out) {
+  const int64_t Wp = W + 2 * pad, edge = pad * C;
+  std::memset(out, 0, sizeof(float) * pad * Wp * C);
+  std::memset(out + (H + pad) * Wp * C, 0, sizeof(float) * pad * Wp * C);
+  for (int64_t h = 0; h < H; ++h) {
+    const float* __restrict row = src + h * src_stride;
+    float* __restrict dst = out + (h + pad) * Wp * C;
+    std::memset(dst, 0, sizeof(float) * edge);
+    std::memset(dst + edge + W * C, 0, sizeof(float) * edge);
     if (relu) {  // max(NaN, 0) is NaN, as jnp.maximum
-      for (int64_t c = 0; c < g.W * C; ++c) dst[c] = std::max(src[c], 0.0f);
+      for (int64_t c = 0; c < W * C; ++c) dst[edge + c] = std::max(row[c], 0.0f);
     } else {
-      std::memcpy(dst, src, sizeof(float) * g.W * C);
+      std::memcpy(dst + edge, row, sizeof(float) * W * C);
     }
   }
+}
+
+void PadImage(const Geometry& g, const float* __restrict x, int64_t s, int64_t n, bool relu,
+              std::vector<float>& out) {
+  out.resize((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * g.C);
+  PadRows(x + g.X(s, n, 0, 0), g.W * g.C, g.H, g.W, g.C, g.pad, relu, out.data());
 }
 
 // Channel blocks: GCC/Clang vector types of 16 and 8 floats (one AVX-512 /
@@ -353,11 +364,9 @@ void BackwardImage(const Geometry& g, const float* __restrict x, const float* __
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C;
   ForBlocks(C, [&](auto t, int64_t c0) { KernelGradBlock<decltype(t)>(g, xp, gy, part, c0); });
   if (g.stride == 1) {  // buf: the D cotangent images, each padded
-    buf.assign(g.D * Hp * Wp * C, 0.0f);
+    buf.resize(g.D * Hp * Wp * C);
     for (int64_t d = 0; d < g.D; ++d)
-      for (int64_t h = 0; h < g.Ho; ++h)
-        std::memcpy(buf.data() + ((d * Hp + h + g.pad) * Wp + g.pad) * C, gy.At(d, h * g.Wo * C),
-                    sizeof(float) * g.Wo * C);
+      PadRows(gy.At(d, 0), g.Wo * C, g.Ho, g.Wo, C, g.pad, false, buf.data() + d * Hp * Wp * C);
     ForBlocks(C, [&](auto t, int64_t c0) {
       InputGradBlock<decltype(t)>(g, buf.data(), x, k, dx, s, n, c0, relu);
     });
