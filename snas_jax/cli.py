@@ -19,12 +19,13 @@ import snas_jax  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
 from snas_jax import config as config_lib  # noqa: E402
+from snas_jax import native  # noqa: E402
 from snas_jax import parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
 
 # Errors a user can fix from the command line: printed as one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, native.NativeBuildError)
 
 
 # glibc's malloc backs its large blocks (XLA:CPU's temporaries, allocated

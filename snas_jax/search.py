@@ -370,6 +370,7 @@ def run(cfg: SearchConfig, workdir: str) -> dict:
   config_lib.validate(cfg)
   if not workdir:
     raise ValueError('--workdir is required: the folder for checkpoints and outputs')
+  ops.resolve_impl(cfg.impl)  # builds the native kernels now, or says why it cannot
   arrays = load_data(cfg)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(cfg.batch_size, mesh)

@@ -593,6 +593,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
   instead when --stop_after_step ends the run early).
   """
   config_lib.validate(config)
+  ops.resolve_impl(config.op_impl)  # builds the native kernels now, or says why it cannot
   # Every cheap check (genotype, size limit, data) comes before any compile.
   genotype = resolve_genotype(config)
   mesh = parallel.make_mesh()

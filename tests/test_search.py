@@ -92,6 +92,17 @@ def test_bad_flag_value_is_one_line(tmp_path, cifar_dir):
   assert proc.stderr.strip().splitlines()[-1] == 'error: --drop_path=1.5 must lie in [0, 1)'
 
 
+def test_native_kernels_that_cannot_build_are_one_line(tmp_path, cifar_dir):
+  """--impl=native without a working compiler fails at start-up with one line."""
+  proc = run_script('search_cifar.py', f'--workdir={tmp_path / "w"}', f'--data_dir={cifar_dir}',
+                    *TINY_SEARCH, '--impl=native',  # the last value of a flag wins
+                    env={'CXX': '/bin/false', 'SNAS_JAX_NATIVE_DIR': str(tmp_path / 'native')})
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: impl='native' needs the CPU kernels") and "Use impl='shift'" in last
+  assert not (tmp_path / 'w').exists()  # before any work
+
+
 def test_missing_data_dir_is_one_line(tmp_path):
   proc = run_script('search_cifar.py', f'--workdir={tmp_path / "w"}', f'--data_dir={tmp_path / "nope"}', *TINY_SEARCH)
   assert proc.returncode != 0

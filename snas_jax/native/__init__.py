@@ -40,7 +40,7 @@ _TARGETS = {'snas_depthwise_forward': 'SnasDepthwiseForward',
 
 
 class NativeBuildError(RuntimeError):
-  pass
+  """The kernels did not build; an entry script prints it as one line."""
 
 
 def _cpu_id() -> bytes:
