@@ -62,6 +62,9 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f'unknown op implementation {impl!r}; use one of {", ".join(IMPLS)}')
   if impl == 'native':
+    if jax.default_backend() != 'cpu':
+      raise ValueError(f"impl='native' runs on the CPU only, not {jax.default_backend()}; "
+                       'use auto or lax')
     native.require()
   return impl
 

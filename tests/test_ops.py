@@ -130,9 +130,13 @@ def test_native_build_failure_is_one_clear_error(monkeypatch, tmp_path):
   ops._warn_native_fallback.cache_clear()
 
 
-def test_auto_picks_native_on_one_cpu_device():
+def test_auto_picks_native_on_one_cpu_device(monkeypatch):
   assert jax.device_count() == 1 and native.available()
   assert ops.resolve_impl('auto') == 'native'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # elsewhere: lax; native refused
+  assert ops.resolve_impl('auto') == 'lax'
+  with pytest.raises(ValueError, match="impl='native' runs on the CPU only, not gpu"):
+    ops.resolve_impl('native')
 
 
 # Bytes per image of x (S·H·W·C) and g (D·S·H'·W'·C) below, at stride 2.
