@@ -199,8 +199,14 @@ def depthwise_conv(x, kernel, *, stride: int = 1, dilation: int = 1, impl: str =
         rhs_dilation=(dilation, dilation), feature_group_count=g * c,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return jnp.moveaxis(y.reshape(n, y.shape[1], y.shape[2], g, c), 3, 0)
-  y = _depthwise(x, kernel.reshape(k, k, g // s, s, c), stride, dilation, impl)
+  y = _depthwise(x, _by_source(kernel, s), stride, dilation, impl)
   return y.reshape((g,) + y.shape[2:])
+
+
+def _by_source(kernel, s: int):
+  """A per-edge depthwise kernel [K,K,G,C] as [K,K,D,S,C] (edge g = d·S + s)."""
+  k, _, g, c = kernel.shape
+  return kernel.reshape(k, k, g // s, s, c)
 
 
 def _depthwise(x, kernel, stride, dilation, impl, relu=False):
@@ -648,9 +654,8 @@ class DilConv(nn.Module):
 
 def _relu_conv(x, dw, pw, stride, dilation, impl):
   """ReLU -> depthwise (shift or native) -> 1x1: ([G,N,H',W',C] after the depthwise, [G,N,H',W',F])."""
-  k, _, g, c = dw.shape
-  a = _depthwise(x, dw.reshape(k, k, g // x.shape[0], x.shape[0], c), stride, dilation, impl, relu=True)
-  a = a.reshape((g,) + a.shape[2:])
+  a = _depthwise(x, _by_source(dw, x.shape[0]), stride, dilation, impl, relu=True)
+  a = a.reshape((dw.shape[2],) + a.shape[2:])
   return a, pointwise_conv(a, pw)
 
 
@@ -736,7 +741,7 @@ def _relu_conv_bn_bwd(stride, dilation, remat, impl, residuals, cotangents):
   d_pw = jnp.einsum('gpc,gpf->gcf', a.reshape(g, -1, c), dh)
   # The rest waits for the weight gradients (see the docstring).
   da = jnp.einsum('gpf,gcf->gpc', dh, _after(pw, d_pw)).reshape(a.shape)
-  kernel, da = dw.reshape(k, k, g // s, s, c), da.reshape((g // s, s) + a.shape[1:])
+  kernel, da = _by_source(dw, s), da.reshape((g // s, s) + a.shape[1:])
   if impl == 'native':  # one call: both gradients, dx already masked by the ReLU
     dx, d_dw = native.depthwise_backward(x, kernel, da, stride, dilation, relu=True)
   else:
@@ -747,16 +752,13 @@ def _relu_conv_bn_bwd(stride, dilation, remat, impl, residuals, cotangents):
 
 def _dilconv_native(x, dw, pw, stride, dilation):
   """(h, mean, var) of the native DilConv; dw [K,K,G,C] as the module holds it."""
-  k, _, g, c = dw.shape
-  return native.dilconv_forward(x, dw.reshape(k, k, g // x.shape[0], x.shape[0], c), pw, stride,
-                                dilation)
+  return native.dilconv_forward(x, _by_source(dw, x.shape[0]), pw, stride, dilation)
 
 
 def _dilconv_native_bwd(stride, dilation, x, dw, pw, scale, mean, var, h, dy, dmean, dvar):
   """The native VJP: BN's two reductions in one call, then everything else in
   one more, from the gradient reaching h written as A·dy + B·(h − mean) + C0
   (the same algebra as the XLA form below, with d_norm = scale·dy)."""
-  k, _, g, c = dw.shape
   m = h[0].size // h.shape[-1]  # values per statistic: N·H'·W'
   sum_dy, sum_dy_centred = native.bn_grad_sums(h, dy, mean)
   rstd = lax.rsqrt(var + BN_EPSILON)
@@ -764,7 +766,7 @@ def _dilconv_native_bwd(stride, dilation, x, dw, pw, scale, mean, var, h, dy, dm
   b = 2.0 * dvar / m - gain * jnp.square(rstd) * sum_dy_centred / m
   c0 = dmean / m - gain * sum_dy / m
   coef = jnp.stack([jnp.broadcast_to(gain, b.shape), b, c0, mean])
-  dx, d_dw, d_pw = native.dilconv_backward(x, dw.reshape(k, k, g // x.shape[0], x.shape[0], c), pw,
+  dx, d_dw, d_pw = native.dilconv_backward(x, _by_source(dw, x.shape[0]), pw,
                                            h, dy, coef, stride, dilation)
   d_scale = d_bias = None
   if scale is not None:

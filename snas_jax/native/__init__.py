@@ -111,14 +111,17 @@ def _attrs(stride, dilation, relu):
   return dict(stride=np.int64(stride), dilation=np.int64(dilation), relu=bool(relu))
 
 
+def _out_hw(x, k, stride, dilation):
+  """(H', W') of a 'same'-padded KxK window op on x [S,N,H,W,C]."""
+  pad = dilation * (k - 1) // 2
+  return tuple((size + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for size in x.shape[2:4])
+
+
 def depthwise_forward(x, kernel, stride: int, dilation: int, relu: bool):
   """x [S,N,H,W,C], kernel [K,K,D,S,C] -> [D,S,N,H',W',C] (x through ReLU first if relu)."""
   require()
-  k, d = kernel.shape[0], kernel.shape[2]
-  s, n, h, w, c = x.shape
-  pad = dilation * (k - 1) // 2
-  out = lambda size: (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
-  shape = jax.ShapeDtypeStruct((d, s, n, out(h), out(w), c), x.dtype)
+  shape = (kernel.shape[2],) + x.shape[:2] + _out_hw(x, kernel.shape[0], stride, dilation) + x.shape[-1:]
+  shape = jax.ShapeDtypeStruct(shape, x.dtype)
   return jax.ffi.ffi_call('snas_depthwise_forward', shape)(x, kernel, **_attrs(stride, dilation, relu))
 
 
@@ -129,11 +132,6 @@ def depthwise_backward(x, kernel, g, stride: int, dilation: int, relu: bool):
   shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
   return jax.ffi.ffi_call('snas_depthwise_backward', shapes)(x, kernel, g,
                                                               **_attrs(stride, dilation, relu))
-
-
-def _out_hw(x, k, stride, dilation):
-  pad = dilation * (k - 1) // 2
-  return tuple((size + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for size in x.shape[2:4])
 
 
 def dilconv_forward(x, kernel, pw, stride: int, dilation: int):
