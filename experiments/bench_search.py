@@ -41,8 +41,8 @@ flags.DEFINE_bool('cache_variant', True, 'Measure the base configuration a secon
                   'process with the persistent compilation cache its first run filled (what a '
                   'resumed or repeated run pays).')
 flags.DEFINE_string('impl', 'auto', 'Op implementation (auto, native, shift, lax).')
-flags.DEFINE_bool('huge_pages', True, 'Run each configuration as the entry scripts do (their '
-                  '--huge_pages): glibc backing large blocks with transparent huge pages.')
+flags.DEFINE_bool('tune_memory', True, 'Run each configuration as the entry scripts do (their '
+                  "--tune_memory): XLA's temporaries kept mapped, on transparent huge pages.")
 flags.DEFINE_integer('steps', 5, 'Timed steps after warm-up (the median is reported).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 flags.DEFINE_string('json_out', '', 'Also write the results here as a JSON list.')
@@ -93,7 +93,7 @@ def measure(spec: dict) -> dict:
       times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
   return {**spec, 'devices': len(jax.devices()), 'impl': ops.resolve_impl(spec['impl']),
-          'huge_pages': cli.HUGE_PAGES in os.environ.get('GLIBC_TUNABLES', ''),
+          'memory': cli.memory_tuning(),
           'init_s': round(init_s, 2),
           'trace_s': round(trace_s, 2), 'compile_s': round(compile_s, 2),
           'step_s': round(step_s, 3), 'images_per_s': round(cfg.batch_size / step_s, 2),
@@ -147,7 +147,7 @@ def specs(cache_dir: str) -> list:
 
 def run_child(spec: dict) -> dict:
   from snas_jax import cli
-  env = cli.huge_pages_env() if FLAGS.huge_pages else None
+  env = cli.memory_tuning_env() if FLAGS.tune_memory else None
   proc = subprocess.run([sys.executable, __file__, f'--child={json.dumps(spec)}',
                          f'--steps={FLAGS.steps}', f'--warmup={FLAGS.warmup}'],
                         capture_output=True, text=True, env=env)
@@ -165,7 +165,7 @@ def main(argv):
     return
   env = environment()
   print(json.dumps(env))
-  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'impl', 'huge_pages',
+  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'impl', 'memory',
           'remat', 'cache', 'init_s',
           'trace_s', 'compile_s', 'step_s', 'images_per_s', 'rss_compiled_gb', 'peak_rss_gb',
           'xla_temp_gb', 'kernels')

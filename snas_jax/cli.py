@@ -28,37 +28,51 @@ FLAGS = flags.FLAGS
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, native.NativeBuildError)
 
 
-# glibc's malloc backs its large blocks (XLA:CPU's temporaries, allocated
-# afresh every step) with transparent huge pages: 512x fewer page faults.
+# XLA:CPU allocates a train step's temporaries (2.6 GB at the paper's search
+# configuration) with malloc when the step starts and frees them when it ends,
+# so by default the kernel maps and zeroes them afresh every step, 4 KB at a
+# time. Two settings fix that; the dynamic loader and glibc read them only at
+# start-up, hence a restart (restart_with_memory_tuning):
+# - glibc backs its large blocks with transparent huge pages (512x fewer faults);
+# - snas_jax/native/block_cache.cc, preloaded, keeps the last freed large block
+#   mapped for the next step (no faults, no zeroing; README, Performance).
 HUGE_PAGES = 'glibc.malloc.hugetlb=1'
+_TUNED = 'SNAS_JAX_MEMORY_TUNED'  # set in the restarted process: restart once
 
 
-def restart_with_huge_pages() -> None:
-  """Re-executes this script once with ``GLIBC_TUNABLES`` asking glibc for
-  huge pages (glibc reads it only at start-up); a no-op if the variable
-  already asks, or without glibc >= 2.35.
-
-  Why: XLA:CPU allocates the step's temporaries (3.5 GB at the paper's
-  configuration) afresh every step and the kernel maps them page by page:
-  one 32x32, C=16 search cell spent ~20% of its step in page faults
-  (README, Performance)."""
-  env = huge_pages_env()
+def restart_with_memory_tuning() -> None:
+  """Re-executes this script once with both settings (``memory_tuning_env``);
+  a no-op in the restarted process or without glibc."""
+  env = memory_tuning_env()
   if env is not None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
-def huge_pages_env() -> dict | None:
-  """os.environ with GLIBC_TUNABLES asking for huge pages, for a new process;
-  None if it asks already or this is not glibc >= 2.35."""
-  tunables = os.environ.get('GLIBC_TUNABLES', '')
+def memory_tuning_env() -> dict | None:
+  """os.environ for a new process with GLIBC_TUNABLES asking for huge pages
+  (glibc >= 2.35) and LD_PRELOAD adding the block cache (where it builds);
+  None in a process that has them already, or without glibc."""
   libc, version = platform.libc_ver()
-  if 'glibc.malloc.hugetlb' in tunables or libc != 'glibc':
+  if os.environ.get(_TUNED) or libc != 'glibc':
     return None
-  if tuple(int(v) for v in version.split('.')[:2]) < (2, 35):
-    return None
-  return dict(os.environ, GLIBC_TUNABLES=':'.join(filter(None, [tunables, HUGE_PAGES])))
+  env = dict(os.environ, **{_TUNED: '1'})
+  tunables = os.environ.get('GLIBC_TUNABLES', '')
+  if tuple(int(v) for v in version.split('.')[:2]) >= (2, 35) and HUGE_PAGES not in tunables:
+    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, HUGE_PAGES]))
+  cache = native.block_cache_library()
+  if cache is not None:
+    env['LD_PRELOAD'] = ':'.join(filter(None, [os.environ.get('LD_PRELOAD', ''), cache]))
+  return env
+
+
+def memory_tuning() -> str:
+  """The settings this process runs with: 'huge pages', 'block cache', both or 'off'."""
+  active = [name for name, on in (
+      ('huge pages', HUGE_PAGES in os.environ.get('GLIBC_TUNABLES', '')),
+      ('block cache', 'block_cache' in os.environ.get('LD_PRELOAD', ''))) if on]
+  return ' + '.join(active) or 'off'
 
 
 def define_runtime_flags(summary: bool = False) -> None:
@@ -67,9 +81,9 @@ def define_runtime_flags(summary: bool = False) -> None:
     flags.DEFINE_bool('summary', False, 'Print the parameters (M, auxiliary head excluded) and '
                       'multiply-adds (M) per image of the network, then exit (no --workdir needed).')
   flags.DEFINE_string('workdir', '', 'Folder for checkpoints and outputs (resumes if it holds one).')
-  flags.DEFINE_bool('huge_pages', True, 'Restart once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: '
-                    "XLA's per-step temporaries on transparent huge pages (fewer page faults; "
-                    'glibc >= 2.35).')
+  flags.DEFINE_bool('tune_memory', True, "Restart once so that XLA's per-step temporaries stay "
+                    'mapped between steps and sit on transparent huge pages (LD_PRELOAD of '
+                    'snas_jax/native/block_cache.cc, GLIBC_TUNABLES=glibc.malloc.hugetlb=1).')
   flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, for multi-host runs.')
   flags.DEFINE_integer('num_processes', 1, 'Processes (hosts) in a multi-host run; -1 = '
                        'detect them (TPU pods, SLURM).')
@@ -133,8 +147,8 @@ def main(run_fn, config_cls, summary_fn=None) -> None:
       return
     if not FLAGS.workdir:
       raise ValueError('--workdir is required: the folder for checkpoints and outputs')
-    if FLAGS.huge_pages:
-      restart_with_huge_pages()
+    if FLAGS.tune_memory:
+      restart_with_memory_tuning()
     set_cpu_devices(FLAGS.cpu_devices)
     enable_compilation_cache(FLAGS.compilation_cache_dir)
     trim_heap_after_compiles()

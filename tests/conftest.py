@@ -16,11 +16,11 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
 
 def run_script(script, *args, env=None, timeout=600):
   """Runs experiments/<script> in a subprocess; returns CompletedProcess.
-  With glibc's huge pages already asked for, as a script's restart would
-  (cli.restart_with_huge_pages, tested in test_cli), so it does not restart."""
+  With the memory settings of a script's restart already made
+  (cli.restart_with_memory_tuning, tested in test_cli), so it does not restart."""
   import subprocess
   from snas_jax import cli
-  full_env = dict(cli.huge_pages_env() or os.environ, **(env or {}))
+  full_env = dict(cli.memory_tuning_env() or os.environ, **(env or {}))
   full_env.pop('XLA_FLAGS', None) if env is None or 'XLA_FLAGS' not in env else None
   return subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', script), *args,
                          f'--compilation_cache_dir={CACHE_DIR}'],

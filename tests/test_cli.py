@@ -67,8 +67,10 @@ RESTART_CHECK = """
 import os, sys
 sys.path.insert(0, {root!r})
 from snas_jax import cli
-print('run', sys.argv[1:], os.environ.get('GLIBC_TUNABLES', ''), flush=True)
-cli.restart_with_huge_pages()
+preload = os.environ.get('LD_PRELOAD', '').split(':')
+print('run', sys.argv[1:], os.environ.get('GLIBC_TUNABLES', ''),
+      [os.path.basename(p).split('-')[0] for p in preload if p], cli.memory_tuning(), flush=True)
+cli.restart_with_memory_tuning()
 """
 
 
@@ -76,12 +78,16 @@ cli.restart_with_huge_pages()
     ('', 'glibc.malloc.hugetlb=1'),
     ('glibc.malloc.check=0', 'glibc.malloc.check=0:glibc.malloc.hugetlb=1'),  # kept, extended
 ])
-def test_restart_with_huge_pages_runs_the_script_again_once(tmp_path, given, expected):
+def test_restart_with_memory_tuning_runs_the_script_again_once(tmp_path, given, expected):
   """The script runs twice, the second time (same arguments) with glibc asked
-  for huge pages; the second run does not restart again."""
+  for huge pages and the block cache preloaded; the second run does not
+  restart again."""
   script = tmp_path / 'script.py'
   script.write_text(RESTART_CHECK.format(root=ROOT))
+  env = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'SNAS_JAX_MEMORY_TUNED')}
   proc = subprocess.run([sys.executable, str(script), '--flag=1'], capture_output=True, text=True,
-                        timeout=120, env=dict(os.environ, GLIBC_TUNABLES=given))
+                        timeout=120, env=dict(env, GLIBC_TUNABLES=given))
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.splitlines() == [f"run ['--flag=1'] {given}", f"run ['--flag=1'] {expected}"]
+  assert proc.stdout.splitlines() == [
+      f"run ['--flag=1'] {given} [] off",
+      f"run ['--flag=1'] {expected} ['block_cache'] huge pages + block cache"]

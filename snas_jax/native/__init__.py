@@ -13,6 +13,10 @@ under ``~/.cache/snas_jax/native`` (``SNAS_JAX_NATIVE_DIR`` moves it), keyed by
 the source, the compiler, jaxlib and the CPU, so a fresh clone needs no build
 step. Without a compiler ``available()`` is False and ops fall back to XLA
 ('shift'); ``SNAS_JAX_NATIVE=0`` forces that fallback.
+
+``block_cache.cc`` is not a kernel but a malloc front end that keeps XLA's
+per-step temporaries mapped between steps; the entry scripts preload it
+(``cli.restart_with_memory_tuning``).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import jaxlib
 import numpy as np
 
 _SOURCE = Path(__file__).with_name('depthwise.cc')
+_BLOCK_CACHE = Path(__file__).with_name('block_cache.cc')
 _FLAGS = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w']
 _TARGETS = {'snas_depthwise_forward': 'SnasDepthwiseForward',
             'snas_depthwise_backward': 'SnasDepthwiseBackward',
@@ -51,17 +56,18 @@ def _cpu_id() -> bytes:
     return b''
 
 
-def _build() -> Path:
+def _build(source: Path, flags: list, includes: tuple = ()) -> Path:
+  """source compiled into a shared library in the cache (built once per key)."""
   cxx = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++') or shutil.which('clang++')
   if not cxx:
     raise NativeBuildError('no C++ compiler found (install g++ or set CXX)')
   version = subprocess.run([cxx, '--version'], capture_output=True, text=True).stdout
-  key = hashlib.sha256(b'\0'.join([_SOURCE.read_bytes(), ' '.join(_FLAGS).encode(),
+  key = hashlib.sha256(b'\0'.join([source.read_bytes(), ' '.join(flags).encode(),
                                    version.encode(), jaxlib.__version__.encode(),
                                    _cpu_id()])).hexdigest()[:16]
   out_dir = Path(os.path.expanduser(os.environ.get('SNAS_JAX_NATIVE_DIR',
                                                    '~/.cache/snas_jax/native')))
-  library = out_dir / f'depthwise-{key}.so'
+  library = out_dir / f'{source.stem}-{key}.so'
   if library.exists():
     return library
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,12 +75,23 @@ def _build() -> Path:
   # hosts' processes on one machine) never load a half-written file.
   with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
     part = Path(tmp) / library.name
-    done = subprocess.run([cxx, *_FLAGS, '-I', jax.ffi.include_dir(), str(_SOURCE), '-o', str(part)],
+    done = subprocess.run([cxx, *flags, *(f'-I{d}' for d in includes), str(source), '-o', str(part)],
                           capture_output=True, text=True)
     if done.returncode:
-      raise NativeBuildError(f'{cxx} failed on {_SOURCE.name}: {done.stderr.strip()[-2000:]}')
+      raise NativeBuildError(f'{cxx} failed on {source.name}: {done.stderr.strip()[-2000:]}')
     os.replace(part, library)
   return library
+
+
+def block_cache_library() -> str | None:
+  """block_cache.cc built (the malloc front end that the entry scripts
+  preload, cli.restart_with_memory_tuning); None where it cannot build."""
+  if os.environ.get('SNAS_JAX_NATIVE', '1') == '0':
+    return None
+  try:
+    return str(_build(_BLOCK_CACHE, ['-O2', '-std=c++17', '-shared', '-fPIC', '-w']))
+  except (NativeBuildError, OSError):
+    return None
 
 
 @functools.cache
@@ -83,7 +100,7 @@ def _load() -> str | None:
   if os.environ.get('SNAS_JAX_NATIVE', '1') == '0':
     return 'SNAS_JAX_NATIVE=0'
   try:
-    library = ctypes.cdll.LoadLibrary(str(_build()))
+    library = ctypes.cdll.LoadLibrary(str(_build(_SOURCE, _FLAGS, (jax.ffi.include_dir(),))))
   except (NativeBuildError, OSError, AttributeError) as e:
     return str(e)
   for target, symbol in _TARGETS.items():

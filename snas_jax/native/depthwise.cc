@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -175,35 +176,84 @@ void ForBlocks(int64_t C, F f) {
   for (; c0 < C; ++c0) f(0.0f, c0);
 }
 
-// Four output pixels at once: four independent sums hide the FMA latency.
-constexpr int64_t kUnroll = 4;
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+// Runs pixels(Int<U>{}, ow) over [0, n) in groups of U = 8, then 4, then 1:
+// eight independent sums keep both FMA units busy (latency 4 x 2 ports).
+template <typename F>
+inline void ForPixels(int64_t n, F pixels) {
+  int64_t o = 0;
+  for (; o + 8 <= n; o += 8) pixels(Int<8>{}, o);
+  for (; o + 4 <= n; o += 4) pixels(Int<4>{}, o);
+  for (; o < n; ++o) pixels(Int<1>{}, o);
+}
+
+// f(Int<K>, Int<dilation>, Int<stride>) if the window is one the search uses
+// (K 3 or 5, dilation and stride 1 or 2: loops with constant trip counts and
+// offsets, fully unrolled); false otherwise (the generic loops run instead).
+template <typename F>
+bool WithFixedWindow(const Geometry& g, F f) {
+  auto by_stride = [&](auto k, auto dil) {
+    if (g.stride == 1) return f(k, dil, Int<1>{}), true;
+    if (g.stride == 2) return f(k, dil, Int<2>{}), true;
+    return false;
+  };
+  auto by_dilation = [&](auto k) {
+    if (g.dilation == 1) return by_stride(k, Int<1>{});
+    if (g.dilation == 2) return by_stride(k, Int<2>{});
+    return false;
+  };
+  if (g.K == 3) return by_dilation(Int<3>{});
+  if (g.K == 5) return by_dilation(Int<5>{});
+  return false;
+}
+
+// ForwardBlock with the window's shape known at compile time.
+template <typename T, int K, int DIL, int STRIDE>
+void ForwardFixed(const Geometry& g, const float* __restrict xp, const float* __restrict k,
+                  Images y, int64_t s, int64_t c0) {
+  const int64_t Wp = g.W + 2 * g.pad, C = g.C;
+  for (int64_t d = 0; d < g.D; ++d) {
+    T kv[K * K];
+    for (int t = 0; t < K * K; ++t) kv[t] = Load<T>(k + g.Tap(t / K, t % K, d, s) + c0);
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      const float* __restrict row = xp + oh * STRIDE * Wp * C + c0;
+      float* __restrict out = y.At(d, oh * g.Wo * C) + c0;
+      ForPixels(g.Wo, [&](auto u, int64_t ow) {
+        constexpr int U = decltype(u)::value;
+        T a[U] = {};
+#pragma GCC unroll 5
+        for (int i = 0; i < K; ++i) {
+#pragma GCC unroll 5
+          for (int j = 0; j < K; ++j) {
+            const float* __restrict xv = row + (i * DIL * Wp + ow * STRIDE + j * DIL) * C;
+#pragma GCC unroll 8
+            for (int p = 0; p < U; ++p) a[p] += Load<T>(xv + p * STRIDE * C) * kv[i * K + j];
+          }
+        }
+#pragma GCC unroll 8
+        for (int p = 0; p < U; ++p) Store(out + (ow + p) * C, a[p]);
+      });
+    }
+  }
+}
 
 // Channels [c0, c0 + lanes) of y[d, s, n] from the padded image xp.
 template <typename T>
 void ForwardBlock(const Geometry& g, const float* __restrict xp, const float* __restrict k,
                   Images y, int64_t s, int64_t c0) {
-  const int64_t Wp = g.W + 2 * g.pad, C = g.C, step = g.stride * C;
+  if (WithFixedWindow(g, [&](auto K, auto dil, auto stride) {
+        ForwardFixed<T, K, dil, stride>(g, xp, k, y, s, c0);
+      })) {
+    return;
+  }
+  const int64_t Wp = g.W + 2 * g.pad, C = g.C;
   for (int64_t d = 0; d < g.D; ++d) {
     for (int64_t oh = 0; oh < g.Ho; ++oh) {
       const float* __restrict row = xp + oh * g.stride * Wp * C + c0;
       float* __restrict out = y.At(d, oh * g.Wo * g.C) + c0;
-      int64_t ow = 0;
-      for (; ow + kUnroll <= g.Wo; ow += kUnroll) {
-        T a0{}, a1{}, a2{}, a3{};
-        for (int64_t i = 0; i < g.K; ++i) {
-          for (int64_t j = 0; j < g.K; ++j) {
-            const float* __restrict xv = row + (i * g.dilation * Wp + j * g.dilation + ow * g.stride) * C;
-            const T kv = Load<T>(k + g.Tap(i, j, d, s) + c0);
-            a0 += Load<T>(xv) * kv;
-            a1 += Load<T>(xv + step) * kv;
-            a2 += Load<T>(xv + 2 * step) * kv;
-            a3 += Load<T>(xv + 3 * step) * kv;
-          }
-        }
-        Store(out + ow * C, a0), Store(out + (ow + 1) * C, a1);
-        Store(out + (ow + 2) * C, a2), Store(out + (ow + 3) * C, a3);
-      }
-      for (; ow < g.Wo; ++ow) {
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
         T a{};
         for (int64_t i = 0; i < g.K; ++i)
           for (int64_t j = 0; j < g.K; ++j)
@@ -217,37 +267,40 @@ void ForwardBlock(const Geometry& g, const float* __restrict xp, const float* __
 
 // part[tap, d, c0:] += Σ over (H', W') of the padded image's view for the
 // tap times g[d, s, n]: the kernel gradient of one image. A row of K taps at
-// a time, so each load of g feeds K products (K a compile-time constant:
-// the K sums stay in registers).
+// a time, so each load of g feeds K products, for U pixels at once: U·K
+// independent sums in registers (K, U compile-time constants).
 template <typename T, int K>
 void KernelGradRows(const Geometry& g, const float* __restrict xp, Images gy,
                     float* __restrict part, int64_t c0) {
+  constexpr int U = K <= 3 ? 4 : 2;
   const int64_t Wp = g.W + 2 * g.pad, C = g.C, step = g.stride * C, jstep = g.dilation * C;
   for (int64_t d = 0; d < g.D; ++d) {
     for (int64_t i = 0; i < K; ++i) {
-      T a[K] = {}, b[K] = {};  // two pixels at a time: 2K independent sums
+      T a[U][K] = {};
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
         const float* __restrict xv = xp + (oh * g.stride + i * g.dilation) * Wp * C + c0;
         const float* __restrict gv = gy.At(d, oh * g.Wo * C) + c0;
         int64_t ow = 0;
-        for (; ow + 2 <= g.Wo; ow += 2) {
-          const T g0 = Load<T>(gv + ow * C), g1 = Load<T>(gv + (ow + 1) * C);
-          const float* x0 = xv + ow * step;
-#pragma GCC unroll 8
-          for (int j = 0; j < K; ++j) {
-            a[j] += Load<T>(x0 + j * jstep) * g0;
-            b[j] += Load<T>(x0 + step + j * jstep) * g1;
+        for (; ow + U <= g.Wo; ow += U) {
+#pragma GCC unroll 4
+          for (int p = 0; p < U; ++p) {
+            const T gp = Load<T>(gv + (ow + p) * C);
+            const float* x0 = xv + (ow + p) * step;
+#pragma GCC unroll 5
+            for (int j = 0; j < K; ++j) a[p][j] += Load<T>(x0 + j * jstep) * gp;
           }
         }
         for (; ow < g.Wo; ++ow) {
           const T g0 = Load<T>(gv + ow * C);
-#pragma GCC unroll 8
-          for (int j = 0; j < K; ++j) a[j] += Load<T>(xv + ow * step + j * jstep) * g0;
+#pragma GCC unroll 5
+          for (int j = 0; j < K; ++j) a[0][j] += Load<T>(xv + ow * step + j * jstep) * g0;
         }
       }
       for (int j = 0; j < K; ++j) {
+        T sum = a[0][j];
+        for (int p = 1; p < U; ++p) sum += a[p][j];
         float* pv = part + ((i * K + j) * g.D + d) * C + c0;
-        Store(pv, Load<T>(pv) + (a[j] + b[j]));
+        Store(pv, Load<T>(pv) + sum);
       }
     }
   }
@@ -278,39 +331,51 @@ void KernelGradBlock(const Geometry& g, const float* __restrict xp, Images gy,
 // Stride 1: dx[h, w] = Σ_d Σ_taps gp_d[h + 2·pad − i·dil, w + 2·pad − j·dil]·k[i, j, d]
 // over the D cotangent images padded by `pad` (gp), a gather like the
 // forward pass; zero where the ReLU clipped x.
+template <typename T, int K, int DIL>
+void InputGradFixed(const Geometry& g, const float* __restrict gp, const float* __restrict x,
+                    const float* __restrict k, float* __restrict dx, int64_t s, int64_t n,
+                    int64_t c0, bool relu) {
+  const int64_t Wp = g.W + 2 * g.pad, Hp = g.H + 2 * g.pad, C = g.C, reach = 2 * g.pad;
+  for (int64_t h = 0; h < g.H; ++h) {
+    ForPixels(g.W, [&](auto u, int64_t w) {
+      constexpr int U = decltype(u)::value;
+      T a[U] = {};
+      for (int64_t d = 0; d < g.D; ++d) {
+        const float* __restrict base = gp + ((d * Hp + h + reach) * Wp + w + reach) * C + c0;
+#pragma GCC unroll 5
+        for (int i = 0; i < K; ++i) {
+#pragma GCC unroll 5
+          for (int j = 0; j < K; ++j) {
+            const float* __restrict gv = base - (i * DIL * Wp + j * DIL) * C;
+            const T kv = Load<T>(k + g.Tap(i, j, d, s) + c0);
+#pragma GCC unroll 8
+            for (int p = 0; p < U; ++p) a[p] += Load<T>(gv + p * C) * kv;
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int p = 0; p < U; ++p) {
+        const int64_t at = g.X(s, n, h, w + p) + c0;
+        T v = a[p];
+        if (relu) v = Load<T>(x + at) > T{} ? v : T{};  // elementwise select
+        Store(dx + at, v);
+      }
+    });
+  }
+}
+
 template <typename T>
 void InputGradBlock(const Geometry& g, const float* __restrict gp, const float* __restrict x,
                     const float* __restrict k, float* __restrict dx, int64_t s, int64_t n,
                     int64_t c0, bool relu) {
+  if (WithFixedWindow(g, [&](auto K, auto dil, auto) {
+        InputGradFixed<T, K, dil>(g, gp, x, k, dx, s, n, c0, relu);
+      })) {
+    return;
+  }
   const int64_t Wp = g.W + 2 * g.pad, Hp = g.H + 2 * g.pad, C = g.C, reach = 2 * g.pad;
-  auto finish = [&](int64_t h, int64_t w, T a) {
-    const int64_t at = g.X(s, n, h, w) + c0;
-    if (relu) {
-      const T xv = Load<T>(x + at);
-      a = xv > T{} ? a : T{};  // elementwise select (for T = float, the plain ternary)
-    }
-    Store(dx + at, a);
-  };
   for (int64_t h = 0; h < g.H; ++h) {
-    int64_t w = 0;
-    for (; w + kUnroll <= g.W; w += kUnroll) {
-      T a0{}, a1{}, a2{}, a3{};
-      for (int64_t d = 0; d < g.D; ++d) {
-        for (int64_t i = 0; i < g.K; ++i) {
-          for (int64_t j = 0; j < g.K; ++j) {
-            const float* __restrict gv = gp + ((d * Hp + h + reach - i * g.dilation) * Wp + w + reach -
-                                               j * g.dilation) * C + c0;
-            const T kv = Load<T>(k + g.Tap(i, j, d, s) + c0);
-            a0 += Load<T>(gv) * kv;
-            a1 += Load<T>(gv + C) * kv;
-            a2 += Load<T>(gv + 2 * C) * kv;
-            a3 += Load<T>(gv + 3 * C) * kv;
-          }
-        }
-      }
-      finish(h, w, a0), finish(h, w + 1, a1), finish(h, w + 2, a2), finish(h, w + 3, a3);
-    }
-    for (; w < g.W; ++w) {
+    for (int64_t w = 0; w < g.W; ++w) {
       T a{};
       for (int64_t d = 0; d < g.D; ++d)
         for (int64_t i = 0; i < g.K; ++i)
@@ -318,7 +383,9 @@ void InputGradBlock(const Geometry& g, const float* __restrict gp, const float* 
             a += Load<T>(gp + ((d * Hp + h + reach - i * g.dilation) * Wp + w + reach - j * g.dilation) *
                                   C + c0) *
                  Load<T>(k + g.Tap(i, j, d, s) + c0);
-      finish(h, w, a);
+      const int64_t at = g.X(s, n, h, w) + c0;
+      if (relu) a = Load<T>(x + at) > T{} ? a : T{};
+      Store(dx + at, a);
     }
   }
 }
@@ -457,29 +524,22 @@ template <typename T>
 void MatMulBlock(const float* __restrict in, const float* __restrict w, float* __restrict out,
                  int64_t P, int64_t Kd, int64_t Fo, int64_t f0, float* sum, float* sumsq) {
   T s1{}, s2{};
-  int64_t p = 0;
-  for (; p + kUnroll <= P; p += kUnroll) {
-    T a0{}, a1{}, a2{}, a3{};
+  ForPixels(P, [&](auto u, int64_t p) {
+    constexpr int U = decltype(u)::value;
+    T a[U] = {};
     const float* __restrict r = in + p * Kd;
     for (int64_t k = 0; k < Kd; ++k) {
       const T wv = Load<T>(w + k * Fo + f0);
-      a0 += r[k] * wv;
-      a1 += r[Kd + k] * wv;
-      a2 += r[2 * Kd + k] * wv;
-      a3 += r[3 * Kd + k] * wv;
+#pragma GCC unroll 8
+      for (int q = 0; q < U; ++q) a[q] += r[q * Kd + k] * wv;
     }
-    Store(out + p * Fo + f0, a0), Store(out + (p + 1) * Fo + f0, a1);
-    Store(out + (p + 2) * Fo + f0, a2), Store(out + (p + 3) * Fo + f0, a3);
-    s1 += (a0 + a1) + (a2 + a3);
-    s2 += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3);
-  }
-  for (; p < P; ++p) {
-    T a{};
-    for (int64_t k = 0; k < Kd; ++k) a += in[p * Kd + k] * Load<T>(w + k * Fo + f0);
-    Store(out + p * Fo + f0, a);
-    s1 += a;
-    s2 += a * a;
-  }
+#pragma GCC unroll 8
+    for (int q = 0; q < U; ++q) {
+      Store(out + (p + q) * Fo + f0, a[q]);
+      s1 += a[q];
+      s2 += a[q] * a[q];
+    }
+  });
   if (sum != nullptr) {
     Store(sum + f0, Load<T>(sum + f0) + s1);
     Store(sumsq + f0, Load<T>(sumsq + f0) + s2);

@@ -1,0 +1,179 @@
+// Keeps the last freed large block mapped for the next allocation of about
+// its size: a malloc front end, LD_PRELOADed by the entry scripts' restart
+// (snas_jax/cli.py, --tune_memory).
+//
+// Why: XLA:CPU allocates a train step's temporaries (2.6 GB at the paper's
+// search configuration) with malloc when the step starts and frees them when
+// it ends. glibc serves such blocks with mmap and returns them with munmap,
+// so the kernel maps and zeroes 2.6 GB again every step: ~10% of the step's
+// CPU time (README, Performance). glibc's own knobs cannot keep them: with
+// mmap off, the freed block is split by small allocations and the next step
+// maps a second one (peak memory x2, measured).
+//
+// Blocks of at least kLarge bytes are mapped here; the most recently freed one
+// stays mapped (one block: resident memory exceeds glibc's by at most that
+// block) and serves the next request of kReuse of its size or more. All other
+// requests go to glibc (its __libc_* entry points). Thread-safe; no
+// allocation inside.
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+
+extern "C" {
+void* __libc_malloc(size_t);
+void __libc_free(void*);
+void* __libc_calloc(size_t, size_t);
+void* __libc_realloc(void*, size_t);
+void* __libc_memalign(size_t, size_t);
+void* __libc_valloc(size_t);
+void* __libc_pvalloc(size_t);
+}
+
+namespace {
+
+constexpr size_t kLarge = size_t{64} << 20;
+constexpr size_t kPage = 4096;
+constexpr size_t kHuge = size_t{2} << 20;
+constexpr int kSlots = 32;  // live large blocks tracked; more go to glibc
+
+struct Block {
+  void* ptr;
+  size_t size;  // mapped bytes
+};
+
+pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+Block live[kSlots];       // guarded by mu; ptr == nullptr: empty
+Block cached = {nullptr, 0};  // guarded by mu
+// Read without the lock by free(): whether any large block is live, so the
+// common free() of a small block costs one load.
+volatile int live_count = 0;
+
+struct Lock {
+  Lock() { pthread_mutex_lock(&mu); }
+  ~Lock() { pthread_mutex_unlock(&mu); }
+};
+
+// A mapped block for n bytes (nullptr if none): the cached one if it fits and
+// is not much larger, else a new mapping on transparent huge pages.
+void* Allocate(size_t n, bool zero) {
+  Lock lock;
+  int slot = 0;
+  while (slot < kSlots && live[slot].ptr != nullptr) ++slot;
+  if (slot == kSlots) return nullptr;
+  Block b = {nullptr, 0};
+  if (cached.ptr != nullptr && cached.size >= n && cached.size - cached.size / 4 <= n) {
+    b = cached;
+    cached = {nullptr, 0};
+    if (zero) memset(b.ptr, 0, n);
+  } else {
+    const size_t size = (n + kHuge - 1) / kHuge * kHuge;
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+    madvise(p, size, MADV_HUGEPAGE);
+    b = {p, size};  // fresh pages read as zero
+  }
+  live[slot] = b;
+  live_count = live_count + 1;
+  return b.ptr;
+}
+
+// The live block at p, or -1. Caller holds mu.
+int Find(void* p) {
+  for (int i = 0; i < kSlots; ++i)
+    if (live[i].ptr == p) return i;
+  return -1;
+}
+
+bool Release(void* p) {
+  if (live_count == 0) return false;
+  Lock lock;
+  const int i = Find(p);
+  if (i < 0) return false;
+  if (cached.ptr != nullptr) munmap(cached.ptr, cached.size);
+  cached = live[i];
+  live[i] = {nullptr, 0};
+  live_count = live_count - 1;
+  return true;
+}
+
+size_t SizeOf(void* p) {
+  if (live_count == 0) return 0;
+  Lock lock;
+  const int i = Find(p);
+  return i < 0 ? 0 : live[i].size;
+}
+
+bool Aligned(size_t alignment) {
+  return alignment >= sizeof(void*) && (alignment & (alignment - 1)) == 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+void* malloc(size_t n) {
+  if (n >= kLarge)
+    if (void* p = Allocate(n, false)) return p;
+  return __libc_malloc(n);
+}
+
+void free(void* p) {
+  if (p != nullptr && !Release(p)) __libc_free(p);
+}
+
+void* calloc(size_t count, size_t size) {
+  size_t n;
+  if (__builtin_mul_overflow(count, size, &n)) {
+    errno = ENOMEM;
+    return nullptr;
+  }
+  if (n >= kLarge)
+    if (void* p = Allocate(n, true)) return p;
+  return __libc_calloc(count, size);
+}
+
+void* realloc(void* p, size_t n) {
+  const size_t old = p == nullptr ? 0 : SizeOf(p);
+  if (old == 0) return __libc_realloc(p, n);  // not ours: glibc's
+  if (n == 0) {
+    free(p);
+    return nullptr;
+  }
+  void* q = malloc(n);
+  if (q == nullptr) return nullptr;
+  memcpy(q, p, n < old ? n : old);
+  free(p);
+  return q;
+}
+
+void* memalign(size_t alignment, size_t n) {
+  if (n >= kLarge && alignment <= kPage)  // mappings are page-aligned
+    if (void* p = Allocate(n, false)) return p;
+  return __libc_memalign(alignment, n);
+}
+
+void* aligned_alloc(size_t alignment, size_t n) { return memalign(alignment, n); }
+
+int posix_memalign(void** out, size_t alignment, size_t n) {
+  if (!Aligned(alignment)) return EINVAL;
+  void* p = memalign(alignment, n);
+  if (p == nullptr && n != 0) return ENOMEM;
+  *out = p;
+  return 0;
+}
+
+void* valloc(size_t n) { return memalign(kPage, n); }
+
+void* pvalloc(size_t n) { return memalign(kPage, (n + kPage - 1) / kPage * kPage); }
+
+size_t malloc_usable_size(void* p) {
+  if (const size_t size = p == nullptr ? 0 : SizeOf(p)) return size;
+  static auto next = reinterpret_cast<size_t (*)(void*)>(dlsym(RTLD_NEXT, "malloc_usable_size"));
+  return next == nullptr ? 0 : next(p);
+}
+
+}  // extern "C"

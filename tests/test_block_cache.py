@@ -1,0 +1,82 @@
+"""snas_jax/native/block_cache.cc: the malloc front end the entry scripts
+preload (cli.restart_with_memory_tuning). Each check runs in a fresh process
+with the library preloaded, as the scripts run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from snas_jax import native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHECKS = r"""
+import ctypes
+import numpy as np
+libc = ctypes.CDLL(None)
+for name in ('malloc', 'calloc', 'realloc', 'aligned_alloc'):
+  getattr(libc, name).restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.aligned_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.malloc_usable_size.argtypes = [ctypes.c_void_p]
+libc.malloc_usable_size.restype = ctypes.c_size_t
+libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
+MB = 1 << 20
+
+a = libc.malloc(300 * MB)
+print('usable', libc.malloc_usable_size(a) >= 300 * MB)
+ctypes.memset(a, 7, 300 * MB)
+libc.free(a)
+b = libc.malloc(290 * MB)  # about the size of the freed block: the same mapping
+print('reused', b == a, ctypes.string_at(b + 200 * MB, 16) == bytes([7]) * 16)  # not remapped
+c = libc.calloc(290, MB)  # the cached block is taken: a new mapping, zero
+print('calloc zero', not any(ctypes.string_at(c + i * MB, 64).strip(b'\0') for i in range(290)))
+ctypes.memset(c, 9, 290 * MB)
+libc.free(c)
+d = libc.calloc(280, MB)  # reuses c's block, which held data: zeroed
+print('reused zero', d == c, ctypes.string_at(d + 100 * MB, 64) == bytes(64))
+libc.free(d)
+e = libc.malloc(100 * MB)  # far smaller than the cached block: not given it
+print('small not reused', e != d)
+ctypes.memset(b, 5, 290 * MB)
+f = libc.realloc(b, 400 * MB)  # contents kept
+print('realloc', ctypes.string_at(f + 289 * MB, 16) == bytes([5]) * 16)
+p = ctypes.c_void_p()
+print('posix_memalign', libc.posix_memalign(ctypes.byref(p), 4096, 200 * MB) == 0 and p.value % 4096 == 0)
+print('bad alignment', libc.posix_memalign(ctypes.byref(p), 3, 200 * MB))
+g = libc.aligned_alloc(64, 128 * MB)
+print('aligned_alloc', g % 64 == 0)
+for ptr in (e, f, g):
+  libc.free(ptr)
+small = libc.malloc(100)  # glibc's
+print('small usable', 100 <= libc.malloc_usable_size(small) < 200)
+libc.free(small)
+x = np.arange(50_000_000, dtype=np.float64)  # 400 MB through numpy
+print('numpy', float((x * 2).sum()) == 2 * 49_999_999 * 50_000_000 / 2)
+"""
+
+EXPECTED = """usable True
+reused True True
+calloc zero True
+reused zero True True
+small not reused True
+realloc True
+posix_memalign True
+bad alignment 22
+aligned_alloc True
+small usable True
+numpy True
+"""
+
+
+@pytest.mark.skipif(native.block_cache_library() is None, reason='no C++ compiler')
+def test_block_cache_reuses_freed_large_blocks_and_is_a_correct_malloc():
+  env = dict(os.environ, LD_PRELOAD=native.block_cache_library())
+  proc = subprocess.run([sys.executable, '-c', CHECKS], capture_output=True, text=True, env=env,
+                        timeout=120, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout == EXPECTED
