@@ -189,14 +189,26 @@ inline void ForPixels(int64_t n, F pixels) {
   for (; o < n; ++o) pixels(Int<1>{}, o);
 }
 
-// f(Int<K>, Int<dilation>, Int<stride>) if the window is one the search uses
-// (K 3 or 5, dilation and stride 1 or 2: loops with constant trip counts and
-// offsets, fully unrolled); false otherwise (the generic loops run instead).
-template <typename F>
-bool WithFixedWindow(const Geometry& g, F f) {
+// f(Int<K>, Int<dilation>, Int<stride>, Int<C>) if the window and the channel
+// count are ones the search uses (K 3 or 5; dilation and stride 1 or 2; C 16,
+// 32 or 64 in blocks of 16 lanes, or 8 in one block of 8): loops with
+// constant trip counts and offsets, fully unrolled, every address a register
+// plus a constant. False otherwise (the generic loops run instead).
+template <typename T, typename F>
+bool WithFixedShape(const Geometry& g, F f) {
+  auto by_channels = [&](auto k, auto dil, auto stride) {
+    if constexpr (std::is_same_v<T, V16>) {
+      if (g.C == 16) return f(k, dil, stride, Int<16>{}), true;
+      if (g.C == 32) return f(k, dil, stride, Int<32>{}), true;
+      if (g.C == 64) return f(k, dil, stride, Int<64>{}), true;
+    } else if constexpr (std::is_same_v<T, V8>) {
+      if (g.C == 8) return f(k, dil, stride, Int<8>{}), true;
+    }
+    return false;
+  };
   auto by_stride = [&](auto k, auto dil) {
-    if (g.stride == 1) return f(k, dil, Int<1>{}), true;
-    if (g.stride == 2) return f(k, dil, Int<2>{}), true;
+    if (g.stride == 1) return by_channels(k, dil, Int<1>{});
+    if (g.stride == 2) return by_channels(k, dil, Int<2>{});
     return false;
   };
   auto by_dilation = [&](auto k) {
@@ -210,10 +222,10 @@ bool WithFixedWindow(const Geometry& g, F f) {
 }
 
 // ForwardBlock with the window's shape known at compile time.
-template <typename T, int K, int DIL, int STRIDE>
+template <typename T, int K, int DIL, int STRIDE, int C>
 void ForwardFixed(const Geometry& g, const float* __restrict xp, const float* __restrict k,
                   Images y, int64_t s, int64_t c0) {
-  const int64_t Wp = g.W + 2 * g.pad, C = g.C;
+  const int64_t Wp = g.W + 2 * g.pad;
   for (int64_t d = 0; d < g.D; ++d) {
     T kv[K * K];
     for (int t = 0; t < K * K; ++t) kv[t] = Load<T>(k + g.Tap(t / K, t % K, d, s) + c0);
@@ -243,8 +255,8 @@ void ForwardFixed(const Geometry& g, const float* __restrict xp, const float* __
 template <typename T>
 void ForwardBlock(const Geometry& g, const float* __restrict xp, const float* __restrict k,
                   Images y, int64_t s, int64_t c0) {
-  if (WithFixedWindow(g, [&](auto K, auto dil, auto stride) {
-        ForwardFixed<T, K, dil, stride>(g, xp, k, y, s, c0);
+  if (WithFixedShape<T>(g, [&](auto K, auto dil, auto stride, auto C) {
+        ForwardFixed<T, K, dil, stride, C>(g, xp, k, y, s, c0);
       })) {
     return;
   }
@@ -306,9 +318,53 @@ void KernelGradRows(const Geometry& g, const float* __restrict xp, Images gy,
   }
 }
 
+// KernelGradRows with the window's shape and the channel count known at
+// compile time.
+template <typename T, int K, int DIL, int STRIDE, int C>
+void KernelGradFixed(const Geometry& g, const float* __restrict xp, Images gy,
+                    float* __restrict part, int64_t c0) {
+  constexpr int U = K <= 3 ? 4 : 2;
+  const int64_t Wp = g.W + 2 * g.pad, step = STRIDE * C, jstep = DIL * C;
+  for (int64_t d = 0; d < g.D; ++d) {
+    for (int64_t i = 0; i < K; ++i) {
+      T a[U][K] = {};
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        const float* __restrict xv = xp + (oh * STRIDE + i * DIL) * Wp * C + c0;
+        const float* __restrict gv = gy.At(d, oh * g.Wo * C) + c0;
+        int64_t ow = 0;
+        for (; ow + U <= g.Wo; ow += U) {
+#pragma GCC unroll 4
+          for (int p = 0; p < U; ++p) {
+            const T gp = Load<T>(gv + (ow + p) * C);
+            const float* x0 = xv + (ow + p) * step;
+#pragma GCC unroll 5
+            for (int j = 0; j < K; ++j) a[p][j] += Load<T>(x0 + j * jstep) * gp;
+          }
+        }
+        for (; ow < g.Wo; ++ow) {
+          const T g0 = Load<T>(gv + ow * C);
+#pragma GCC unroll 5
+          for (int j = 0; j < K; ++j) a[0][j] += Load<T>(xv + ow * step + j * jstep) * g0;
+        }
+      }
+      for (int j = 0; j < K; ++j) {
+        T sum = a[0][j];
+        for (int p = 1; p < U; ++p) sum += a[p][j];
+        float* pv = part + ((i * K + j) * g.D + d) * C + c0;
+        Store(pv, Load<T>(pv) + sum);
+      }
+    }
+  }
+}
+
 template <typename T>
 void KernelGradBlock(const Geometry& g, const float* __restrict xp, Images gy,
                      float* __restrict part, int64_t c0) {
+  if (WithFixedShape<T>(g, [&](auto K, auto dil, auto stride, auto C) {
+        KernelGradFixed<T, K, dil, stride, C>(g, xp, gy, part, c0);
+      })) {
+    return;
+  }
   if (g.K == 3) return KernelGradRows<T, 3>(g, xp, gy, part, c0);
   if (g.K == 5) return KernelGradRows<T, 5>(g, xp, gy, part, c0);
   const int64_t Wp = g.W + 2 * g.pad, C = g.C, step = g.stride * C;
@@ -331,11 +387,11 @@ void KernelGradBlock(const Geometry& g, const float* __restrict xp, Images gy,
 // Stride 1: dx[h, w] = Σ_d Σ_taps gp_d[h + 2·pad − i·dil, w + 2·pad − j·dil]·k[i, j, d]
 // over the D cotangent images padded by `pad` (gp), a gather like the
 // forward pass; zero where the ReLU clipped x.
-template <typename T, int K, int DIL>
+template <typename T, int K, int DIL, int C>
 void InputGradFixed(const Geometry& g, const float* __restrict gp, const float* __restrict x,
                     const float* __restrict k, float* __restrict dx, int64_t s, int64_t n,
                     int64_t c0, bool relu) {
-  const int64_t Wp = g.W + 2 * g.pad, Hp = g.H + 2 * g.pad, C = g.C, reach = 2 * g.pad;
+  const int64_t Wp = g.W + 2 * g.pad, Hp = g.H + 2 * g.pad, reach = 2 * g.pad;
   for (int64_t h = 0; h < g.H; ++h) {
     ForPixels(g.W, [&](auto u, int64_t w) {
       constexpr int U = decltype(u)::value;
@@ -368,8 +424,8 @@ template <typename T>
 void InputGradBlock(const Geometry& g, const float* __restrict gp, const float* __restrict x,
                     const float* __restrict k, float* __restrict dx, int64_t s, int64_t n,
                     int64_t c0, bool relu) {
-  if (WithFixedWindow(g, [&](auto K, auto dil, auto) {
-        InputGradFixed<T, K, dil>(g, gp, x, k, dx, s, n, c0, relu);
+  if (WithFixedShape<T>(g, [&](auto K, auto dil, auto, auto C) {
+        InputGradFixed<T, K, dil, C>(g, gp, x, k, dx, s, n, c0, relu);
       })) {
     return;
   }
