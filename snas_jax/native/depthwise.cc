@@ -576,9 +576,12 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // out[p, f0:] = Σ_k in[p, k] · w[k, f0:] over P pixels (one image's 1x1
 // conv); adds Σ_p out and Σ_p out² to sum[f0:] and sumsq[f0:] if given.
-template <typename T>
-void MatMulBlock(const float* __restrict in, const float* __restrict w, float* __restrict out,
-                 int64_t P, int64_t Kd, int64_t Fo, int64_t f0, float* sum, float* sumsq) {
+// KD > 0: the inner size is that constant (the U rows' addresses a register
+// plus a constant); 0: Kd at run time.
+template <typename T, int KD>
+void MatMulFixed(const float* __restrict in, const float* __restrict w, float* __restrict out,
+                 int64_t P, int64_t kd, int64_t Fo, int64_t f0, float* sum, float* sumsq) {
+  const int64_t Kd = KD > 0 ? KD : kd;
   T s1{}, s2{};
   ForPixels(P, [&](auto u, int64_t p) {
     constexpr int U = decltype(u)::value;
@@ -599,6 +602,18 @@ void MatMulBlock(const float* __restrict in, const float* __restrict w, float* _
   if (sum != nullptr) {
     Store(sum + f0, Load<T>(sum + f0) + s1);
     Store(sumsq + f0, Load<T>(sumsq + f0) + s2);
+  }
+}
+
+template <typename T>
+void MatMulBlock(const float* __restrict in, const float* __restrict w, float* __restrict out,
+                 int64_t P, int64_t Kd, int64_t Fo, int64_t f0, float* sum, float* sumsq) {
+  switch (Kd) {
+    case 8: return MatMulFixed<T, 8>(in, w, out, P, Kd, Fo, f0, sum, sumsq);
+    case 16: return MatMulFixed<T, 16>(in, w, out, P, Kd, Fo, f0, sum, sumsq);
+    case 32: return MatMulFixed<T, 32>(in, w, out, P, Kd, Fo, f0, sum, sumsq);
+    case 64: return MatMulFixed<T, 64>(in, w, out, P, Kd, Fo, f0, sum, sumsq);
+    default: return MatMulFixed<T, 0>(in, w, out, P, Kd, Fo, f0, sum, sumsq);
   }
 }
 
