@@ -55,6 +55,24 @@ for ptr in (e, f, g):
 small = libc.malloc(100)  # glibc's
 print('small usable', 100 <= libc.malloc_usable_size(small) < 200)
 libc.free(small)
+# Never more resident than glibc: a block freed while a twin is live is not
+# kept; a request the kept block does not fit drops it.
+def fresh(ptr, size):  # zero: a new mapping, not a kept block
+  return not any(ctypes.string_at(ptr + i * MB, 64).strip(b'\0') for i in range(0, size, 50))
+h1, h2 = libc.malloc(300 * MB), libc.malloc(300 * MB)
+ctypes.memset(h1, 3, 300 * MB)
+libc.free(h1)  # h2 is live and of its size: unmapped
+h3 = libc.malloc(300 * MB)
+print('twin not kept', fresh(h3, 300))
+ctypes.memset(h3, 4, 300 * MB)
+libc.free(h3)
+ctypes.memset(h2, 5, 300 * MB)
+libc.free(h2)  # kept (no twin left)
+h4 = libc.malloc(100 * MB)  # does not fit: h2 dropped
+h5 = libc.malloc(300 * MB)
+print('dropped for a new mapping', fresh(h5, 300))
+libc.free(h4)
+libc.free(h5)
 x = np.arange(50_000_000, dtype=np.float64)  # 400 MB through numpy
 print('numpy', float((x * 2).sum()) == 2 * 49_999_999 * 50_000_000 / 2)
 """
@@ -69,6 +87,8 @@ posix_memalign True
 bad alignment 22
 aligned_alloc True
 small usable True
+twin not kept True
+dropped for a new mapping True
 numpy True
 """
 

@@ -10,11 +10,13 @@
 // mmap off, the freed block is split by small allocations and the next step
 // maps a second one (peak memory x2, measured).
 //
-// Blocks of at least kLarge bytes are mapped here; the most recently freed one
-// stays mapped (one block: resident memory exceeds glibc's by at most that
-// block) and serves the next request of kReuse of its size or more. All other
-// requests go to glibc (its __libc_* entry points). Thread-safe; no
-// allocation inside.
+// Blocks of at least kLarge bytes are mapped here. The most recently freed one
+// stays mapped and serves the next large request of about its size (3/4 of
+// it or more). Never more resident than glibc would hold: a request it does
+// not fit unmaps it before mapping anew, and a block freed while another of
+// about its size is live (one step's temporaries freed after the next step
+// allocated its own) is unmapped, not kept. All other requests go to glibc
+// (its __libc_* entry points). Thread-safe; no allocation inside.
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
@@ -57,6 +59,9 @@ struct Lock {
   ~Lock() { pthread_mutex_unlock(&mu); }
 };
 
+// Whether a mapped block of `size` bytes serves a request for n.
+bool Fits(size_t size, size_t n) { return size >= n && size - size / 4 <= n; }
+
 // A mapped block for n bytes (nullptr if none): the cached one if it fits and
 // is not much larger, else a new mapping on transparent huge pages.
 void* Allocate(size_t n, bool zero) {
@@ -65,11 +70,13 @@ void* Allocate(size_t n, bool zero) {
   while (slot < kSlots && live[slot].ptr != nullptr) ++slot;
   if (slot == kSlots) return nullptr;
   Block b = {nullptr, 0};
-  if (cached.ptr != nullptr && cached.size >= n && cached.size - cached.size / 4 <= n) {
+  if (cached.ptr != nullptr && Fits(cached.size, n)) {
     b = cached;
     cached = {nullptr, 0};
     if (zero) memset(b.ptr, 0, n);
   } else {
+    if (cached.ptr != nullptr) munmap(cached.ptr, cached.size);
+    cached = {nullptr, 0};
     const size_t size = (n + kHuge - 1) / kHuge * kHuge;
     void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return nullptr;
@@ -93,10 +100,17 @@ bool Release(void* p) {
   Lock lock;
   const int i = Find(p);
   if (i < 0) return false;
-  if (cached.ptr != nullptr) munmap(cached.ptr, cached.size);
-  cached = live[i];
+  const Block b = live[i];
   live[i] = {nullptr, 0};
   live_count = live_count - 1;
+  bool twin = false;  // another live block that a request for b would take
+  for (int j = 0; j < kSlots; ++j) twin |= live[j].ptr != nullptr && Fits(b.size, live[j].size);
+  if (twin) {
+    munmap(b.ptr, b.size);
+    return true;
+  }
+  if (cached.ptr != nullptr) munmap(cached.ptr, cached.size);
+  cached = b;
   return true;
 }
 
