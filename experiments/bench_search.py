@@ -86,17 +86,21 @@ def measure(spec: dict) -> dict:
   rss_compiled = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   times = []
   for i in range(FLAGS.warmup + FLAGS.steps):
+    if i == FLAGS.warmup:
+      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
     state, metrics = compiled(state, batch, tau)
     jax.block_until_ready(metrics)
     if i >= FLAGS.warmup:
       times.append(time.perf_counter() - t)
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / FLAGS.steps
   step_s = statistics.median(times)
   return {**spec, 'devices': len(jax.devices()), 'impl': ops.resolve_impl(spec['impl']),
           'memory': cli.memory_tuning(),
           'init_s': round(init_s, 2),
           'trace_s': round(trace_s, 2), 'compile_s': round(compile_s, 2),
           'step_s': round(step_s, 3), 'images_per_s': round(cfg.batch_size / step_s, 2),
+          'page_faults_per_step': round(faults),
           'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
           'rss_compiled_gb': round(rss_compiled, 2),
           'xla_temp_gb': round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 2),
@@ -167,8 +171,8 @@ def main(argv):
   print(json.dumps(env))
   cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'impl', 'memory',
           'remat', 'cache', 'init_s',
-          'trace_s', 'compile_s', 'step_s', 'images_per_s', 'rss_compiled_gb', 'peak_rss_gb',
-          'xla_temp_gb', 'kernels')
+          'trace_s', 'compile_s', 'step_s', 'images_per_s', 'page_faults_per_step',
+          'rss_compiled_gb', 'peak_rss_gb', 'xla_temp_gb', 'kernels')
   print(' | '.join(cols))
   results = []
   with tempfile.TemporaryDirectory(prefix='bench_xla_cache_') as cache_dir:
