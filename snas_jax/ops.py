@@ -91,58 +91,39 @@ def torch_uniform_init(fan_in: int):
 
 
 class _UniformPool:
-  """Consecutive chunks of one host array of U(0, 1) numbers (None: only count)."""
+  """Consecutive chunks of one stream of U(0, 1) float32 numbers, drawn on the
+  host with NumPy as they are asked for."""
 
-  def __init__(self, values: np.ndarray | None = None):
-    self.values, self.used = values, 0
+  def __init__(self, key):
+    self.rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
   def take(self, shape):
-    n = math.prod(shape)
-    chunk = jnp.zeros((n,)) if self.values is None else self.values[self.used:self.used + n]
-    self.used += n
-    return chunk.reshape(shape)
+    return self.rng.random(math.prod(shape), dtype=np.float32).reshape(shape)
 
 
 _UNIFORM_POOLS: list[_UniformPool] = []
 
 
 def init_with_one_draw(init_fn, key):
-  """``init_fn()``, a Flax init, with every ``torch_uniform_init`` parameter
-  cut on the host from one ``jax.random.uniform(key, ...)`` (not for jit).
+  """``init_fn()``, a Flax init, jitted, with every ``torch_uniform_init``
+  parameter cut on the host from one stream of U(0, 1) numbers seeded by
+  ``key`` (not for jit).
 
   Why: XLA:CPU expands each random draw into ~500 scalar ops and compiles a
   kernel per output, so the paper network's jitted init (~410 draws) spent
-  16-25 s compiling. Here (1) a jitted init with those parameters as constant
-  placeholders gives every other variable (BN statistics, ...) and the count
-  of numbers needed, compiling in a second; (2) one small jit draws them; (3)
-  a trace-only pass (eval_shape) cuts them into parameters with NumPy and
-  hands them out. Still a seeded U(±bound) per parameter, not Flax's per-path
-  keys.
+  16-25 s compiling. Here the drawn parameters are NumPy arrays, constants of
+  the jitted init (which compiles in a second: the forward pass that Flax's
+  init traces is dead code), and the network is traced once. Until the ninth
+  session the numbers came from one ``jax.random.uniform`` of a size counted
+  by a first trace, then cut by a second one: a third of the paper network's
+  init was that second trace. Still a seeded U(±bound) per parameter, not
+  Flax's per-path keys.
   """
-  counter = _UniformPool()
-  _UNIFORM_POOLS.append(counter)
+  _UNIFORM_POOLS.append(_UniformPool(key))
   try:
-    variables = jax.jit(init_fn)()
+    return jax.jit(init_fn)()
   finally:
     _UNIFORM_POOLS.pop()
-  pool = _UniformPool(np.asarray(jax.random.uniform(key, (counter.used,))))
-  drawn = []
-
-  def cut():  # the initialisers return NumPy arrays; keep them, drop the rest
-    out = init_fn()
-    drawn.append(jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else None, out))
-    return out
-
-  _UNIFORM_POOLS.append(pool)
-  try:
-    jax.eval_shape(cut)
-  finally:
-    _UNIFORM_POOLS.pop()
-  if pool.used != counter.used:
-    raise RuntimeError(f'init drew {pool.used} numbers after counting {counter.used}: '
-                       'init_fn must draw the same shapes on every call')
-  return jax.tree.map(lambda d, v: v if d is None else d, drawn[0], variables,
-                      is_leaf=lambda d: d is None)
 
 
 def fan_out_edges(x: jax.Array, fan_out: int) -> jax.Array:
