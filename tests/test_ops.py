@@ -232,6 +232,36 @@ def test_relu_conv_bn_equals_autodiff_of_lax(k, dilation, stride, fan_out, s, af
     assert (grads_fused[3] is None) == (not affine)
 
 
+@pytest.mark.parametrize('k,dilation,stride,c', [(3, 1, 1, 16), (5, 2, 1, 32), (5, 1, 2, 8),
+                                                   (3, 2, 2, 64)])
+def test_native_fixed_shape_loops(k, dilation, stride, c):
+  """The loops instantiated for the search's shapes (window and channel count
+  compile-time constants: C in 8/16/32/64, 8-, 4- and 1-pixel groups, W = 13):
+  the depthwise conv's forward and gradients and the DilConv's, against lax."""
+  rng = np.random.default_rng(c + k)
+  s, fan_out, n = 2, 2, 3
+  g = s * fan_out
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  x, kernel = normal(s, n, 13, 13, c), normal(k, k, fan_out, s, c)
+  y = native.depthwise_forward(x, kernel, stride, dilation, True)
+  cotangent = normal(*y.shape)
+
+  def plain(x, kern):
+    return ops.depthwise_conv(jax.nn.relu(x), kern.reshape(k, k, g, c), stride=stride,
+                              dilation=dilation, impl='lax').reshape(y.shape)
+  want, vjp = jax.vjp(plain, x, kernel)
+  _assert_close(y, want)
+  for got, ref in zip(native.depthwise_backward(x, kernel, cotangent, stride, dilation, True),
+                      vjp(cotangent)):
+    _assert_close(got, ref)
+  args = (x, normal(k, k, g, c), normal(g, c, c), normal(g, c), normal(g, c))
+  cotangents = (normal(g, n, *y.shape[3:5], c), normal(g, c), normal(g, c))
+  (y_plain, grads_plain), _, (y_native, grads_native) = _dilconv_fwd_bwd(
+      args, cotangents, stride, dilation, False)
+  _assert_close(y_native, y_plain)
+  _assert_close(grads_native, grads_plain, rel=1e-5)
+
+
 def test_native_dilconv_wide_channels():
   """The native DilConv's channel blocks (C = 20: one 16-wide block and four
   single channels; F = 24: a 16- and an 8-wide block), a batch in several
