@@ -87,7 +87,7 @@ def test_depthwise_shift_and_native_equal_lax(k, dilation, stride, fan_out, s):
 @pytest.mark.parametrize('k,dilation,stride', [(3, 1, 1), (5, 2, 2)])
 def test_native_depthwise_wide_channels_with_relu(k, dilation, stride):
   """The C++ kernels' full 16-channel blocks and their tail (C = 37 = 2·16 + 5),
-  rows whose width is no multiple of their 4-pixel unroll (W = 11), NaN and
+  the generic loops (C not 8/16/32/64; W = 11), NaN and
   negative inputs through the fused ReLU (dx zero where ReLU clipped x, NaN
   in stays NaN out, as jnp.maximum) and a batch split over many threads'
   chunks (N = 10): forward and both gradients against lax."""
@@ -265,7 +265,7 @@ def test_native_fixed_shape_loops(k, dilation, stride, c):
 def test_native_dilconv_wide_channels():
   """The native DilConv's channel blocks (C = 20: one 16-wide block and four
   single channels; F = 24: a 16- and an 8-wide block), a batch in several
-  threads' chunks (N = 10) and rows that are no multiple of the 4-pixel
+  threads' chunks (N = 10) and rows that are no multiple of the 8-pixel
   unroll (W = 11), stride 1, fan-out 2 over 2 sources, against autodiff of
   the lax ops."""
   rng = np.random.default_rng(21)
