@@ -281,55 +281,20 @@ void ForwardBlock(const Geometry& g, const float* __restrict xp, const float* __
 // tap times g[d, s, n]: the kernel gradient of one image. A row of K taps at
 // a time, so each load of g feeds K products, for U pixels at once: U·K
 // independent sums in registers (K, U compile-time constants).
-template <typename T, int K>
+// DIL, STRIDE, CC > 0: the dilation, stride and channel count as compile-time
+// constants (WithFixedShape); 0: read from g.
+template <typename T, int K, int DIL = 0, int STRIDE = 0, int CC = 0>
 void KernelGradRows(const Geometry& g, const float* __restrict xp, Images gy,
                     float* __restrict part, int64_t c0) {
   constexpr int U = K <= 3 ? 4 : 2;
-  const int64_t Wp = g.W + 2 * g.pad, C = g.C, step = g.stride * C, jstep = g.dilation * C;
+  const int64_t dil = DIL > 0 ? DIL : g.dilation, stride = STRIDE > 0 ? STRIDE : g.stride;
+  const int64_t C = CC > 0 ? CC : g.C;
+  const int64_t Wp = g.W + 2 * g.pad, step = stride * C, jstep = dil * C;
   for (int64_t d = 0; d < g.D; ++d) {
     for (int64_t i = 0; i < K; ++i) {
       T a[U][K] = {};
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        const float* __restrict xv = xp + (oh * g.stride + i * g.dilation) * Wp * C + c0;
-        const float* __restrict gv = gy.At(d, oh * g.Wo * C) + c0;
-        int64_t ow = 0;
-        for (; ow + U <= g.Wo; ow += U) {
-#pragma GCC unroll 4
-          for (int p = 0; p < U; ++p) {
-            const T gp = Load<T>(gv + (ow + p) * C);
-            const float* x0 = xv + (ow + p) * step;
-#pragma GCC unroll 5
-            for (int j = 0; j < K; ++j) a[p][j] += Load<T>(x0 + j * jstep) * gp;
-          }
-        }
-        for (; ow < g.Wo; ++ow) {
-          const T g0 = Load<T>(gv + ow * C);
-#pragma GCC unroll 5
-          for (int j = 0; j < K; ++j) a[0][j] += Load<T>(xv + ow * step + j * jstep) * g0;
-        }
-      }
-      for (int j = 0; j < K; ++j) {
-        T sum = a[0][j];
-        for (int p = 1; p < U; ++p) sum += a[p][j];
-        float* pv = part + ((i * K + j) * g.D + d) * C + c0;
-        Store(pv, Load<T>(pv) + sum);
-      }
-    }
-  }
-}
-
-// KernelGradRows with the window's shape and the channel count known at
-// compile time.
-template <typename T, int K, int DIL, int STRIDE, int C>
-void KernelGradFixed(const Geometry& g, const float* __restrict xp, Images gy,
-                    float* __restrict part, int64_t c0) {
-  constexpr int U = K <= 3 ? 4 : 2;
-  const int64_t Wp = g.W + 2 * g.pad, step = STRIDE * C, jstep = DIL * C;
-  for (int64_t d = 0; d < g.D; ++d) {
-    for (int64_t i = 0; i < K; ++i) {
-      T a[U][K] = {};
-      for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        const float* __restrict xv = xp + (oh * STRIDE + i * DIL) * Wp * C + c0;
+        const float* __restrict xv = xp + (oh * stride + i * dil) * Wp * C + c0;
         const float* __restrict gv = gy.At(d, oh * g.Wo * C) + c0;
         int64_t ow = 0;
         for (; ow + U <= g.Wo; ow += U) {
@@ -361,7 +326,7 @@ template <typename T>
 void KernelGradBlock(const Geometry& g, const float* __restrict xp, Images gy,
                      float* __restrict part, int64_t c0) {
   if (WithFixedShape<T>(g, [&](auto K, auto dil, auto stride, auto C) {
-        KernelGradFixed<T, K, dil, stride, C>(g, xp, gy, part, c0);
+        KernelGradRows<T, K, dil, stride, C>(g, xp, gy, part, c0);
       })) {
     return;
   }
