@@ -73,6 +73,26 @@ h5 = libc.malloc(300 * MB)
 print('dropped for a new mapping', fresh(h5, 300))
 libc.free(h4)
 libc.free(h5)
+# A request that an old live block would serve waits for its free (XLA frees
+# a step's temporaries just after the next step asks for its own); a young
+# twin (devices running at once) is not waited for, nor an old one forever.
+import threading, time
+w1 = libc.malloc(300 * MB)
+ctypes.memset(w1, 6, 300 * MB)
+time.sleep(0.3)
+threading.Timer(0.02, libc.free, (w1,)).start()
+w2 = libc.malloc(300 * MB)  # ctypes lets go of the GIL: the timer frees w1 meanwhile
+print('old twin awaited', w2 == w1, ctypes.string_at(w2 + 250 * MB, 16) == bytes([6]) * 16)
+y1 = libc.malloc(300 * MB)  # young
+t = time.perf_counter()
+y2 = libc.malloc(300 * MB)
+print('young twin not awaited', y2 != y1, time.perf_counter() - t < 0.09)
+time.sleep(0.3)
+t = time.perf_counter()
+y3 = libc.malloc(300 * MB)  # y1 and y2 are old now and never freed meanwhile
+print('waits at most 0.1 s', y3 not in (y1, y2), 0.09 < time.perf_counter() - t < 2.0)
+for ptr in (w2, y1, y2, y3):
+  libc.free(ptr)
 x = np.arange(50_000_000, dtype=np.float64)  # 400 MB through numpy
 print('numpy', float((x * 2).sum()) == 2 * 49_999_999 * 50_000_000 / 2)
 """
@@ -89,6 +109,9 @@ aligned_alloc True
 small usable True
 twin not kept True
 dropped for a new mapping True
+old twin awaited True True
+young twin not awaited True True
+waits at most 0.1 s True True
 numpy True
 """
 
