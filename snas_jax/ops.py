@@ -20,8 +20,9 @@ of a search step transposing operands for its matmuls (README "Performance").
 The depthwise convolution and max pool have three implementations, picked
 per backend (``impl``): ``'lax'`` (XLA's convolution / reduce_window; fine on
 GPU/TPU), ``'shift'`` (a sum/max over K² shifted views; on XLA:CPU 4–26x
-faster, PERF_NOTES.md) and ``'native'`` (the depthwise conv as hand-written
-C++ custom calls, ``snas_jax/native``; the pools as 'shift'). ``'auto'``
+faster, PERF_NOTES.md) and ``'native'`` (hand-written C++ custom calls,
+``snas_jax/native``: the depthwise conv, and in training the whole DilConv
+and each search cell's pool with its BN; other pools as 'shift'). ``'auto'``
 picks ``'native'`` on a single CPU device, ``'shift'`` on several.
 """
 from __future__ import annotations
@@ -548,12 +549,59 @@ class EdgeBatchNorm(nn.Module):
 
   Statistics over (N, H, W) as torch.nn.BatchNorm2d / flax BatchNorm (biased
   batch variance, E[x²] − E[x]²); running averages with momentum 0.1 in
-  PyTorch's convention. Variables are [G·C] vectors, edge-major."""
+  PyTorch's convention. Variables are [G·C] vectors, edge-major.
+
+  ``pooled=(kind, stride, impl)``: normalise ``pool_3x3(x)`` instead — in
+  training without affine parameters on impl 'native', one C++ call with its
+  own VJP (``pool_bn``); the BN keeps its variables and their place either way.
+  """
   affine: bool = True
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    return _batch_norm(x, train, *_bn_variables(self, x.shape[0], x.shape[-1], self.affine, train))
+  def __call__(self, x, train: bool, pooled: tuple | None = None):
+    if pooled is None:
+      return _batch_norm(x, train, *_bn_variables(self, x.shape[0], x.shape[-1], self.affine, train))
+    kind, stride, impl = pooled
+    scale, bias, statistics = _bn_variables(self, x.shape[0], x.shape[-1], self.affine, train)
+    if train and not self.affine and resolve_impl(impl) == 'native':
+      y, mean, var = pool_bn(x, kind, stride)
+      statistics(mean, var)
+      return y
+    y = max_pool_3x3(x, stride=stride, impl=impl) if kind == 'max' else avg_pool_3x3(x, stride=stride)
+    return _batch_norm(y, train, scale, bias, statistics)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def pool_bn(x, kind: str, stride: int):
+  """Training-mode 3x3 pool -> BN without affine parameters, native: (the
+  normalised pool ŷ, batch mean, batch variance). x [S,N,H,W,C].
+
+  Keeps x and ŷ (which the cell's mixer keeps anyway); the backward pass is
+  one BN reduction call and one call that recomputes each window's winner."""
+  return _pool_bn_fwd(x, kind, stride)[0]
+
+
+def _pool_bn_fwd(x, kind, stride):
+  y, mean, var = native.pool_forward(x, stride, kind)
+  yhat = _normalize(y, mean, var, None, None)
+  return (yhat, mean, var), (x, yhat, var)
+
+
+def _pool_bn_bwd(kind, stride, residuals, cotangents):
+  """BN's backward with h − mean = ŷ / rstd: the gradient reaching the pool is
+  dh = rstd·dŷ + B·ŷ + C0, B = −rstd·mean(dŷ·ŷ) + 2·dvar/(m·rstd),
+  C0 = −rstd·mean(dŷ) + dmean/m (m values per statistic)."""
+  x, yhat, var = residuals
+  dy, dmean, dvar = cotangents
+  m = yhat[0].size // yhat.shape[-1]
+  sum_dy, sum_dy_yhat = native.bn_grad_sums(yhat, dy, jnp.zeros_like(var))
+  rstd = lax.rsqrt(var + BN_EPSILON)
+  coef = jnp.stack([rstd, -rstd * sum_dy_yhat / m + 2.0 * dvar / (m * rstd),
+                    -rstd * sum_dy / m + dmean / m])
+  return (native.pool_backward(x, yhat, dy, coef, stride, kind),)
+
+
+pool_bn.defvjp(_pool_bn_fwd, _pool_bn_bwd)
 
 
 def _batch_norm(x, train: bool, scale, bias, statistics):
@@ -787,15 +835,14 @@ class Pool(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    if self.kind == 'max':
-      y = max_pool_3x3(x, stride=self.stride, impl=self.impl)
-    else:
-      y = avg_pool_3x3(x, stride=self.stride)
+    pooled = (self.kind, self.stride, self.impl)
     if self.affine:
+      y = max_pool_3x3(x, stride=self.stride, impl=self.impl) if self.kind == 'max' else avg_pool_3x3(
+          x, stride=self.stride)
       return EdgeBatchNorm(True)(fan_out_edges(y, self.fan_out), train)
     # Without affine parameters the BN of every edge leaving one source is the
     # same function of the same tensor: normalise once, then fan out.
-    return fan_out_edges(EdgeBatchNorm(False)(y, train), self.fan_out)
+    return fan_out_edges(EdgeBatchNorm(False)(x, train, pooled), self.fan_out)
 
 
 class FactorizedReduce(nn.Module):

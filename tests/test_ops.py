@@ -336,6 +336,43 @@ def test_max_pool_tie_gradient_hand_example():
         [[-1, -1, -2], [-1, -1, -2], [-4, -4, -5]])
 
 
+@functools.partial(jax.jit, static_argnames=('kind', 'stride'))
+def _pool_bn_fwd_bwd(x, cotangents, kind, stride):
+  """(outputs, dx) of the native pool -> BN and of autodiff through lax's pool and a plain BN."""
+  def plain(x):
+    y = ops.max_pool_3x3(x, stride=stride, impl='lax') if kind == 'max' else ops.avg_pool_3x3(
+        x, stride=stride)
+    mean, var = ops._moments(y)
+    return ops._normalize(y, mean, var, None, None), mean, var
+
+  out = []
+  for f in (plain, lambda x: ops.pool_bn(x, kind, stride)):
+    y, vjp = jax.vjp(f, x)
+    out.append((y, vjp(cotangents)[0]))
+  return out
+
+
+@pytest.mark.parametrize('kind,stride,c', [('max', 1, 3), ('max', 2, 24), ('avg', 1, 24),
+                                           ('avg', 2, 3)])
+def test_native_pool_bn_equals_autodiff_of_lax(kind, stride, c):
+  """The native pool with its BN statistics and its backward pass (every
+  cotangent non-zero) against autodiff of lax's pool and the plain BN; C 3
+  runs the one-lane loops, C 24 the vector blocks. The max pool's input is
+  tie-heavy (values in {0, 1, 2}): each window's gradient must go to the pixel
+  XLA's select-and-scatter picks."""
+  rng = np.random.default_rng(c + 10 * stride)
+  s, n, h, w = 2, 2, 8, 7
+  x = (rng.integers(0, 3, (s, n, h, w, c)) if kind == 'max' else rng.normal(size=(s, n, h, w, c)))
+  out = (s, n, 8 if stride == 1 else 4, 7 if stride == 1 else 4, c)
+  cotangents = tuple(rng.normal(size=shape).astype(np.float32) for shape in (out, (s, c), (s, c)))
+  (y_plain, dx_plain), (y_native, dx_native) = _pool_bn_fwd_bwd(x.astype(np.float32), cotangents,
+                                                                kind, stride)
+  chex.assert_shape(y_native[0], out)
+  _assert_close(y_native, y_plain)
+  _assert_close(dx_native, dx_plain)
+  assert np.abs(dx_native).max() > 0
+
+
 def test_avg_pool_excludes_padding():
   x = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4, 1)
   y = ops.avg_pool_3x3(x)[0, :, :, 0]

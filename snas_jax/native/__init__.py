@@ -1,11 +1,12 @@
 """Hand-written CPU kernels (XLA FFI custom calls), built on first use.
 
 ``depthwise.cc`` holds the edge-batched depthwise convolution's forward pass
-and its backward pass (input and kernel gradients in one call), and the
+and its backward pass (input and kernel gradients in one call), the
 training-mode DilConv (ReLU -> depthwise -> 1x1 conv with BN's batch
-statistics; its backward pass in two calls), each looping over one image at a
-time on XLA's intra-op threads. On XLA:CPU a DilConv's ~34 fused kernels
-become three calls and a few elementwise kernels (README "Performance").
+statistics; its backward pass in two calls) and the training-mode 3x3 pools
+with their BN's statistics, each looping over one image at a time on XLA's
+intra-op threads. On XLA:CPU a DilConv's ~34 fused kernels become three calls
+and a few elementwise kernels (README "Performance").
 
 The library is compiled from source with the machine's C++ compiler the first
 time it is needed (``-march=native``: it runs where it was built) and cached
@@ -41,7 +42,9 @@ _TARGETS = {'snas_depthwise_forward': 'SnasDepthwiseForward',
             'snas_depthwise_backward': 'SnasDepthwiseBackward',
             'snas_dilconv_forward': 'SnasDilConvForward',
             'snas_bn_grad_sums': 'SnasBnGradSums',
-            'snas_dilconv_backward': 'SnasDilConvBackward'}
+            'snas_dilconv_backward': 'SnasDilConvBackward',
+            'snas_pool_forward': 'SnasPoolForward',
+            'snas_pool_backward': 'SnasPoolBackward'}
 
 
 class NativeBuildError(RuntimeError):
@@ -176,6 +179,25 @@ def dilconv_backward(x, kernel, pw, h, dy, coef, stride: int, dilation: int):
   shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, kernel, pw))
   return jax.ffi.ffi_call('snas_dilconv_backward', shapes)(
       x, kernel, pw, h, dy, coef, stride=np.int64(stride), dilation=np.int64(dilation))
+
+
+def pool_forward(x, stride: int, kind: str):
+  """The 3x3 'max' or 'avg' pool (padding 1, left out of the average's count)
+  of x [S,N,H,W,C]: (y [S,N,H',W',C], its batch mean and biased variance [S,C])."""
+  require()
+  s, n, h, w, c = x.shape
+  y = jax.ShapeDtypeStruct((s, n, (h - 1) // stride + 1, (w - 1) // stride + 1, c), x.dtype)
+  stats = jax.ShapeDtypeStruct((s, c), x.dtype)
+  return jax.ffi.ffi_call('snas_pool_forward', (y, stats, stats))(
+      x, stride=np.int64(stride), is_max=kind == 'max')
+
+
+def pool_backward(x, yhat, dy, coef, stride: int, kind: str):
+  """dx [S,N,H,W,C] of ``pool_forward`` for the gradient reaching y written as
+  A·dy + B·yhat + C0, coef = [A, B, C0] ([3,S,C])."""
+  require()
+  return jax.ffi.ffi_call('snas_pool_backward', jax.ShapeDtypeStruct(x.shape, x.dtype))(
+      x, yhat, dy, coef, stride=np.int64(stride), is_max=kind == 'max')
 
 
 def warn_fallback():

@@ -797,6 +797,170 @@ ffi::Error DilConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// ----------------------------------------------------------------------------
+// 3x3 pools in training, padding 1 (max: the padding never wins; avg: it is
+// left out of the count, PyTorch's count_include_pad=False), with the batch
+// statistics of their output for the BN that follows them in a search cell;
+// and their backward pass, given the gradient reaching the pooled output as
+// A·dy + B·ŷ + C0 (ŷ the normalised output, kept by the cell's mixer).
+// On XLA:CPU a pool with its BN was ~14 fused kernels (forward and backward).
+// x, dx [S, N, H, W, C]; y, ŷ, dy [S, N, H', W', C]; statistics [S, C].
+
+struct PoolGeometry {
+  int64_t S, N, H, W, C, Ho, Wo, stride;
+
+  static ffi::Error From(ffi::Buffer<ffi::F32>& x, int64_t stride, PoolGeometry* out) {
+    auto d = x.dimensions();
+    if (d.size() != 5 || stride < 1) {
+      return ffi::Error::InvalidArgument("pool: x must be [S,N,H,W,C] and the stride >= 1");
+    }
+    *out = {d[0], d[1], d[2], d[3], d[4], (d[2] - 1) / stride + 1, (d[3] - 1) / stride + 1, stride};
+    return ffi::Error::Success();
+  }
+  // The input rows (or columns) [lo, hi) that output row o's window covers.
+  void Window(int64_t o, int64_t size, int64_t* lo, int64_t* hi) const {
+    *lo = std::max<int64_t>(o * stride - 1, 0);
+    *hi = std::min<int64_t>(o * stride + 2, size);
+  }
+};
+
+template <typename T>
+inline T Max(T a, T b) {
+  return b > a ? b : a;  // vectors: a lane-wise select
+}
+
+// y = the pool of one image x [H, W, C], channels [c0, c0 + lanes); adds Σy
+// and Σy² to s1 and s2.
+template <typename T>
+void PoolImage(const PoolGeometry& g, const float* __restrict x, float* __restrict y, bool is_max,
+               int64_t c0, T& s1, T& s2) {
+  const int64_t C = g.C;
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    int64_t h0, h1;
+    g.Window(oh, g.H, &h0, &h1);
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      int64_t w0, w1;
+      g.Window(ow, g.W, &w0, &w1);
+      T a = is_max ? Load<T>(x + (h0 * g.W + w0) * C + c0) : T{};
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const T v = Load<T>(x + (h * g.W + w) * C + c0);
+          a = is_max ? Max(a, v) : a + v;
+        }
+      }
+      if (!is_max) a = a * (1.0f / static_cast<float>((h1 - h0) * (w1 - w0)));
+      Store(y + (oh * g.Wo + ow) * C + c0, a);
+      s1 += a;
+      s2 += a * a;
+    }
+  }
+}
+
+// dx of one image: each output pixel's gradient A·dy + B·ŷ + C0 routed to its
+// window (max: to the first maximal pixel in row-major order, as XLA's
+// select-and-scatter; avg: shared equally by the window's pixels).
+template <typename T>
+void PoolGradImage(const PoolGeometry& g, const float* __restrict x, const float* __restrict yhat,
+                   const float* __restrict dy, const float* __restrict coef, float* __restrict dx,
+                   bool is_max, int64_t s, int64_t c0) {
+  const int64_t C = g.C, SC = g.S * C;
+  const T A = Load<T>(coef + s * C + c0), B = Load<T>(coef + SC + s * C + c0);
+  const T C0 = Load<T>(coef + 2 * SC + s * C + c0);
+  for (int64_t p = 0; p < g.H * g.W; ++p) Store(dx + p * C + c0, T{});
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    int64_t h0, h1;
+    g.Window(oh, g.H, &h0, &h1);
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      int64_t w0, w1;
+      g.Window(ow, g.W, &w0, &w1);
+      const int64_t o = (oh * g.Wo + ow) * C + c0;
+      T grad = A * Load<T>(dy + o) + B * Load<T>(yhat + o) + C0;
+      if (is_max) {
+        // The winner's pixel index per lane (exact in float below 2^24 pixels).
+        T best = Load<T>(x + (h0 * g.W + w0) * C + c0), at = T{} + static_cast<float>(h0 * g.W + w0);
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t w = w0; w < w1; ++w) {
+            const T v = Load<T>(x + (h * g.W + w) * C + c0), here = T{} + static_cast<float>(h * g.W + w);
+            at = v > best ? here : at;  // strictly greater: ties stay with the earlier pixel
+            best = Max(best, v);
+          }
+        }
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t w = w0; w < w1; ++w) {
+            float* d = dx + (h * g.W + w) * C + c0;
+            Store(d, Load<T>(d) + (at == T{} + static_cast<float>(h * g.W + w) ? grad : T{}));
+          }
+        }
+      } else {
+        grad = grad * (1.0f / static_cast<float>((h1 - h0) * (w1 - w0)));
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t w = w0; w < w1; ++w) {
+            float* d = dx + (h * g.W + w) * C + c0;
+            Store(d, Load<T>(d) + grad);
+          }
+        }
+      }
+    }
+  }
+}
+
+ffi::Error PoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
+                       int64_t stride, bool is_max) {
+  PoolGeometry g;
+  if (ffi::Error e = PoolGeometry::From(x, stride, &g); e.failure()) return e;
+  const int64_t C = g.C, in_size = g.H * g.W * C, out_size = g.Ho * g.Wo * C;
+  const float* xv = x.typed_data();
+  float* yv = y->typed_data();
+  std::vector<float> parts(g.S * g.N * 2 * C);  // per image: [Σy, Σy²][C]
+  ParallelFor(pool, g.S * g.N, [&](int64_t item) {
+    float* part = parts.data() + item * 2 * C;
+    ForBlocks(C, [&](auto t, int64_t c0) {
+      using T = decltype(t);
+      T s1{}, s2{};
+      PoolImage<T>(g, xv + item * in_size, yv + item * out_size, is_max, c0, s1, s2);
+      Store(part + c0, s1);
+      Store(part + C + c0, s2);
+    });
+  });
+  const double m = static_cast<double>(g.N * g.Ho * g.Wo);  // E[y²] − E[y]², in double
+  for (int64_t s = 0; s < g.S; ++s) {
+    for (int64_t c = 0; c < C; ++c) {
+      double s1 = 0, s2 = 0;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const float* part = parts.data() + (s * g.N + n) * 2 * C;
+        s1 += part[c], s2 += part[C + c];
+      }
+      const double mu = s1 / m;
+      mean->typed_data()[s * C + c] = static_cast<float>(mu);
+      var->typed_data()[s * C + c] = static_cast<float>(std::max(s2 / m - mu * mu, 0.0));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> yhat,
+                        ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> coef,
+                        ffi::ResultBuffer<ffi::F32> dx, int64_t stride, bool is_max) {
+  PoolGeometry g;
+  if (ffi::Error e = PoolGeometry::From(x, stride, &g); e.failure()) return e;
+  const int64_t C = g.C, in_size = g.H * g.W * C, out_size = g.Ho * g.Wo * C;
+  if (yhat.element_count() != g.S * g.N * out_size || dy.element_count() != yhat.element_count() ||
+      coef.element_count() != 3 * g.S * C) {
+    return ffi::Error::InvalidArgument("pool_backward: yhat, dy [S,N,H',W',C] and coef [3,S,C]");
+  }
+  const float *xv = x.typed_data(), *hv = yhat.typed_data(), *dv = dy.typed_data();
+  const float* cv = coef.typed_data();
+  float* dxv = dx->typed_data();
+  ParallelFor(pool, g.S * g.N, [&](int64_t item) {
+    ForBlocks(C, [&](auto t, int64_t c0) {
+      PoolGradImage<decltype(t)>(g, xv + item * in_size, hv + item * out_size, dv + item * out_size,
+                                 cv, dxv + item * in_size, is_max, item / g.N, c0);
+    });
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasDepthwiseForward, DepthwiseForward,
@@ -856,3 +1020,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasDilConvBackward, DilConvBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("dilation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasPoolForward, PoolForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<bool>("is_max"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasPoolBackward, PoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<bool>("is_max"));
