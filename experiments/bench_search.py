@@ -42,7 +42,8 @@ flags.DEFINE_bool('cache_variant', True, 'Measure the base configuration a secon
                   'resumed or repeated run pays).')
 flags.DEFINE_string('impl', 'auto', 'Op implementation (auto, native, shift, lax).')
 flags.DEFINE_bool('tune_memory', True, 'Run each configuration as the entry scripts do (their '
-                  "--tune_memory): XLA's temporaries kept mapped, on transparent huge pages.")
+                  "--tune_memory): XLA's temporaries kept mapped, on transparent huge pages, "
+                  "glibc's freed heap kept.")
 flags.DEFINE_integer('steps', 5, 'Timed steps after warm-up (the median is reported).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 flags.DEFINE_string('json_out', '', 'Also write the results here as a JSON list.')

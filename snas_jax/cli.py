@@ -31,12 +31,18 @@ USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, native.NativeB
 # XLA:CPU allocates a train step's temporaries (2.6 GB at the paper's search
 # configuration) with malloc when the step starts and frees them when it ends,
 # so by default the kernel maps and zeroes them afresh every step, 4 KB at a
-# time. Two settings fix that; the dynamic loader and glibc read them only at
+# time. These settings fix that; the dynamic loader and glibc read them only at
 # start-up, hence a restart (restart_with_memory_tuning):
-# - glibc backs its large blocks with transparent huge pages (512x fewer faults);
 # - snas_jax/native/block_cache.cc, preloaded, keeps the last freed large block
-#   mapped for the next step (no faults, no zeroing; README, Performance).
+#   (>= 64 MB) mapped for the next step (no faults, no zeroing; README, Performance);
+# - glibc backs its blocks with transparent huge pages (512x fewer faults) and
+#   keeps the heap it frees (trim threshold 1 GB) for blocks up to 32 MB (mmap
+#   threshold: its maximum), which YNNPACK's matmuls allocate and free per call:
+#   with the heap trimmed, the kernel faulted and zeroed 2,000-4,000 huge pages
+#   per paper search step, ~10% of it (tenth session, AMD EPYC).
+# Each glibc setting only where the user has not set it.
 HUGE_PAGES = 'glibc.malloc.hugetlb=1'
+KEEP_HEAP = ('glibc.malloc.trim_threshold=1073741824', 'glibc.malloc.mmap_threshold=33554432')
 _TUNED = 'SNAS_JAX_MEMORY_TUNED'  # set in the restarted process: restart once
 
 
@@ -52,15 +58,17 @@ def restart_with_memory_tuning() -> None:
 
 def memory_tuning_env() -> dict | None:
   """os.environ for a new process with GLIBC_TUNABLES asking for huge pages
-  (glibc >= 2.35) and LD_PRELOAD adding the block cache (where it builds);
+  (glibc >= 2.35) and a kept heap, and LD_PRELOAD adding the block cache (where it builds);
   None in a process that has them already, or without glibc."""
   libc, version = platform.libc_ver()
   if os.environ.get(_TUNED) or libc != 'glibc':
     return None
   env = dict(os.environ, **{_TUNED: '1'})
   tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if tuple(int(v) for v in version.split('.')[:2]) >= (2, 35) and HUGE_PAGES not in tunables:
-    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, HUGE_PAGES]))
+  wanted = (HUGE_PAGES,) if tuple(int(v) for v in version.split('.')[:2]) >= (2, 35) else ()
+  added = [t for t in wanted + KEEP_HEAP if t.split('=')[0] + '=' not in tunables]
+  if added:
+    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, *added]))
   cache = native.block_cache_library()
   if cache is not None:
     env['LD_PRELOAD'] = ':'.join(filter(None, [os.environ.get('LD_PRELOAD', ''), cache]))
@@ -68,9 +76,11 @@ def memory_tuning_env() -> dict | None:
 
 
 def memory_tuning() -> str:
-  """The settings this process runs with: 'huge pages', 'block cache', both or 'off'."""
+  """The settings this process runs with: 'huge pages', 'heap kept' (glibc's
+  trim threshold as KEEP_HEAP's), 'block cache', joined by ' + ', or 'off'."""
+  tunables = os.environ.get('GLIBC_TUNABLES', '')
   active = [name for name, on in (
-      ('huge pages', HUGE_PAGES in os.environ.get('GLIBC_TUNABLES', '')),
+      ('huge pages', HUGE_PAGES in tunables), ('heap kept', KEEP_HEAP[0] in tunables),
       ('block cache', 'block_cache' in os.environ.get('LD_PRELOAD', ''))) if on]
   return ' + '.join(active) or 'off'
 
@@ -83,7 +93,8 @@ def define_runtime_flags(summary: bool = False) -> None:
   flags.DEFINE_string('workdir', '', 'Folder for checkpoints and outputs (resumes if it holds one).')
   flags.DEFINE_bool('tune_memory', True, "Restart once so that XLA's per-step temporaries stay "
                     'mapped between steps and sit on transparent huge pages (LD_PRELOAD of '
-                    'snas_jax/native/block_cache.cc, GLIBC_TUNABLES=glibc.malloc.hugetlb=1).')
+                    'snas_jax/native/block_cache.cc; GLIBC_TUNABLES: huge pages, freed heap '
+                    'kept).')
   flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, for multi-host runs.')
   flags.DEFINE_integer('num_processes', 1, 'Processes (hosts) in a multi-host run; -1 = '
                        'detect them (TPU pods, SLURM).')

@@ -74,14 +74,19 @@ cli.restart_with_memory_tuning()
 """
 
 
+_KEEP = 'glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=33554432'
+
+
 @pytest.mark.parametrize('given, expected', [
-    ('', 'glibc.malloc.hugetlb=1'),
-    ('glibc.malloc.check=0', 'glibc.malloc.check=0:glibc.malloc.hugetlb=1'),  # kept, extended
+    ('', f'glibc.malloc.hugetlb=1:{_KEEP}'),
+    ('glibc.malloc.check=0', f'glibc.malloc.check=0:glibc.malloc.hugetlb=1:{_KEEP}'),  # kept, extended
+    ('glibc.malloc.trim_threshold=5', 'glibc.malloc.trim_threshold=5:glibc.malloc.hugetlb=1:'
+     'glibc.malloc.mmap_threshold=33554432'),  # the user's own value wins
 ])
 def test_restart_with_memory_tuning_runs_the_script_again_once(tmp_path, given, expected):
   """The script runs twice, the second time (same arguments) with glibc asked
-  for huge pages and the block cache preloaded; the second run does not
-  restart again."""
+  for huge pages and a kept heap (where the user did not set them) and the
+  block cache preloaded; the second run does not restart again."""
   script = tmp_path / 'script.py'
   script.write_text(RESTART_CHECK.format(root=ROOT))
   env = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'SNAS_JAX_MEMORY_TUNED')}
@@ -90,4 +95,5 @@ def test_restart_with_memory_tuning_runs_the_script_again_once(tmp_path, given, 
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.splitlines() == [
       f"run ['--flag=1'] {given} [] off",
-      f"run ['--flag=1'] {expected} ['block_cache'] huge pages + block cache"]
+      f"run ['--flag=1'] {expected} ['block_cache'] huge pages + "
+      f"{'heap kept + ' if _KEEP.split(':')[0] in expected else ''}block cache"]
