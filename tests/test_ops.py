@@ -119,7 +119,7 @@ def test_native_build_failure_is_one_clear_error(monkeypatch, tmp_path):
   'shift' with a warning, and an explicit 'native' says what to use instead."""
   monkeypatch.setenv('CXX', '/bin/false')
   monkeypatch.setenv('SNAS_JAX_NATIVE_DIR', str(tmp_path))
-  with pytest.raises(native.NativeBuildError, match='false failed on depthwise.cc'):
+  with pytest.raises(native.NativeBuildError, match='false failed on kernels.cc'):
     native._build(native._SOURCE, native._FLAGS)
   assert native.block_cache_library() is None  # the scripts then run without it
   monkeypatch.setattr(native, '_load', lambda: 'no compiler (test)')

@@ -1,6 +1,6 @@
 """Hand-written CPU kernels (XLA FFI custom calls), built on first use.
 
-``depthwise.cc`` holds the edge-batched depthwise convolution's forward pass
+``kernels.cc`` holds the edge-batched depthwise convolution's forward pass
 and its backward pass (input and kernel gradients in one call), the
 training-mode DilConv (ReLU -> depthwise -> 1x1 conv with BN's batch
 statistics; its backward pass in two calls) and the training-mode 3x3 pools
@@ -35,7 +35,7 @@ import jax
 import jaxlib
 import numpy as np
 
-_SOURCE = Path(__file__).with_name('depthwise.cc')
+_SOURCE = Path(__file__).with_name('kernels.cc')
 _BLOCK_CACHE = Path(__file__).with_name('block_cache.cc')
 _FLAGS = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w']
 _TARGETS = {'snas_depthwise_forward': 'SnasDepthwiseForward',

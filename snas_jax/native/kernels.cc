@@ -1,4 +1,7 @@
-// Edge-batched depthwise convolution for XLA:CPU, as XLA FFI custom calls.
+// The search's hot ops for XLA:CPU, as XLA FFI custom calls: the edge-batched
+// depthwise convolution, the training-mode DilConv (ReLU -> depthwise -> 1x1
+// with BN's statistics) and the training-mode 3x3 pools with their BN's
+// statistics, each with its backward pass.
 //
 // Why by hand: XLA:CPU compiles a shift-and-add depthwise conv and its two
 // gradients into ~25 fused kernels per convolution (a search cell has 24),
