@@ -409,6 +409,13 @@ def avg_pool_3x3(x, *, stride: int = 1):
   return _avg_pool(x, stride, x.shape[-3:-1])
 
 
+def pool_3x3(x, kind: str, stride: int, impl: str = 'auto'):
+  """``max_pool_3x3`` (kind 'max') or ``avg_pool_3x3`` (kind 'avg')."""
+  if kind == 'max':
+    return max_pool_3x3(x, stride=stride, impl=impl)
+  return avg_pool_3x3(x, stride=stride)
+
+
 def _avg_pool_count(h, w, stride, dtype):
   """How many in-bounds pixels each output window holds: [H', W', 1]."""
   ones = _pad_hw(jnp.ones((h, w, 1), dtype), 1)
@@ -567,8 +574,7 @@ class EdgeBatchNorm(nn.Module):
       y, mean, var = pool_bn(x, kind, stride)
       statistics(mean, var)
       return y
-    y = max_pool_3x3(x, stride=stride, impl=impl) if kind == 'max' else avg_pool_3x3(x, stride=stride)
-    return _batch_norm(y, train, scale, bias, statistics)
+    return _batch_norm(pool_3x3(x, kind, stride, impl), train, scale, bias, statistics)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -835,14 +841,13 @@ class Pool(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    pooled = (self.kind, self.stride, self.impl)
     if self.affine:
-      y = max_pool_3x3(x, stride=self.stride, impl=self.impl) if self.kind == 'max' else avg_pool_3x3(
-          x, stride=self.stride)
+      y = pool_3x3(x, self.kind, self.stride, self.impl)
       return EdgeBatchNorm(True)(fan_out_edges(y, self.fan_out), train)
     # Without affine parameters the BN of every edge leaving one source is the
     # same function of the same tensor: normalise once, then fan out.
-    return fan_out_edges(EdgeBatchNorm(False)(x, train, pooled), self.fan_out)
+    y = EdgeBatchNorm(False)(x, train, pooled=(self.kind, self.stride, self.impl))
+    return fan_out_edges(y, self.fan_out)
 
 
 class FactorizedReduce(nn.Module):

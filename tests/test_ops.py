@@ -340,8 +340,7 @@ def test_max_pool_tie_gradient_hand_example():
 def _pool_bn_fwd_bwd(x, cotangents, kind, stride):
   """(outputs, dx) of the native pool -> BN and of autodiff through lax's pool and a plain BN."""
   def plain(x):
-    y = ops.max_pool_3x3(x, stride=stride, impl='lax') if kind == 'max' else ops.avg_pool_3x3(
-        x, stride=stride)
+    y = ops.pool_3x3(x, kind, stride, impl='lax')
     mean, var = ops._moments(y)
     return ops._normalize(y, mean, var, None, None), mean, var
 

@@ -641,6 +641,23 @@ Images DepthwiseImage(const Geometry& g, const float* x, const float* k, int64_t
   return a;
 }
 
+// BN's batch mean and biased variance, E[h²] − E[h]², of E groups [E, F] from
+// per-image partial sums part(e, n) -> [Σh, Σh²][F] (m values per statistic),
+// summed over the N images in double and in a fixed order.
+template <typename Part>
+void MomentsFromParts(int64_t E, int64_t N, int64_t F, double m, Part part, float* mean,
+                      float* var) {
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t f = 0; f < F; ++f) {
+      double s1 = 0, s2 = 0;
+      for (int64_t n = 0; n < N; ++n) s1 += part(e, n)[f], s2 += part(e, n)[F + f];
+      const double mu = s1 / m;
+      mean[e * F + f] = static_cast<float>(mu);
+      var[e * F + f] = static_cast<float>(std::max(s2 / m - mu * mu, 0.0));
+    }
+  }
+}
+
 ffi::Error DilConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                           ffi::Buffer<ffi::F32> pw, ffi::ResultBuffer<ffi::F32> h,
                           ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
@@ -665,21 +682,9 @@ ffi::Error DilConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       });
     }
   });
-  // Batch mean and biased variance, E[h²] − E[h]², summed over images in double.
-  const double m = static_cast<double>(g.N * P);
-  for (int64_t e = 0; e < g.D * g.S; ++e) {
-    const int64_t d = e / g.S, s = e % g.S;
-    for (int64_t f = 0; f < F; ++f) {
-      double s1 = 0, s2 = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
-        const float* part = parts.data() + ((s * g.N + n) * g.D + d) * 2 * F;
-        s1 += part[f], s2 += part[F + f];
-      }
-      const double mu = s1 / m;
-      mean->typed_data()[e * F + f] = static_cast<float>(mu);
-      var->typed_data()[e * F + f] = static_cast<float>(std::max(s2 / m - mu * mu, 0.0));
-    }
-  }
+  MomentsFromParts(g.D * g.S, g.N, F, static_cast<double>(g.N * P), [&](int64_t e, int64_t n) {
+    return parts.data() + ((e % g.S * g.N + n) * g.D + e / g.S) * 2 * F;  // edge e = d·S + s
+  }, mean->typed_data(), var->typed_data());
   return ffi::Error::Success();
 }
 
@@ -926,19 +931,9 @@ ffi::Error PoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Resul
       Store(part + C + c0, s2);
     });
   });
-  const double m = static_cast<double>(g.N * g.Ho * g.Wo);  // E[y²] − E[y]², in double
-  for (int64_t s = 0; s < g.S; ++s) {
-    for (int64_t c = 0; c < C; ++c) {
-      double s1 = 0, s2 = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
-        const float* part = parts.data() + (s * g.N + n) * 2 * C;
-        s1 += part[c], s2 += part[C + c];
-      }
-      const double mu = s1 / m;
-      mean->typed_data()[s * C + c] = static_cast<float>(mu);
-      var->typed_data()[s * C + c] = static_cast<float>(std::max(s2 / m - mu * mu, 0.0));
-    }
-  }
+  MomentsFromParts(g.S, g.N, C, static_cast<double>(g.N * g.Ho * g.Wo), [&](int64_t s, int64_t n) {
+    return parts.data() + (s * g.N + n) * 2 * C;
+  }, mean->typed_data(), var->typed_data());
   return ffi::Error::Success();
 }
 
