@@ -367,6 +367,19 @@ void KernelGradBlock(const Geometry& g, const float* __restrict xp, Images gy,
   }
 }
 
+// The D·K² kernel vectors of source s, channels [c0, c0 + lanes), contiguous
+// (one thread's buffer): in the loops each tap is a constant offset (through
+// g.Tap, each address cost integer multiplies: the input gradient ran 2.5x
+// slower).
+template <typename T, int K>
+const T* PackKernel(const Geometry& g, const float* k, int64_t s, int64_t c0) {
+  static thread_local std::vector<T> kbuf;
+  kbuf.resize(g.D * K * K);
+  for (int64_t d = 0; d < g.D; ++d)
+    for (int t = 0; t < K * K; ++t) kbuf[d * K * K + t] = Load<T>(k + g.Tap(t / K, t % K, d, s) + c0);
+  return kbuf.data();
+}
+
 // Stride 1: dx[h, w] = Σ_d Σ_taps gp_d[h + 2·pad − i·dil, w + 2·pad − j·dil]·k[i, j, d]
 // over the D cotangent images padded by `pad` (gp), a gather like the
 // forward pass; zero where the ReLU clipped x.
@@ -375,31 +388,94 @@ void InputGradFixed(const Geometry& g, const float* __restrict gp, const float* 
                     const float* __restrict k, float* __restrict dx, int64_t s, int64_t n,
                     int64_t c0, bool relu) {
   const int64_t Wp = g.W + 2 * g.pad, Hp = g.H + 2 * g.pad, reach = 2 * g.pad;
-  for (int64_t h = 0; h < g.H; ++h) {
-    ForPixels(g.W, [&](auto u, int64_t w) {
-      constexpr int U = decltype(u)::value;
-      T a[U] = {};
-      for (int64_t d = 0; d < g.D; ++d) {
-        const float* __restrict base = gp + ((d * Hp + h + reach) * Wp + w + reach) * C + c0;
+  const T* kbuf = PackKernel<T, K>(g, k, s, c0);
+  // One edge d at a time, summed in dx: the K rows of one padded cotangent
+  // image that a row of pixels reads stay in L1 (all D's did not).
+  for (int64_t d = 0; d < g.D; ++d) {
+    const T* __restrict kd = kbuf + d * K * K;
+    const bool first = d == 0, last = d == g.D - 1;
+    for (int64_t h = 0; h < g.H; ++h) {
+      const float* __restrict row = gp + ((d * Hp + h + reach) * Wp + reach) * C + c0;
+      float* __restrict out = dx + g.X(s, n, h, 0) + c0;
+      ForPixels(g.W, [&](auto u, int64_t w) {
+        constexpr int U = decltype(u)::value;
+        T a[U];
+#pragma GCC unroll 8
+        for (int p = 0; p < U; ++p) a[p] = first ? T{} : Load<T>(out + (w + p) * C);
 #pragma GCC unroll 5
         for (int i = 0; i < K; ++i) {
 #pragma GCC unroll 5
           for (int j = 0; j < K; ++j) {
-            const float* __restrict gv = base - (i * DIL * Wp + j * DIL) * C;
-            const T kv = Load<T>(k + g.Tap(i, j, d, s) + c0);
+            const float* __restrict gv = row + (w - i * DIL * Wp - j * DIL) * C;
+            const T kv = kd[i * K + j];
 #pragma GCC unroll 8
             for (int p = 0; p < U; ++p) a[p] += Load<T>(gv + p * C) * kv;
           }
         }
-      }
 #pragma GCC unroll 8
-      for (int p = 0; p < U; ++p) {
-        const int64_t at = g.X(s, n, h, w + p) + c0;
-        T v = a[p];
-        if (relu) v = Load<T>(x + at) > T{} ? v : T{};  // elementwise select
-        Store(dx + at, v);
+        for (int p = 0; p < U; ++p) {
+          T v = a[p];
+          if (relu && last) v = Load<T>(x + g.X(s, n, h, w + p) + c0) > T{} ? v : T{};  // select
+          Store(out + (w + p) * C, v);
+        }
+      });
+    }
+  }
+}
+
+// Stride 2: dx[h, w] = Σ_d Σ_taps g_d[(h + pad − i·dil) / 2, (w + pad − j·dil) / 2]
+// · k[i, j, d] over the taps whose offsets are even: for each parity class
+// (PH, PW) of (h, w) a fixed subset of the taps (a sub-pixel convolution),
+// gathered from the D cotangent images padded by `pad` (gp). (Scattered,
+// the first version, ran at 6 GFLOP/s: every tap a read-modify-write.)
+template <typename T, int K, int DIL, int C>
+void InputGradStride2Fixed(const Geometry& g, const float* __restrict gp, const float* __restrict x,
+                           const float* __restrict k, float* __restrict dx, int64_t s, int64_t n,
+                           int64_t c0, bool relu) {
+  constexpr int PAD = DIL * (K - 1) / 2;
+  const int64_t Hq = g.Ho + 2 * PAD, Wq = g.Wo + 2 * PAD;
+  const T* kbuf = PackKernel<T, K>(g, k, s, c0);
+  for (int64_t d = 0; d < g.D; ++d) {
+    const T* __restrict kd = kbuf + d * K * K;
+    const bool first = d == 0, last = d == g.D - 1;
+    auto parity = [&](auto ph, auto pw) {
+      constexpr int PH = decltype(ph)::value, PW = decltype(pw)::value;
+      for (int64_t mh = 0; 2 * mh + PH < g.H; ++mh) {
+        const float* __restrict row = gp + ((d * Hq + mh + PAD) * Wq + PAD) * C + c0;
+        float* __restrict out = dx + g.X(s, n, 2 * mh + PH, 0) + c0;
+        const float* __restrict xr = x + g.X(s, n, 2 * mh + PH, 0) + c0;
+        ForPixels((g.W - PW + 1) / 2, [&](auto u, int64_t mw) {
+          constexpr int U = decltype(u)::value;
+          T a[U];
+#pragma GCC unroll 8
+          for (int p = 0; p < U; ++p) a[p] = first ? T{} : Load<T>(out + (2 * (mw + p) + PW) * C);
+#pragma GCC unroll 5
+          for (int i = 0; i < K; ++i) {
+            if ((PH + PAD - i * DIL) % 2 != 0) continue;  // folded: i, PH, PAD are constants
+            const int oi = (PH + PAD - i * DIL) / 2;
+#pragma GCC unroll 5
+            for (int j = 0; j < K; ++j) {
+              if ((PW + PAD - j * DIL) % 2 != 0) continue;
+              const float* __restrict gv = row + (oi * Wq + mw + (PW + PAD - j * DIL) / 2) * C;
+              const T kv = kd[i * K + j];
+#pragma GCC unroll 8
+              for (int p = 0; p < U; ++p) a[p] += Load<T>(gv + p * C) * kv;
+            }
+          }
+#pragma GCC unroll 8
+          for (int p = 0; p < U; ++p) {
+            const int64_t at = (2 * (mw + p) + PW) * C;
+            T v = a[p];
+            if (relu && last) v = Load<T>(xr + at) > T{} ? v : T{};  // elementwise select
+            Store(out + at, v);
+          }
+        });
       }
-    });
+    };
+    parity(Int<0>{}, Int<0>{});
+    parity(Int<0>{}, Int<1>{});
+    parity(Int<1>{}, Int<0>{});
+    parity(Int<1>{}, Int<1>{});
   }
 }
 
@@ -429,8 +505,8 @@ void InputGradBlock(const Geometry& g, const float* __restrict gp, const float* 
   }
 }
 
-// Stride 2: each output pixel's g scattered onto its taps of a padded buffer
-// (a gather would test every tap's parity).
+// Stride 2, shapes without a fixed-shape loop: each output pixel's g
+// scattered onto its taps of a padded buffer.
 template <typename T>
 void InputGradScatterBlock(const Geometry& g, Images gy, const float* __restrict k,
                            float* __restrict dxp, int64_t s, int64_t c0) {
@@ -475,6 +551,20 @@ void BackwardImage(const Geometry& g, const float* __restrict x, const float* __
       PadRows(gy.At(d, 0), g.Wo * C, g.Ho, g.Wo, C, g.pad, false, buf.data() + d * Hp * Wp * C);
     ForBlocks(C, [&](auto t, int64_t c0) {
       InputGradBlock<decltype(t)>(g, buf.data(), x, k, dx, s, n, c0, relu);
+    });
+    return;
+  }
+  bool fixed = true;  // every channel block has its fixed-shape loop
+  ForBlocks(C, [&](auto t, int64_t) { fixed &= WithFixedShape<decltype(t)>(g, [](auto...) {}); });
+  if (fixed) {  // buf: the D cotangent images, each padded
+    const int64_t Hq = g.Ho + 2 * g.pad, Wq = g.Wo + 2 * g.pad;
+    buf.resize(g.D * Hq * Wq * C);
+    for (int64_t d = 0; d < g.D; ++d)
+      PadRows(gy.At(d, 0), g.Wo * C, g.Ho, g.Wo, C, g.pad, false, buf.data() + d * Hq * Wq * C);
+    ForBlocks(C, [&](auto t, int64_t c0) {
+      WithFixedShape<decltype(t)>(g, [&](auto K, auto dil, auto, auto CC) {
+        InputGradStride2Fixed<decltype(t), K, dil, CC>(g, buf.data(), x, k, dx, s, n, c0, relu);
+      });
     });
     return;
   }
@@ -558,70 +648,121 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // pw [G, C, F] with G = D·S (edge g = d·S + s); h, dy [G, N, H', W', F].
 
 // out[p, f0:] = Σ_k in[p, k] · w[k, f0:] over P pixels (one image's 1x1
-// conv); adds Σ_p out and Σ_p out² to sum[f0:] and sumsq[f0:] if given.
-// KD > 0: the inner size is that constant (the U rows' addresses a register
-// plus a constant); 0: Kd at run time.
-template <typename T, int KD>
-void MatMulFixed(const float* __restrict in, const float* __restrict w, float* __restrict out,
+// conv), NB blocks of T from f0, a tile of R pixels at a time: R·NB
+// independent sums in registers; each weight load feeds R products and each
+// broadcast of an input NB. (One block of 8 pixels, the first version, was
+// load-bound: 9 loads per 8 products.) Adds Σ_p out and Σ_p out² to
+// sum[f0:] and sumsq[f0:] if given. KD > 0: the inner size is that constant
+// (the R rows' addresses a register plus a constant); 0: kd at run time.
+template <typename T, int KD, int NB>
+void MatMulTiles(const float* __restrict in, const float* __restrict w, float* __restrict out,
                  int64_t P, int64_t kd, int64_t Fo, int64_t f0, float* sum, float* sumsq) {
+  constexpr int L = sizeof(T) / sizeof(float);
   const int64_t Kd = KD > 0 ? KD : kd;
-  T s1{}, s2{};
-  ForPixels(P, [&](auto u, int64_t p) {
-    constexpr int U = decltype(u)::value;
-    T a[U] = {};
-    const float* __restrict r = in + p * Kd;
+  T s1[NB] = {}, s2[NB] = {};
+  auto tile = [&](auto r, int64_t p) {
+    constexpr int R = decltype(r)::value;
+    T a[R][NB] = {};
+    const float* __restrict row = in + p * Kd;
     for (int64_t k = 0; k < Kd; ++k) {
-      const T wv = Load<T>(w + k * Fo + f0);
+      T wv[NB];
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) wv[b] = Load<T>(w + k * Fo + f0 + b * L);
 #pragma GCC unroll 8
-      for (int q = 0; q < U; ++q) a[q] += r[q * Kd + k] * wv;
+      for (int q = 0; q < R; ++q) {
+        const float x = row[q * Kd + k];
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) a[q][b] += x * wv[b];
+      }
     }
 #pragma GCC unroll 8
-    for (int q = 0; q < U; ++q) {
-      Store(out + (p + q) * Fo + f0, a[q]);
-      s1 += a[q];
-      s2 += a[q] * a[q];
+    for (int q = 0; q < R; ++q) {
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        Store(out + (p + q) * Fo + f0 + b * L, a[q][b]);
+        s1[b] += a[q][b];
+        s2[b] += a[q][b] * a[q][b];
+      }
     }
-  });
+  };
+  constexpr int kTile = NB == 1 ? 8 : 6;  // 8 or 12 sums: both FMA units busy
+  int64_t p = 0;
+  for (; p + kTile <= P; p += kTile) tile(Int<kTile>{}, p);
+  for (; p < P; ++p) tile(Int<1>{}, p);
   if (sum != nullptr) {
-    Store(sum + f0, Load<T>(sum + f0) + s1);
-    Store(sumsq + f0, Load<T>(sumsq + f0) + s2);
+    for (int b = 0; b < NB; ++b) {
+      Store(sum + f0 + b * L, Load<T>(sum + f0 + b * L) + s1[b]);
+      Store(sumsq + f0 + b * L, Load<T>(sumsq + f0 + b * L) + s2[b]);
+    }
   }
 }
 
-template <typename T>
-void MatMulBlock(const float* __restrict in, const float* __restrict w, float* __restrict out,
-                 int64_t P, int64_t Kd, int64_t Fo, int64_t f0, float* sum, float* sumsq) {
+// The 1x1 conv of one image over all Fo outputs: pairs of vector blocks,
+// then single ones, then single channels.
+template <int KD>
+void MatMulFixed(const float* in, const float* w, float* out, int64_t P, int64_t Kd, int64_t Fo,
+                 float* sum, float* sumsq) {
+  int64_t f0 = 0;
+  for (; f0 + 2 * kWide <= Fo; f0 += 2 * kWide) MatMulTiles<VW, KD, 2>(in, w, out, P, Kd, Fo, f0, sum, sumsq);
+  ForBlocks(Fo - f0, [&](auto t, int64_t c0) {
+    MatMulTiles<decltype(t), KD, 1>(in, w, out, P, Kd, Fo, f0 + c0, sum, sumsq);
+  });
+}
+
+// out [P, Fo] = in [P, Kd] · w [Kd, Fo]; see MatMulTiles.
+void MatMul(const float* in, const float* w, float* out, int64_t P, int64_t Kd, int64_t Fo,
+            float* sum, float* sumsq) {
   switch (Kd) {
-    case 8: return MatMulFixed<T, 8>(in, w, out, P, Kd, Fo, f0, sum, sumsq);
-    case 16: return MatMulFixed<T, 16>(in, w, out, P, Kd, Fo, f0, sum, sumsq);
-    case 32: return MatMulFixed<T, 32>(in, w, out, P, Kd, Fo, f0, sum, sumsq);
-    case 64: return MatMulFixed<T, 64>(in, w, out, P, Kd, Fo, f0, sum, sumsq);
-    default: return MatMulFixed<T, 0>(in, w, out, P, Kd, Fo, f0, sum, sumsq);
+    case 8: return MatMulFixed<8>(in, w, out, P, Kd, Fo, sum, sumsq);
+    case 16: return MatMulFixed<16>(in, w, out, P, Kd, Fo, sum, sumsq);
+    case 32: return MatMulFixed<32>(in, w, out, P, Kd, Fo, sum, sumsq);
+    case 64: return MatMulFixed<64>(in, w, out, P, Kd, Fo, sum, sumsq);
+    default: return MatMulFixed<0>(in, w, out, P, Kd, Fo, sum, sumsq);
   }
 }
 
-// dw[c, f0:] += Σ_p a[p, c] · dh[p, f0:] (one image's 1x1 weight gradient),
-// 8 channels c at a time: each load of dh feeds 8 products.
-template <typename T>
-void OuterBlock(const float* __restrict a, const float* __restrict dh, float* __restrict dw,
+// dw[c, f0:] += Σ_p a[p, c] · dh[p, f0:] (one image's 1x1 weight gradient)
+// for NB blocks of T from f0, R channels c at a time: R·NB sums in
+// registers, NB loads of dh and R broadcasts of a per pixel.
+template <typename T, int NB>
+void OuterTiles(const float* __restrict a, const float* __restrict dh, float* __restrict dw,
                 int64_t P, int64_t C, int64_t F, int64_t f0) {
-  constexpr int64_t kRows = 8;
-  int64_t c = 0;
-  for (; c + kRows <= C; c += kRows) {
-    T acc[kRows] = {};
+  constexpr int L = sizeof(T) / sizeof(float);
+  auto rows = [&](auto r, int64_t c) {
+    constexpr int R = decltype(r)::value;
+    T acc[R][NB] = {};
     for (int64_t p = 0; p < P; ++p) {
-      const T gv = Load<T>(dh + p * F + f0);
+      T gv[NB];
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) gv[b] = Load<T>(dh + p * F + f0 + b * L);
       const float* __restrict ap = a + p * C + c;
 #pragma GCC unroll 8
-      for (int r = 0; r < kRows; ++r) acc[r] += ap[r] * gv;
+      for (int q = 0; q < R; ++q) {
+        const float x = ap[q];
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) acc[q][b] += x * gv[b];
+      }
     }
-    for (int r = 0; r < kRows; ++r) Store(dw + (c + r) * F + f0, Load<T>(dw + (c + r) * F + f0) + acc[r]);
-  }
-  for (; c < C; ++c) {
-    T acc{};
-    for (int64_t p = 0; p < P; ++p) acc += a[p * C + c] * Load<T>(dh + p * F + f0);
-    Store(dw + c * F + f0, Load<T>(dw + c * F + f0) + acc);
-  }
+    for (int q = 0; q < R; ++q) {
+      for (int b = 0; b < NB; ++b) {
+        float* out = dw + (c + q) * F + f0 + b * L;
+        Store(out, Load<T>(out) + acc[q][b]);
+      }
+    }
+  };
+  constexpr int kRows = NB == 1 ? 8 : 6;  // 8 or 12 sums: both FMA units busy
+  int64_t c = 0;
+  for (; c + kRows <= C; c += kRows) rows(Int<kRows>{}, c);
+  for (; c + 4 <= C; c += 4) rows(Int<4>{}, c);
+  for (; c + 2 <= C; c += 2) rows(Int<2>{}, c);
+  for (; c < C; ++c) rows(Int<1>{}, c);
+}
+
+// dw [C, F] += a [P, C]ᵀ · dh [P, F]; see OuterTiles.
+void Outer(const float* a, const float* dh, float* dw, int64_t P, int64_t C, int64_t F) {
+  int64_t f0 = 0;
+  for (; f0 + 2 * kWide <= F; f0 += 2 * kWide) OuterTiles<VW, 2>(a, dh, dw, P, C, F, f0);
+  ForBlocks(F - f0, [&](auto t, int64_t c0) { OuterTiles<decltype(t), 1>(a, dh, dw, P, C, F, f0 + c0); });
 }
 
 ffi::Error CheckPointwise(const Geometry& g, ffi::Buffer<ffi::F32>& pw) {
@@ -676,10 +817,7 @@ ffi::Error DilConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     for (int64_t d = 0; d < g.D; ++d) {
       const int64_t e = d * g.S + s;
       float* part = parts.data() + (item * g.D + d) * 2 * F;
-      ForBlocks(F, [&](auto t, int64_t f0) {
-        MatMulBlock<decltype(t)>(a.At(d, 0), wv + e * C * F, hv + (e * g.N + n) * P * F, P, C, F, f0,
-                                 part, part + F);
-      });
+      MatMul(a.At(d, 0), wv + e * C * F, hv + (e * g.N + n) * P * F, P, C, F, part, part + F);
     }
   });
   MomentsFromParts(g.D * g.S, g.N, F, static_cast<double>(g.N * P), [&](int64_t e, int64_t n) {
@@ -752,7 +890,7 @@ ffi::Error DilConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   const float *xv = x.typed_data(), *kv = kernel.typed_data(), *wv = pw.typed_data();
   const float *hv = h.typed_data(), *dyv = dy.typed_data(), *cv = coef.typed_data();
-  std::vector<float> pw_t(G * F * C);  // [G, F, C]: da = dh · pw_t is a MatMulBlock
+  std::vector<float> pw_t(G * F * C);  // [G, F, C]: da = dh · pw_t is a MatMul
   for (int64_t e = 0; e < G; ++e)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t f = 0; f < F; ++f) pw_t[(e * F + f) * C + c] = wv[(e * C + c) * F + f];
@@ -781,13 +919,8 @@ ffi::Error DilConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           for (int64_t p = 0; p < P; ++p)
             Store(out + p * F + f0, A * Load<T>(dp + p * F + f0) + B * (Load<T>(hp + p * F + f0) - mu) + C0);
         });
-        ForBlocks(F, [&](auto t, int64_t f0) {
-          OuterBlock<decltype(t)>(a.At(d, 0), dh.At(d, 0), pw_part + d * C * F, P, C, F, f0);
-        });
-        ForBlocks(C, [&](auto t, int64_t c0) {
-          MatMulBlock<decltype(t)>(dh.At(d, 0), pw_t.data() + e * F * C, da.At(d, 0), P, F, C, c0,
-                                   nullptr, nullptr);
-        });
+        Outer(a.At(d, 0), dh.At(d, 0), pw_part + d * C * F, P, C, F);
+        MatMul(dh.At(d, 0), pw_t.data() + e * F * C, da.At(d, 0), P, F, C, nullptr, nullptr);
       }
       BackwardImage(g, xv, xp.data(), kv, da, dxv, part, s, n, true);
     }
