@@ -489,6 +489,11 @@ def mix_edges(terms, weights, keep, fan_out: int):
   ``terms[k]`` is either [G,N,H,W,C] (each edge's own op output) or
   [S,N,H,W,C] (one output that the fan_out edges leaving a source share:
   identity, pools with non-affine BN), read per source instead of copied.
+  A term may also be a triple (h, mean, var) [G,N,H,W,C], [G,C], [G,C]: a
+  DilConv's output before its BN (``DilConv(raw=True)``), normalised here
+  as (h − mean)·rsqrt(var + ε); its backward pass is one native call
+  (``native.mix_grad_raw``) that yields BN's reductions too, and XLA never
+  writes the normalised copy (paper search step: 2.7 -> 2.x s, README).
   ``keep`` [G, N or 1] scales whole edges per image (drop-path).
   Summing into the destinations here, with a custom VJP that keeps only the
   terms and small weights, avoids what autodiff of the plain sum builds:
@@ -503,10 +508,23 @@ def mix_edges(terms, weights, keep, fan_out: int):
     for s in range(n_src):
       g = d * n_src + s
       for k, t in enumerate(terms):
-        term = t[s if t.shape[0] != weights.shape[0] else g] * scale[g, k].reshape(-1, 1, 1, 1)
+        term = _term_at(t, s if _lead(t) != weights.shape[0] else g) * scale[g, k].reshape(-1, 1, 1, 1)
         acc = term if acc is None else acc + term
     outs.append(acc)
   return tuple(outs)
+
+
+def _lead(term):
+  """The leading (edge or source) size of a term or raw triple."""
+  return (term[0] if isinstance(term, tuple) else term).shape[0]
+
+
+def _term_at(term, i):
+  """Edge (or source) i of a term; a raw triple normalised."""
+  if not isinstance(term, tuple):
+    return term[i]
+  h, mean, var = term
+  return (h[i] - mean[i]) * lax.rsqrt(var[i] + BN_EPSILON)
 
 
 def _mix_fwd(terms, weights, keep, fan_out):
@@ -522,6 +540,13 @@ def _mix_bwd(fan_out, residuals, cotangents):
   g_keep = g * keep6  # [D, S, N, H, W, C]
   grad_terms, grad_weights = [], []
   for k, t in enumerate(terms):
+    if isinstance(t, tuple):  # raw (h, mean, var): BN's backward reductions too
+      h, mean, var = t
+      w, rstd = weights[:, k], lax.rsqrt(var + BN_EPSILON)
+      dh, q, r = native.mix_grad_raw(g[:, 0], jnp.broadcast_to(keep, h.shape[:2]), h, mean, rstd, w)
+      grad_terms.append((dh, -rstd * w[:, None] * r, -0.5 * rstd ** 3 * w[:, None] * q))
+      grad_weights.append((rstd * q).sum(-1))
+      continue
     scale = g_keep * weights[:, k].reshape(fan_out, -1, 1, 1, 1, 1)
     if t.shape[0] != n_edges:  # shared: sum over the destinations, unrolled
       grad_terms.append(functools.reduce(jnp.add, [scale[d] for d in range(fan_out)]))
@@ -666,6 +691,11 @@ class DilConv(nn.Module):
   function with a hand-written VJP, ``relu_conv_bn``. ``remat``: that VJP
   keeps less and recomputes more (less memory, slower); the 'lax' path
   (GPU/TPU) ignores it (the networks remat whole cells there).
+
+  ``raw=True``: in training on 'native' without affine parameters or remat,
+  return (h, batch mean, batch variance) — the output before BN's
+  normalisation — for a consumer that normalises it itself (``mix_edges``);
+  otherwise the normalised output as usual.
   """
   c_out: int
   kernel_size: int
@@ -677,12 +707,17 @@ class DilConv(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, raw: bool = False):
     s, c, k = x.shape[0], x.shape[-1], self.kernel_size
     g = self.fan_out * s
     dw = self.param('depthwise_kernel', torch_uniform_init(k * k), (k, k, g, c))
     pw = self.param('pointwise_kernel', torch_uniform_init(c), (g, c, self.c_out))
     scale, bias, statistics = _bn_variables(self, g, self.c_out, self.affine, train)
+    if (raw and train and not self.affine and not self.remat
+        and resolve_impl(self.impl) == 'native'):
+      h, mean, var = dilconv_raw(x, dw, pw, self.stride, self.dilation)
+      statistics(mean, var)
+      return h, mean, var
     if train and resolve_impl(self.impl) in ('shift', 'native'):
       y, mean, var = relu_conv_bn(x, dw, pw, scale, bias, self.stride, self.dilation, self.remat,
                                   resolve_impl(self.impl))
@@ -818,6 +853,35 @@ def _dilconv_native_bwd(stride, dilation, x, dw, pw, scale, mean, var, h, dy, dm
 relu_conv_bn.defvjp(_relu_conv_bn_fwd, _relu_conv_bn_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def dilconv_raw(x, dw, pw, stride, dilation):
+  """Training-mode native DilConv without its BN's normalisation: (h [G,N,H',W',F],
+  batch mean, batch variance [G,F]) for a consumer that normalises h itself.
+  Its VJP takes the cotangents of all three, so BN's backward reductions are
+  the consumer's (``mix_edges``: one pass that it makes anyway)."""
+  return _dilconv_native(x, dw, pw, stride, dilation)
+
+
+def _dilconv_raw_fwd(x, dw, pw, stride, dilation):
+  h, mean, var = _dilconv_native(x, dw, pw, stride, dilation)
+  return (h, mean, var), (x, dw, pw, h, mean)
+
+
+def _dilconv_raw_bwd(stride, dilation, residuals, cotangents):
+  """d h total = dh + dmean/m + 2·(h − mean)·dvar/m: the native backward's
+  A·dy + B·(h − mean) + C0 with A = 1 (m values per statistic)."""
+  x, dw, pw, h, mean = residuals
+  dh, dmean, dvar = cotangents
+  m = h[0].size // h.shape[-1]
+  coef = jnp.stack([jnp.ones_like(mean), 2.0 * dvar / m, dmean / m, mean])
+  dx, d_dw, d_pw = native.dilconv_backward(x, _by_source(dw, x.shape[0]), pw, h, dh, coef,
+                                           stride, dilation)
+  return dx, d_dw.reshape(dw.shape), d_pw
+
+
+dilconv_raw.defvjp(_dilconv_raw_fwd, _dilconv_raw_bwd)
+
+
 class SepConv(nn.Module):
   """DilConv(stride) then DilConv(stride 1), both with dilation 1."""
   c_out: int
@@ -829,12 +893,13 @@ class SepConv(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, raw: bool = False):
+    """``raw``: the second DilConv's (see DilConv)."""
     c_in = x.shape[-1]
     x = DilConv(c_in, self.kernel_size, self.stride, 1, self.fan_out, self.affine,
                 self.impl, self.remat)(x, train)
     return DilConv(self.c_out, self.kernel_size, 1, 1, 1, self.affine, self.impl,
-                   self.remat)(x, train)
+                   self.remat)(x, train, raw=raw)
 
 
 class Pool(nn.Module):

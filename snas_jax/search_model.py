@@ -70,7 +70,9 @@ class MixedEdges(nn.Module):
                        affine=False, impl=self.impl, remat=self.remat, op_name=name)
       if op is None:  # 'none' contributes Z·0: nothing to compute
         continue
-      terms.append(op(x, self.train))
+      # DilConvs hand their output before BN to mix_edges, which normalises it
+      raw = isinstance(op, (ops.DilConv, ops.SepConv))
+      terms.append(op(x, self.train, raw=True) if raw else op(x, self.train))
       columns.append(k)
     return ops.mix_edges(tuple(terms), z[:, np.array(columns)], keep, self.fan_out)
 

@@ -513,21 +513,30 @@ def test_fan_out_gives_independent_edges(name, stride, affine, fan_out, s):
     _assert_close(_edge_slice(new_stats, g, g_total, s, c), stats_g)
 
 
-@pytest.mark.parametrize('fan_out,s,keep_per_image', [(1, 2, False), (3, 2, True)])
-def test_mix_edges_matches_autodiff(fan_out, s, keep_per_image):
+@pytest.mark.parametrize('fan_out,s,keep_per_image,raw', [(1, 2, False, False), (3, 2, True, False),
+                                                       (3, 2, True, True), (2, 1, False, True)])
+def test_mix_edges_matches_autodiff(fan_out, s, keep_per_image, raw):
   """The mixer's custom VJP against autodiff of the plain sum over edges and
   ops into the destinations, with one shared (per-source) term, two per-edge
-  terms, and drop-path scales per edge (and per image)."""
-  rng = np.random.default_rng(fan_out)
-  g, n = fan_out * s, 2
-  shared = rng.normal(size=(s, n, 3, 4, 5)).astype(np.float32)
-  own = [rng.normal(size=(g, n, 3, 4, 5)).astype(np.float32) for _ in range(2)]
-  weights = rng.normal(size=(g, 3)).astype(np.float32)
+  terms, drop-path scales per edge (and per image) and, with ``raw``, a
+  DilConv's output before BN, (h, mean, var), that the mixer normalises
+  (its backward is native: C = 12 runs its 8-lane block and single lanes)."""
+  rng = np.random.default_rng(fan_out + 10 * raw)
+  g, n, c = fan_out * s, 2, 12 if raw else 5
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  terms = (normal(s, n, 3, 4, c), normal(g, n, 3, 4, c), normal(g, n, 3, 4, c))
+  if raw:
+    h = normal(g, n, 3, 4, c) * 2.0 + 0.5
+    terms += ((h, h.mean((1, 2, 3)) + normal(g, c) * 0.1, h.var((1, 2, 3)) + 0.3),)
+  weights = normal(g, len(terms))
   keep = rng.choice([0.0, 2.0], size=(g, n if keep_per_image else 1)).astype(np.float32)
-  cotangents = tuple(rng.normal(size=(n, 3, 4, 5)).astype(np.float32) for _ in range(fan_out))
+  cotangents = tuple(normal(n, 3, 4, c) for _ in range(fan_out))
 
   def plain(terms, weights):
-    full = [ops.fan_out_edges(terms[0], fan_out)] + list(terms[1:])
+    full = [ops.fan_out_edges(terms[0], fan_out)] + list(terms[1:3])
+    if raw:
+      h, mean, var = terms[3]
+      full.append((h - mean[:, None, None, None]) / jnp.sqrt(var[:, None, None, None] + ops.BN_EPSILON))
     edges = sum(t * weights[:, k, None, None, None, None] for k, t in enumerate(full))
     edges = edges * keep[:, :, None, None, None]
     return tuple(edges[d * s:(d + 1) * s].sum(0) for d in range(fan_out))
@@ -539,13 +548,45 @@ def test_mix_edges_matches_autodiff(fan_out, s, keep_per_image):
       y, vjp = jax.vjp(f, terms, weights)
       out.append((y,) + vjp(cotangents))
     return out
-  (y, d_terms, d_w), (y_ref, d_terms_ref, d_w_ref) = both((shared, *own), weights)
+  (y, d_terms, d_w), (y_ref, d_terms_ref, d_w_ref) = both(terms, weights)
   assert len(y) == fan_out
-  chex.assert_shape(y, [(n, 3, 4, 5)] * fan_out)
+  chex.assert_shape(y, [(n, 3, 4, c)] * fan_out)
   _assert_close(y, y_ref)
   _assert_close(d_terms, d_terms_ref)
   _assert_close(d_w, d_w_ref)
   assert float(np.abs(d_w_ref).max()) > 0.1
+  if raw:  # BN's cotangents reach the statistics
+    assert min(float(np.abs(d).max()) for d in d_terms_ref[3]) > 1e-3
+
+
+@pytest.mark.parametrize('k,dilation,stride', [(3, 1, 1), (5, 2, 2)])
+def test_dilconv_raw_equals_autodiff_of_lax(k, dilation, stride):
+  """The native DilConv before BN, (h, batch mean, batch variance), and its
+  VJP for cotangents on all three, against autodiff of the lax ops."""
+  rng = np.random.default_rng(k + stride)
+  s, fan_out, n, c, f = 2, 2, 3, 16, 8
+  g = s * fan_out
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  args = (normal(s, n, 9, 9, c), normal(k, k, g, c), normal(g, c, f))
+  size = 9 if stride == 1 else 5
+  cotangents = (normal(g, n, size, size, f), normal(g, f), normal(g, f))
+
+  def plain(x, dw, pw):
+    h = ops.pointwise_conv(ops.depthwise_conv(jax.nn.relu(x), dw, stride=stride,
+                                              dilation=dilation, impl='lax'), pw)
+    return (h, *ops._moments(h))
+
+  @jax.jit
+  def both(args):
+    outs = []
+    for fn in (plain, lambda *a: ops.dilconv_raw(*a, stride, dilation)):
+      y, vjp = jax.vjp(fn, *args)
+      outs.append((y, vjp(cotangents)))
+    return outs
+  (y_ref, grads_ref), (y, grads) = both(args)
+  _assert_close(y, y_ref)
+  _assert_close(grads, grads_ref, rel=1e-5)
+  assert all(float(np.abs(d).max()) > 0 for d in grads)
 
 
 def test_avg_pool_gradient_matches_reduce_window():

@@ -44,7 +44,8 @@ _TARGETS = {'snas_depthwise_forward': 'SnasDepthwiseForward',
             'snas_bn_grad_sums': 'SnasBnGradSums',
             'snas_dilconv_backward': 'SnasDilConvBackward',
             'snas_pool_forward': 'SnasPoolForward',
-            'snas_pool_backward': 'SnasPoolBackward'}
+            'snas_pool_backward': 'SnasPoolBackward',
+            'snas_mix_grad_raw': 'SnasMixGradRaw'}
 
 
 class NativeBuildError(RuntimeError):
@@ -198,6 +199,17 @@ def pool_backward(x, yhat, dy, coef, stride: int, kind: str):
   require()
   return jax.ffi.ffi_call('snas_pool_backward', jax.ShapeDtypeStruct(x.shape, x.dtype))(
       x, yhat, dy, coef, stride=np.int64(stride), is_max=kind == 'max')
+
+
+def mix_grad_raw(g, keep, h, mean, rstd, w):
+  """The mixer's backward for a term it normalises, (h − mean)·rstd:
+  (dh = w·keep·rstd·g [G,N,H,W,F], Σ keep·g·(h − mean) and Σ keep·g over
+  (N, H, W) [G,F]). g [D,N,H,W,F] (edge e = d·S + s reads g[e // S]);
+  keep [G,N]; mean, rstd [G,F]; w [G]."""
+  require()
+  stats = jax.ShapeDtypeStruct(mean.shape, mean.dtype)
+  return jax.ffi.ffi_call('snas_mix_grad_raw', (jax.ShapeDtypeStruct(h.shape, h.dtype), stats, stats))(
+      g, keep, h, mean, rstd, w)
 
 
 def warn_fallback():

@@ -939,6 +939,68 @@ ffi::Error DilConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // ----------------------------------------------------------------------------
+// The cell's mixer, backward, for a DilConv term that it normalises itself
+// (its raw output h with BN's batch statistics): the term's cotangent
+// dh = w·keep·rstd·g and, per (edge, channel), q = Σ keep·g·(h − mean) and
+// r = Σ keep·g over (N, H', W'), from which BN's and the edge weight's
+// gradients follow (ops.mix_edges). One pass over g and h instead of XLA's
+// normalised copy of h, its weight-gradient reduction and BN's two.
+// g [D, N, H', W', F] (the D destination nodes' cotangents); keep [G, N];
+// h, dh [G, N, H', W', F] (edge e = d·S + s); mean, rstd [G, F]; w [G].
+ffi::Error MixGradRaw(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> keep,
+                      ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> mean,
+                      ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> q,
+                      ffi::ResultBuffer<ffi::F32> r) {
+  auto hd = h.dimensions(), gd = g.dimensions();
+  if (hd.size() != 5 || gd.size() != 5 || gd[0] < 1 || hd[0] % gd[0] || gd[1] != hd[1] ||
+      g.element_count() / gd[0] != h.element_count() / hd[0] ||
+      keep.element_count() != hd[0] * hd[1] || mean.element_count() != hd[0] * hd[4] ||
+      rstd.element_count() != mean.element_count() || w.element_count() != hd[0]) {
+    return ffi::Error::InvalidArgument(
+        "mix_grad_raw: g [D,N,H,W,F], keep [G,N], h [G,N,H,W,F], mean and rstd [G,F], w [G]");
+  }
+  const int64_t G = hd[0], N = hd[1], P = hd[2] * hd[3], F = hd[4], S = G / gd[0];
+  const float *gv = g.typed_data(), *kv = keep.typed_data(), *hv = h.typed_data();
+  const float *mv = mean.typed_data(), *rv = rstd.typed_data(), *wv = w.typed_data();
+  float* dv = dh->typed_data();
+  std::vector<float> parts(G * N * 2 * F);
+  ParallelFor(pool, G * N, [&](int64_t item) {
+    const int64_t e = item / N, n = item % N;
+    const float k = kv[item], scale = wv[e] * k;
+    const float* gp = gv + ((e / S) * N + n) * P * F;
+    const float* hp = hv + item * P * F;
+    float* out = dv + item * P * F;
+    float* part = parts.data() + item * 2 * F;
+    ForBlocks(F, [&](auto t, int64_t f0) {
+      using T = decltype(t);
+      const T mu = Load<T>(mv + e * F + f0), a = scale * Load<T>(rv + e * F + f0);
+      T sq{}, sr{};
+      for (int64_t p = 0; p < P; ++p) {
+        const T gg = Load<T>(gp + p * F + f0);
+        Store(out + p * F + f0, a * gg);
+        sr += gg;
+        sq += gg * (Load<T>(hp + p * F + f0) - mu);
+      }
+      Store(part + f0, k * sq);
+      Store(part + F + f0, k * sr);
+    });
+  });
+  for (int64_t e = 0; e < G; ++e) {  // Σ over the images in double, in a fixed order
+    for (int64_t f = 0; f < F; ++f) {
+      double a = 0, b = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const float* part = parts.data() + (e * N + n) * 2 * F;
+        a += part[f], b += part[F + f];
+      }
+      q->typed_data()[e * F + f] = static_cast<float>(a);
+      r->typed_data()[e * F + f] = static_cast<float>(b);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// ----------------------------------------------------------------------------
 // 3x3 pools in training, padding 1 (max: the padding never wins; avg: it is
 // left out of the count, PyTorch's count_include_pad=False), with the batch
 // statistics of their output for the BN that follows them in a search cell;
@@ -1172,3 +1234,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasPoolBackward, PoolBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride")
                                   .Attr<bool>("is_max"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasMixGradRaw, MixGradRaw,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
