@@ -340,11 +340,46 @@ void KernelGradRows(const Geometry& g, const float* __restrict xp, Images gy,
   }
 }
 
+// KernelGradRows with the shape fixed: R rows of taps (R·K sums) per pass
+// over g, one pixel at a time. For 3x3 windows, all 9 taps in one pass: a
+// row per pass read g three times and ran 1.45x slower. (For 5x5, 2 or 3
+// rows per pass were no faster than KernelGradRows' one row of 2 pixels.)
+template <typename T, int K, int R, int DIL, int STRIDE, int C>
+void KernelGradTaps(const Geometry& g, const float* __restrict xp, Images gy,
+                    float* __restrict part, int64_t c0, int64_t i0) {
+  const int64_t Wp = g.W + 2 * g.pad;
+  for (int64_t d = 0; d < g.D; ++d) {
+    T a[R][K] = {};
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      const float* __restrict xv = xp + (oh * STRIDE + i0 * DIL) * Wp * C + c0;
+      const float* __restrict gv = gy.At(d, oh * g.Wo * C) + c0;
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        const T gp = Load<T>(gv + ow * C);
+        const float* x0 = xv + ow * STRIDE * C;
+#pragma GCC unroll 5
+        for (int i = 0; i < R; ++i)
+#pragma GCC unroll 5
+          for (int j = 0; j < K; ++j) a[i][j] += Load<T>(x0 + (i * DIL * Wp + j * DIL) * C) * gp;
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      for (int j = 0; j < K; ++j) {
+        float* pv = part + (((i0 + i) * K + j) * g.D + d) * C + c0;
+        Store(pv, Load<T>(pv) + a[i][j]);
+      }
+    }
+  }
+}
+
 template <typename T>
 void KernelGradBlock(const Geometry& g, const float* __restrict xp, Images gy,
                      float* __restrict part, int64_t c0) {
   if (WithFixedShape<T>(g, [&](auto K, auto dil, auto stride, auto C) {
-        KernelGradRows<T, K, dil, stride, C>(g, xp, gy, part, c0);
+        if constexpr (decltype(K)::value == 3) {
+          KernelGradTaps<T, 3, 3, dil, stride, C>(g, xp, gy, part, c0, 0);
+        } else {
+          KernelGradRows<T, K, dil, stride, C>(g, xp, gy, part, c0);
+        }
       })) {
     return;
   }
