@@ -671,6 +671,13 @@ def _bn_variables(module: nn.Module, g: int, c: int, affine: bool, train: bool):
   return scale, bias, statistics
 
 
+def _native_raw(module: nn.Module, train: bool) -> bool:
+  """Whether a DilConv or SepConv can hand over its output before BN
+  (``dilconv_raw``): training on 'native', no affine parameters, no remat."""
+  return (train and not module.affine and not module.remat
+          and resolve_impl(module.impl) == 'native')
+
+
 class PointwiseConv(nn.Module):
   features: int
   fan_out: int = 1
@@ -692,10 +699,11 @@ class DilConv(nn.Module):
   keeps less and recomputes more (less memory, slower); the 'lax' path
   (GPU/TPU) ignores it (the networks remat whole cells there).
 
-  ``raw=True``: in training on 'native' without affine parameters or remat,
-  return (h, batch mean, batch variance) — the output before BN's
-  normalisation — for a consumer that normalises it itself (``mix_edges``);
-  otherwise the normalised output as usual.
+  ``raw=True``: in training on 'native' without affine parameters or remat
+  (``_native_raw``), return (h, batch mean, batch variance) — the output
+  before BN's normalisation — for a consumer that normalises it itself
+  (``mix_edges``, the next DilConv); otherwise the normalised output as
+  usual. ``x`` may be such a triple (then it always runs ``dilconv_raw``).
   """
   c_out: int
   kernel_size: int
@@ -708,16 +716,16 @@ class DilConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool, raw: bool = False):
-    s, c, k = x.shape[0], x.shape[-1], self.kernel_size
+    x_in = x[0] if isinstance(x, tuple) else x
+    s, c, k = x_in.shape[0], x_in.shape[-1], self.kernel_size
     g = self.fan_out * s
     dw = self.param('depthwise_kernel', torch_uniform_init(k * k), (k, k, g, c))
     pw = self.param('pointwise_kernel', torch_uniform_init(c), (g, c, self.c_out))
     scale, bias, statistics = _bn_variables(self, g, self.c_out, self.affine, train)
-    if (raw and train and not self.affine and not self.remat
-        and resolve_impl(self.impl) == 'native'):
+    if isinstance(x, tuple) or (raw and _native_raw(self, train)):
       h, mean, var = dilconv_raw(x, dw, pw, self.stride, self.dilation)
       statistics(mean, var)
-      return h, mean, var
+      return (h, mean, var) if raw else _normalize(h, mean, var, scale, bias)
     if train and resolve_impl(self.impl) in ('shift', 'native'):
       y, mean, var = relu_conv_bn(x, dw, pw, scale, bias, self.stride, self.dilation, self.remat,
                                   resolve_impl(self.impl))
@@ -827,8 +835,10 @@ def _relu_conv_bn_bwd(stride, dilation, remat, impl, residuals, cotangents):
 
 
 def _dilconv_native(x, dw, pw, stride, dilation):
-  """(h, mean, var) of the native DilConv; dw [K,K,G,C] as the module holds it."""
-  return native.dilconv_forward(x, _by_source(dw, x.shape[0]), pw, stride, dilation)
+  """(h, mean, var) of the native DilConv; dw [K,K,G,C] as the module holds it;
+  x an array or a raw triple (``dilconv_raw``)."""
+  x, norm = _raw_input(x)
+  return native.dilconv_forward(x, _by_source(dw, x.shape[0]), pw, stride, dilation, norm)
 
 
 def _dilconv_native_bwd(stride, dilation, x, dw, pw, scale, mean, var, h, dy, dmean, dvar):
@@ -858,8 +868,19 @@ def dilconv_raw(x, dw, pw, stride, dilation):
   """Training-mode native DilConv without its BN's normalisation: (h [G,N,H',W',F],
   batch mean, batch variance [G,F]) for a consumer that normalises h itself.
   Its VJP takes the cotangents of all three, so BN's backward reductions are
-  the consumer's (``mix_edges``: one pass that it makes anyway)."""
+  the consumer's (``mix_edges``, or the next DilConv: one pass that it
+  makes anyway). x [S,N,H,W,C], or such a triple (h, mean, var) of the
+  DilConv before (a SepConv's second half): normalised on its way into the
+  ReLU inside the native calls, so XLA never writes the normalised copy."""
   return _dilconv_native(x, dw, pw, stride, dilation)
+
+
+def _raw_input(x):
+  """(array, normalisation [2,S,C] = (mean, rstd) or None) of a DilConv input."""
+  if not isinstance(x, tuple):
+    return x, None
+  h, mean, var = x
+  return h, jnp.stack([mean, lax.rsqrt(var + BN_EPSILON)])
 
 
 def _dilconv_raw_fwd(x, dw, pw, stride, dilation):
@@ -869,13 +890,20 @@ def _dilconv_raw_fwd(x, dw, pw, stride, dilation):
 
 def _dilconv_raw_bwd(stride, dilation, residuals, cotangents):
   """d h total = dh + dmean/m + 2·(h − mean)·dvar/m: the native backward's
-  A·dy + B·(h − mean) + C0 with A = 1 (m values per statistic)."""
+  A·dy + B·(h − mean) + C0 with A = 1 (m values per statistic). A raw input
+  (h', mean', var') gets the cotangents of x1 = (h' − mean')·rstd' from the
+  gradient t reaching x1 and its sums: rstd'·t, −rstd'·Σt, −rstd'²·Σt·x1 / 2."""
   x, dw, pw, h, mean = residuals
   dh, dmean, dvar = cotangents
   m = h[0].size // h.shape[-1]
   coef = jnp.stack([jnp.ones_like(mean), 2.0 * dvar / m, dmean / m, mean])
-  dx, d_dw, d_pw = native.dilconv_backward(x, _by_source(dw, x.shape[0]), pw, h, dh, coef,
-                                           stride, dilation)
+  xa, norm = _raw_input(x)
+  out = native.dilconv_backward(xa, _by_source(dw, xa.shape[0]), pw, h, dh, coef, stride,
+                                dilation, norm)
+  dx, d_dw, d_pw = out[:3]
+  if norm is not None:
+    rstd, sums = norm[1], out[3]
+    dx = (dx, -rstd * sums[0], -0.5 * jnp.square(rstd) * sums[1])
   return dx, d_dw.reshape(dw.shape), d_pw
 
 
@@ -894,10 +922,12 @@ class SepConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool, raw: bool = False):
-    """``raw``: the second DilConv's (see DilConv)."""
+    """``raw``: the second DilConv's (see DilConv). Where the first can hand
+    its output over before BN (``_native_raw``), it does: the second
+    normalises it inside its native calls."""
     c_in = x.shape[-1]
     x = DilConv(c_in, self.kernel_size, self.stride, 1, self.fan_out, self.affine,
-                self.impl, self.remat)(x, train)
+                self.impl, self.remat)(x, train, raw=_native_raw(self, train))
     return DilConv(self.c_out, self.kernel_size, 1, 1, 1, self.affine, self.impl,
                    self.remat)(x, train, raw=raw)
 

@@ -559,19 +559,29 @@ def test_mix_edges_matches_autodiff(fan_out, s, keep_per_image, raw):
     assert min(float(np.abs(d).max()) for d in d_terms_ref[3]) > 1e-3
 
 
-@pytest.mark.parametrize('k,dilation,stride', [(3, 1, 1), (5, 2, 2)])
-def test_dilconv_raw_equals_autodiff_of_lax(k, dilation, stride):
+@pytest.mark.parametrize('k,dilation,stride,raw_input', [(3, 1, 1, False), (5, 2, 2, False),
+                                                      (5, 1, 1, True), (3, 2, 2, True)])
+def test_dilconv_raw_equals_autodiff_of_lax(k, dilation, stride, raw_input):
   """The native DilConv before BN, (h, batch mean, batch variance), and its
-  VJP for cotangents on all three, against autodiff of the lax ops."""
-  rng = np.random.default_rng(k + stride)
+  VJP for cotangents on all three, against autodiff of the lax ops; with
+  ``raw_input`` its input is such a triple of the DilConv before, which it
+  normalises itself (a SepConv's second half: the gradients reach the triple)."""
+  rng = np.random.default_rng(k + stride + 10 * raw_input)
   s, fan_out, n, c, f = 2, 2, 3, 16, 8
   g = s * fan_out
   normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
-  args = (normal(s, n, 9, 9, c), normal(k, k, g, c), normal(g, c, f))
+  x = normal(s, n, 9, 9, c)
+  if raw_input:  # statistics near the batch's, as a BN has them
+    x = (x * 1.5 + 0.3, x.mean((1, 2, 3)) * 1.5 + 0.3 + normal(s, c) * 0.1,
+         x.var((1, 2, 3)) * 2.25 + normal(s, c) ** 2 * 0.1)
+  args = (x, normal(k, k, g, c), normal(g, c, f))
   size = 9 if stride == 1 else 5
   cotangents = (normal(g, n, size, size, f), normal(g, f), normal(g, f))
 
   def plain(x, dw, pw):
+    if isinstance(x, tuple):
+      h, mean, var = x
+      x = (h - mean[:, None, None, None]) * lax.rsqrt(var[:, None, None, None] + ops.BN_EPSILON)
     h = ops.pointwise_conv(ops.depthwise_conv(jax.nn.relu(x), dw, stride=stride,
                                               dilation=dilation, impl='lax'), pw)
     return (h, *ops._moments(h))
@@ -586,7 +596,7 @@ def test_dilconv_raw_equals_autodiff_of_lax(k, dilation, stride):
   (y_ref, grads_ref), (y, grads) = both(args)
   _assert_close(y, y_ref)
   _assert_close(grads, grads_ref, rel=1e-5)
-  assert all(float(np.abs(d).max()) > 0 for d in grads)
+  assert all(float(np.abs(d).max()) > 0 for d in jax.tree.leaves(grads))
 
 
 def test_avg_pool_gradient_matches_reduce_window():

@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
@@ -155,15 +156,25 @@ def depthwise_backward(x, kernel, g, stride: int, dilation: int, relu: bool):
                                                               **_attrs(stride, dilation, relu))
 
 
-def dilconv_forward(x, kernel, pw, stride: int, dilation: int):
+def _norm_arg(x, norm):
+  """The DilConv calls' input normalisation: [2,S,C] and whether it applies."""
+  if norm is None:
+    return jnp.zeros((2, x.shape[0], x.shape[-1]), x.dtype), False
+  return norm, True
+
+
+def dilconv_forward(x, kernel, pw, stride: int, dilation: int, norm=None):
   """ReLU -> depthwise -> 1x1 of x [S,N,H,W,C] with kernel [K,K,D,S,C] and pw
-  [G,C,F] (G = D·S): (h [G,N,H',W',F], its batch mean and biased variance [G,F])."""
+  [G,C,F] (G = D·S): (h [G,N,H',W',F], its batch mean and biased variance [G,F]).
+  ``norm`` [2,S,C] (mean, rstd): the ReLU's input is (x − mean)·rstd instead."""
   require()
   g, f = pw.shape[0], pw.shape[2]
   h_shape = (g, x.shape[1]) + _out_hw(x, kernel.shape[0], stride, dilation) + (f,)
   stats = jax.ShapeDtypeStruct((g, f), x.dtype)
+  norm, normalized = _norm_arg(x, norm)
   return jax.ffi.ffi_call('snas_dilconv_forward', (jax.ShapeDtypeStruct(h_shape, x.dtype), stats, stats))(
-      x, kernel, pw, stride=np.int64(stride), dilation=np.int64(dilation))
+      x, kernel, pw, norm, stride=np.int64(stride), dilation=np.int64(dilation),
+      normalized=normalized)
 
 
 def bn_grad_sums(h, dy, mean):
@@ -173,13 +184,18 @@ def bn_grad_sums(h, dy, mean):
   return jax.ffi.ffi_call('snas_bn_grad_sums', (stats, stats))(h, dy, mean)
 
 
-def dilconv_backward(x, kernel, pw, h, dy, coef, stride: int, dilation: int):
+def dilconv_backward(x, kernel, pw, h, dy, coef, stride: int, dilation: int, norm=None):
   """(dx, dkernel, dpw) of ``dilconv_forward`` for the gradient reaching h,
-  dh = A·dy + B·(h − mean) + C0 with coef = [A, B, C0, mean] ([4,G,F])."""
+  dh = A·dy + B·(h − mean) + C0 with coef = [A, B, C0, mean] ([4,G,F]).
+  With ``norm`` (see dilconv_forward) also [2,S,C]: Σ t and Σ t·x1 over
+  (N, H, W), t the gradient reaching x1 = (x − mean)·rstd (dx = rstd·t)."""
   require()
-  shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, kernel, pw))
-  return jax.ffi.ffi_call('snas_dilconv_backward', shapes)(
-      x, kernel, pw, h, dy, coef, stride=np.int64(stride), dilation=np.int64(dilation))
+  norm, normalized = _norm_arg(x, norm)
+  shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, kernel, pw, norm))
+  out = jax.ffi.ffi_call('snas_dilconv_backward', shapes)(
+      x, kernel, pw, h, dy, coef, norm, stride=np.int64(stride), dilation=np.int64(dilation),
+      normalized=normalized)
+  return out if normalized else out[:3]
 
 
 def pool_forward(x, stride: int, kind: str):

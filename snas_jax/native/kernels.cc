@@ -114,8 +114,11 @@ struct Geometry {
 // the cache), and the ReLU applied once rather than per tap and edge.
 // Writes rows [H, W·C] (row stride `src_stride`) into out, a [H + 2·pad,
 // W + 2·pad, C] image with a zero border of `pad`; only the border is zeroed.
+// With `norm` ([mean, rstd] of C channels, C floats apart), relu((x − mean)·rstd):
+// a BN the producer left to its consumer (ops.dilconv_raw).
 void PadRows(const float* __restrict src, int64_t src_stride, int64_t H, int64_t W, int64_t C,
-             int64_t pad, bool relu, float* __restrict out) {
+             int64_t pad, bool relu, float* __restrict out, const float* norm = nullptr,
+             int64_t norm_stride = 0) {
   const int64_t Wp = W + 2 * pad, edge = pad * C;
   std::memset(out, 0, sizeof(float) * pad * Wp * C);
   std::memset(out + (H + pad) * Wp * C, 0, sizeof(float) * pad * Wp * C);
@@ -124,7 +127,12 @@ void PadRows(const float* __restrict src, int64_t src_stride, int64_t H, int64_t
     float* __restrict dst = out + (h + pad) * Wp * C;
     std::memset(dst, 0, sizeof(float) * edge);
     std::memset(dst + edge + W * C, 0, sizeof(float) * edge);
-    if (relu) {  // max(NaN, 0) is NaN, as jnp.maximum
+    if (norm != nullptr) {
+      const float *mean = norm, *rstd = norm + norm_stride;
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t c = 0; c < C; ++c)
+          dst[edge + w * C + c] = std::max((row[w * C + c] - mean[c]) * rstd[c], 0.0f);
+    } else if (relu) {  // max(NaN, 0) is NaN, as jnp.maximum
       for (int64_t c = 0; c < W * C; ++c) dst[edge + c] = std::max(row[c], 0.0f);
     } else {
       std::memcpy(dst + edge, row, sizeof(float) * W * C);
@@ -132,10 +140,12 @@ void PadRows(const float* __restrict src, int64_t src_stride, int64_t H, int64_t
   }
 }
 
+// norm: [2, S, C] (mean, rstd per source) or null; see PadRows.
 void PadImage(const Geometry& g, const float* __restrict x, int64_t s, int64_t n, bool relu,
-              std::vector<float>& out) {
+              std::vector<float>& out, const float* norm = nullptr) {
   out.resize((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * g.C);
-  PadRows(x + g.X(s, n, 0, 0), g.W * g.C, g.H, g.W, g.C, g.pad, relu, out.data());
+  PadRows(x + g.X(s, n, 0, 0), g.W * g.C, g.H, g.W, g.C, g.pad, relu, out.data(),
+          norm == nullptr ? nullptr : norm + s * g.C, g.S * g.C);
 }
 
 // Channel blocks: GCC/Clang vector types of 16 and 8 floats (one AVX-512 /
@@ -810,8 +820,8 @@ ffi::Error CheckPointwise(const Geometry& g, ffi::Buffer<ffi::F32>& pw) {
 
 // The depthwise outputs of image n of source s for all D edges, into a.
 Images DepthwiseImage(const Geometry& g, const float* x, const float* k, int64_t s, int64_t n,
-                      std::vector<float>& xp, std::vector<float>& abuf) {
-  PadImage(g, x, s, n, true, xp);
+                      std::vector<float>& xp, std::vector<float>& abuf, const float* norm) {
+  PadImage(g, x, s, n, true, xp, norm);
   const Images a = Images::Local(g, abuf, g.C);
   ForBlocks(g.C, [&](auto t, int64_t c0) { ForwardBlock<decltype(t)>(g, xp.data(), k, a, s, c0); });
   return a;
@@ -834,13 +844,29 @@ void MomentsFromParts(int64_t E, int64_t N, int64_t F, double m, Part part, floa
   }
 }
 
+// The input normalisation of a DilConv: [2, S, C] (mean, rstd) if
+// `normalized` (the input is a BN's raw input: relu((x − mean)·rstd)), else null.
+ffi::Error InputNorm(const Geometry& g, ffi::Buffer<ffi::F32>& norm, bool normalized,
+                     const float** out) {
+  *out = nullptr;
+  if (!normalized) return ffi::Error::Success();
+  if (norm.element_count() != 2 * g.S * g.C) {
+    return ffi::Error::InvalidArgument("dilconv: the input normalisation must be [2,S,C]");
+  }
+  *out = norm.typed_data();
+  return ffi::Error::Success();
+}
+
 ffi::Error DilConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                          ffi::Buffer<ffi::F32> pw, ffi::ResultBuffer<ffi::F32> h,
-                          ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
-                          int64_t stride, int64_t dilation) {
+                          ffi::Buffer<ffi::F32> pw, ffi::Buffer<ffi::F32> norm,
+                          ffi::ResultBuffer<ffi::F32> h, ffi::ResultBuffer<ffi::F32> mean,
+                          ffi::ResultBuffer<ffi::F32> var, int64_t stride, int64_t dilation,
+                          bool normalized) {
   Geometry g;
   if (ffi::Error e = Geometry::From(x, kernel, stride, dilation, &g); e.failure()) return e;
   if (ffi::Error e = CheckPointwise(g, pw); e.failure()) return e;
+  const float* nv;
+  if (ffi::Error e = InputNorm(g, norm, normalized, &nv); e.failure()) return e;
   const int64_t F = pw.dimensions()[2], P = g.Ho * g.Wo, C = g.C;
   const float *xv = x.typed_data(), *kv = kernel.typed_data(), *wv = pw.typed_data();
   float* hv = h->typed_data();
@@ -848,7 +874,7 @@ ffi::Error DilConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   ParallelFor(pool, g.S * g.N, [&](int64_t item) {
     static thread_local std::vector<float> xp, abuf;
     const int64_t s = item / g.N, n = item % g.N;
-    const Images a = DepthwiseImage(g, xv, kv, s, n, xp, abuf);
+    const Images a = DepthwiseImage(g, xv, kv, s, n, xp, abuf, nv);
     for (int64_t d = 0; d < g.D; ++d) {
       const int64_t e = d * g.S + s;
       float* part = parts.data() + (item * g.D + d) * 2 * F;
@@ -906,18 +932,50 @@ ffi::Error BnGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// The input gradient of image n of source s through relu((x − mean)·rstd),
+// in place: dx holds t' (the gradient reaching the ReLU's output); becomes
+// rstd·t with t = t' where x1 = (x − mean)·rstd > 0, else 0; part [2, C] =
+// (Σ t, Σ t·x1) over the image.
+void NormalizedInputGrad(const Geometry& g, const float* x, const float* norm, float* dx,
+                         float* part, int64_t s, int64_t n) {
+  const int64_t C = g.C, P = g.H * g.W;
+  const float *xi = x + g.X(s, n, 0, 0), *mu = norm + s * C, *rs = norm + (g.S + s) * C;
+  float* di = dx + g.X(s, n, 0, 0);
+  ForBlocks(C, [&](auto t, int64_t c0) {
+    using T = decltype(t);
+    const T m = Load<T>(mu + c0), r = Load<T>(rs + c0);
+    T s1{}, s2{};
+    for (int64_t p = 0; p < P; ++p) {
+      const T x1 = (Load<T>(xi + p * C + c0) - m) * r;
+      const T tv = x1 > T{} ? Load<T>(di + p * C + c0) : T{};  // elementwise select
+      s1 += tv;
+      s2 += tv * x1;
+      Store(di + p * C + c0, r * tv);
+    }
+    Store(part + c0, s1);
+    Store(part + C + c0, s2);
+  });
+}
+
 // dx, d(depthwise kernel), d(1x1 kernel) of the DilConv, given the gradient
 // reaching h as dh = A·dy + B·(h − mean) + C0 (coef [4, G, F]: A, B, C0,
 // mean; BN's backward, its coefficients from BnGradSums, formed in XLA).
+// With a normalised input (`norm`, see InputNorm) x1 = (x − mean)·rstd: dx
+// is the gradient reaching x, rstd·t with t the one reaching x1, and
+// norm_sums [2, S, C] = (Σ t, Σ t·x1) over (N, H, W): the rest of the input
+// BN's backward (ops.dilconv_raw). Else norm_sums is zero.
 ffi::Error DilConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> pw,
                            ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> dy,
-                           ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> dx,
-                           ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dpw,
-                           int64_t stride, int64_t dilation) {
+                           ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> norm,
+                           ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dk,
+                           ffi::ResultBuffer<ffi::F32> dpw, ffi::ResultBuffer<ffi::F32> norm_sums,
+                           int64_t stride, int64_t dilation, bool normalized) {
   Geometry g;
   if (ffi::Error e = Geometry::From(x, kernel, stride, dilation, &g); e.failure()) return e;
   if (ffi::Error e = CheckPointwise(g, pw); e.failure()) return e;
+  const float* nv;
+  if (ffi::Error e = InputNorm(g, norm, normalized, &nv); e.failure()) return e;
   const int64_t F = pw.dimensions()[2], P = g.Ho * g.Wo, C = g.C, G = g.D * g.S;
   if (h.element_count() != G * g.N * P * F || dy.element_count() != h.element_count() ||
       coef.element_count() != 4 * G * F) {
@@ -932,6 +990,7 @@ ffi::Error DilConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t chunks = std::min<int64_t>(g.N, 8);
   const int64_t tap_size = g.K * g.K * g.D * C, pw_size = g.D * C * F;
   std::vector<float> parts(g.S * chunks * tap_size), pw_parts(g.S * chunks * pw_size, 0.0f);
+  std::vector<float> norm_parts(nv == nullptr ? 0 : g.S * g.N * 2 * C);  // per image: [Σt, Σt·x1][C]
   float* dxv = dx->typed_data();
   ParallelFor(pool, g.S * chunks, [&](int64_t item) {
     static thread_local std::vector<float> xp, abuf, dhbuf, dabuf;
@@ -940,7 +999,7 @@ ffi::Error DilConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     float* pw_part = pw_parts.data() + item * pw_size;
     std::memset(part, 0, sizeof(float) * tap_size);
     for (int64_t n = g.N * chunk / chunks; n < g.N * (chunk + 1) / chunks; ++n) {
-      const Images a = DepthwiseImage(g, xv, kv, s, n, xp, abuf);
+      const Images a = DepthwiseImage(g, xv, kv, s, n, xp, abuf, nv);
       const Images dh = Images::Local(g, dhbuf, F), da = Images::Local(g, dabuf, C);
       for (int64_t d = 0; d < g.D; ++d) {
         const int64_t e = d * g.S + s;
@@ -957,9 +1016,22 @@ ffi::Error DilConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         Outer(a.At(d, 0), dh.At(d, 0), pw_part + d * C * F, P, C, F);
         MatMul(dh.At(d, 0), pw_t.data() + e * F * C, da.At(d, 0), P, F, C, nullptr, nullptr);
       }
-      BackwardImage(g, xv, xp.data(), kv, da, dxv, part, s, n, true);
+      BackwardImage(g, xv, xp.data(), kv, da, dxv, part, s, n, nv == nullptr);
+      if (nv != nullptr) NormalizedInputGrad(g, xv, nv, dxv, norm_parts.data() + (s * g.N + n) * 2 * C, s, n);
     }
   });
+  float* sums = norm_sums->typed_data();
+  for (int64_t s = 0; s < g.S; ++s) {  // Σ over the images in double, in a fixed order
+    for (int64_t c = 0; c < C; ++c) {
+      double a = 0, b = 0;
+      for (int64_t n = 0; nv != nullptr && n < g.N; ++n) {
+        const float* p = norm_parts.data() + (s * g.N + n) * 2 * C;
+        a += p[c], b += p[C + c];
+      }
+      sums[s * C + c] = static_cast<float>(a);
+      sums[(g.S + s) * C + c] = static_cast<float>(b);
+    }
+  }
   SumKernelParts(g, parts.data(), chunks, dk->typed_data());
   for (int64_t e = 0; e < G; ++e) {  // dpw[e] = Σ over the chunks of its source
     const int64_t d = e / g.S, s = e % g.S;
@@ -1219,11 +1291,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasDilConvForward, DilConvForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("dilation"));
+                                  .Attr<int64_t>("dilation")
+                                  .Attr<bool>("normalized"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasBnGradSums, BnGradSums,
                               ffi::Ffi::Bind()
@@ -1243,11 +1317,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasDilConvBackward, DilConvBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("dilation"));
+                                  .Attr<int64_t>("dilation")
+                                  .Attr<bool>("normalized"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SnasPoolForward, PoolForward,
                               ffi::Ffi::Bind()
