@@ -493,7 +493,7 @@ def mix_edges(terms, weights, keep, fan_out: int):
   DilConv's output before its BN (``DilConv(raw=True)``), normalised here
   as (h − mean)·rsqrt(var + ε); its backward pass is one native call
   (``native.mix_grad_raw``) that yields BN's reductions too, and XLA never
-  writes the normalised copy (paper search step: 2.7 -> 2.x s, README).
+  writes the normalised copy (README, "Performance").
   ``keep`` [G, N or 1] scales whole edges per image (drop-path).
   Summing into the destinations here, with a custom VJP that keeps only the
   terms and small weights, avoids what autodiff of the plain sum builds:

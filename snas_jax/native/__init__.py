@@ -3,9 +3,11 @@
 ``kernels.cc`` holds the edge-batched depthwise convolution's forward pass
 and its backward pass (input and kernel gradients in one call), the
 training-mode DilConv (ReLU -> depthwise -> 1x1 conv with BN's batch
-statistics; its backward pass in two calls) and the training-mode 3x3 pools
-with their BN's statistics, each looping over one image at a time on XLA's
-intra-op threads. On XLA:CPU a DilConv's ~34 fused kernels become three calls
+statistics, optionally of an input normalised on its way in; its backward
+pass in two calls, or one when the consumer hands over BN's cotangents), the
+training-mode 3x3 pools with their BN's statistics, and the cell mixer's
+backward pass for the DilConv outputs it normalises itself, each looping
+over one image at a time on XLA's intra-op threads. On XLA:CPU a DilConv's ~34 fused kernels become three calls
 and a few elementwise kernels (README "Performance").
 
 The library is compiled from source with the machine's C++ compiler the first

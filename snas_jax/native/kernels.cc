@@ -1,7 +1,9 @@
 // The search's hot ops for XLA:CPU, as XLA FFI custom calls: the edge-batched
 // depthwise convolution, the training-mode DilConv (ReLU -> depthwise -> 1x1
-// with BN's statistics) and the training-mode 3x3 pools with their BN's
-// statistics, each with its backward pass.
+// with BN's statistics, optionally of an input normalised on its way in) and
+// the training-mode 3x3 pools with their BN's statistics, each with its
+// backward pass; and the cell mixer's backward pass for the DilConv outputs
+// it normalises itself.
 //
 // Why by hand: XLA:CPU compiles a shift-and-add depthwise conv and its two
 // gradients into ~25 fused kernels per convolution (a search cell has 24),
