@@ -335,7 +335,8 @@ def pointwise_conv(x, kernel):
   A matmul batched over the sources; the fan_out edges leaving a source are
   more output columns of it. (Batched over the edges of a fanned-out copy of
   x instead, the input gradient was a dot per edge and a sum over them:
-  XLA:CPU took 47 ms for one [2,64,16,16,32] -> 4x16 instead of 7.)"""
+  XLA:CPU took 54 ms for the forward and backward pass of one
+  [2,64,16,16,32] input to 4 edges of 16 channels, now 8.5 ms.)"""
   g, c, f = kernel.shape
   s = x.shape[0]
   if g == s:  # (the general form below made XLA transpose its operands here)

@@ -352,33 +352,31 @@ void KernelGradRows(const Geometry& g, const float* __restrict xp, Images gy,
   }
 }
 
-// KernelGradRows with the shape fixed: R rows of taps (R·K sums) per pass
-// over g, one pixel at a time. For 3x3 windows, all 9 taps in one pass: a
-// row per pass read g three times and ran 1.45x slower. (For 5x5, 2 or 3
-// rows per pass were no faster than KernelGradRows' one row of 2 pixels.)
-template <typename T, int K, int R, int DIL, int STRIDE, int C>
-void KernelGradTaps(const Geometry& g, const float* __restrict xp, Images gy,
-                    float* __restrict part, int64_t c0, int64_t i0) {
+// KernelGradRows for a fixed 3x3 window: all 9 taps in one pass over g, one
+// pixel at a time (a row of taps per pass read g three times and ran 1.45x
+// slower; for 5x5, 2 or 3 rows per pass were no faster than one row of 2
+// pixels, so 5x5 keeps KernelGradRows).
+template <typename T, int DIL, int STRIDE, int C>
+void KernelGrad3x3(const Geometry& g, const float* __restrict xp, Images gy,
+                   float* __restrict part, int64_t c0) {
   const int64_t Wp = g.W + 2 * g.pad;
   for (int64_t d = 0; d < g.D; ++d) {
-    T a[R][K] = {};
+    T a[3][3] = {};
     for (int64_t oh = 0; oh < g.Ho; ++oh) {
-      const float* __restrict xv = xp + (oh * STRIDE + i0 * DIL) * Wp * C + c0;
+      const float* __restrict xv = xp + oh * STRIDE * Wp * C + c0;
       const float* __restrict gv = gy.At(d, oh * g.Wo * C) + c0;
       for (int64_t ow = 0; ow < g.Wo; ++ow) {
         const T gp = Load<T>(gv + ow * C);
         const float* x0 = xv + ow * STRIDE * C;
-#pragma GCC unroll 5
-        for (int i = 0; i < R; ++i)
-#pragma GCC unroll 5
-          for (int j = 0; j < K; ++j) a[i][j] += Load<T>(x0 + (i * DIL * Wp + j * DIL) * C) * gp;
+#pragma GCC unroll 3
+        for (int i = 0; i < 3; ++i)
+#pragma GCC unroll 3
+          for (int j = 0; j < 3; ++j) a[i][j] += Load<T>(x0 + (i * DIL * Wp + j * DIL) * C) * gp;
       }
     }
-    for (int i = 0; i < R; ++i) {
-      for (int j = 0; j < K; ++j) {
-        float* pv = part + (((i0 + i) * K + j) * g.D + d) * C + c0;
-        Store(pv, Load<T>(pv) + a[i][j]);
-      }
+    for (int t = 0; t < 9; ++t) {
+      float* pv = part + (t * g.D + d) * C + c0;
+      Store(pv, Load<T>(pv) + a[t / 3][t % 3]);
     }
   }
 }
@@ -388,7 +386,7 @@ void KernelGradBlock(const Geometry& g, const float* __restrict xp, Images gy,
                      float* __restrict part, int64_t c0) {
   if (WithFixedShape<T>(g, [&](auto K, auto dil, auto stride, auto C) {
         if constexpr (decltype(K)::value == 3) {
-          KernelGradTaps<T, 3, 3, dil, stride, C>(g, xp, gy, part, c0, 0);
+          KernelGrad3x3<T, dil, stride, C>(g, xp, gy, part, c0);
         } else {
           KernelGradRows<T, K, dil, stride, C>(g, xp, gy, part, c0);
         }
@@ -846,6 +844,21 @@ void MomentsFromParts(int64_t E, int64_t N, int64_t F, double m, Part part, floa
   }
 }
 
+// out_a[e, f] = Σ_n part(e, n)[f] and out_b[e, f] = Σ_n part(e, n)[F + f]
+// for E groups [E, F] of per-image partial sums [2][F], summed over the N
+// images in double and in a fixed order (results independent of threads).
+template <typename Part>
+void SumsFromParts(int64_t E, int64_t N, int64_t F, Part part, float* out_a, float* out_b) {
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t f = 0; f < F; ++f) {
+      double a = 0, b = 0;
+      for (int64_t n = 0; n < N; ++n) a += part(e, n)[f], b += part(e, n)[F + f];
+      out_a[e * F + f] = static_cast<float>(a);
+      out_b[e * F + f] = static_cast<float>(b);
+    }
+  }
+}
+
 // The input normalisation of a DilConv: [2, S, C] (mean, rstd) if
 // `normalized` (the input is a BN's raw input: relu((x − mean)·rstd)), else null.
 ffi::Error InputNorm(const Geometry& g, ffi::Buffer<ffi::F32>& norm, bool normalized,
@@ -920,17 +933,8 @@ ffi::Error BnGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer
       Store(part + F + f0, b);
     });
   });
-  for (int64_t e = 0; e < G; ++e) {
-    for (int64_t f = 0; f < F; ++f) {
-      double a = 0, b = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const float* part = parts.data() + (e * N + n) * 2 * F;
-        a += part[f], b += part[F + f];
-      }
-      sum_dy->typed_data()[e * F + f] = static_cast<float>(a);
-      sum_dy_centred->typed_data()[e * F + f] = static_cast<float>(b);
-    }
-  }
+  SumsFromParts(G, N, F, [&](int64_t e, int64_t n) { return parts.data() + (e * N + n) * 2 * F; },
+                sum_dy->typed_data(), sum_dy_centred->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1023,16 +1027,11 @@ ffi::Error DilConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     }
   });
   float* sums = norm_sums->typed_data();
-  for (int64_t s = 0; s < g.S; ++s) {  // Σ over the images in double, in a fixed order
-    for (int64_t c = 0; c < C; ++c) {
-      double a = 0, b = 0;
-      for (int64_t n = 0; nv != nullptr && n < g.N; ++n) {
-        const float* p = norm_parts.data() + (s * g.N + n) * 2 * C;
-        a += p[c], b += p[C + c];
-      }
-      sums[s * C + c] = static_cast<float>(a);
-      sums[(g.S + s) * C + c] = static_cast<float>(b);
-    }
+  if (nv == nullptr) {
+    std::memset(sums, 0, sizeof(float) * 2 * g.S * C);
+  } else {
+    SumsFromParts(g.S, g.N, C, [&](int64_t s, int64_t n) { return norm_parts.data() + (s * g.N + n) * 2 * C; },
+                  sums, sums + g.S * C);
   }
   SumKernelParts(g, parts.data(), chunks, dk->typed_data());
   for (int64_t e = 0; e < G; ++e) {  // dpw[e] = Σ over the chunks of its source
@@ -1095,17 +1094,8 @@ ffi::Error MixGradRaw(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer
       Store(part + F + f0, k * sr);
     });
   });
-  for (int64_t e = 0; e < G; ++e) {  // Σ over the images in double, in a fixed order
-    for (int64_t f = 0; f < F; ++f) {
-      double a = 0, b = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const float* part = parts.data() + (e * N + n) * 2 * F;
-        a += part[f], b += part[F + f];
-      }
-      q->typed_data()[e * F + f] = static_cast<float>(a);
-      r->typed_data()[e * F + f] = static_cast<float>(b);
-    }
-  }
+  SumsFromParts(G, N, F, [&](int64_t e, int64_t n) { return parts.data() + (e * N + n) * 2 * F; },
+                q->typed_data(), r->typed_data());
   return ffi::Error::Success();
 }
 
