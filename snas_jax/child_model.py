@@ -1,9 +1,9 @@
 """The child networks retrained from a genotype: NetworkCIFAR, NetworkImageNet.
 
-A child cell computes only its genotype's edges, each with the op module of
-``ops.make_op`` (affine BN, one edge: S = fan_out = 1) — the very op the search
-cell mixes, so search and evaluation share one implementation. Structure
-follows the SNAS/DARTS evaluation code (SPEC §7):
+The reference model (docs/algorithm.md §7). A child cell computes only its
+genotype's edges, each with the op module of ``ops.make_op`` (affine BN) —
+the very op the search cell mixes. Structure follows the SNAS/DARTS
+evaluation code:
 
 * cell: input 0 through FactorizedReduce if the previous cell reduced, else
   ReLU-Conv1x1-BN; input 1 through ReLU-Conv1x1-BN; node i = Σ of its
@@ -16,19 +16,28 @@ follows the SNAS/DARTS evaluation code (SPEC §7):
   over training never retraces the step.
 * auxiliary head after cell 2L//3 (training only).
 
+Initialisation (``init``): 'snas' re-initialises as the SNAS authors'
+evaluation code (conv weights N(0, 2/(k²·C_out)), dense weights Kaiming
+normal, dense biases zero); 'pytorch' keeps PyTorch's defaults (as DARTS's
+code). BN scale 1, bias 0 in both.
+
 Shapes: images [N, H, W, 3] -> (logits [N, classes], aux logits [N, classes]
 or None).
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from snas_jax import ops
 from snas_jax.genotypes import NUM_INPUT_STATES, Genotype, reduction_layers
 
 AUX_SCOPE = 'auxiliary_head'  # parameter subtree excluded from the paper's counts
+INITS = ('snas', 'pytorch')
 
 
 def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:
@@ -42,19 +51,13 @@ def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:
   return x * mask.astype(x.dtype) / keep
 
 
-def _conv(features: int, kernel: int, stride: int, c_in: int, name: str, padding=1):
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=padding, use_bias=False,
-                 kernel_init=ops.torch_uniform_init(kernel * kernel * c_in), name=name)
+def _conv(features: int, kernel: int, stride: int, name: str, padding=1):
+  pad = ((padding, padding),) * 2 if isinstance(padding, int) else padding
+  return ops.conv(features, kernel, stride, padding=pad, name=name)
 
 
-def _bn(train: bool, name: str, affine: bool = True):
-  return nn.BatchNorm(use_running_average=not train, momentum=ops.BN_MOMENTUM,
-                      epsilon=ops.BN_EPSILON, use_scale=affine, use_bias=affine, name=name)
-
-
-def _dense(features: int, c_in: int, name: str):
-  return nn.Dense(features, kernel_init=ops.torch_uniform_init(c_in),
-                  bias_init=ops.torch_uniform_init(c_in), name=name)
+def _bn(x, train: bool, name: str):
+  return ops.BatchNorm(name=name)(x, train)
 
 
 class ChildCell(nn.Module):
@@ -68,34 +71,30 @@ class ChildCell(nn.Module):
   c: int
   reduction: bool
   reduction_prev: bool
-  impl: str = 'auto'
-  remat: bool = False  # passed to the ops (see _ChildNetwork)
 
   @nn.compact
   def __call__(self, s0, s1, drop_rate, train: bool):
-    one_edge = lambda x: x[None]  # [N,H,W,C] -> [S=1,N,H,W,C]
     if self.reduction_prev:
-      s0 = ops.FactorizedReduce(self.c, name='preprocess0')(one_edge(s0), train)
+      s0 = ops.FactorizedReduce(self.c, name='preprocess0')(s0, train)
     else:
-      s0 = ops.ReLUConvBN(self.c, name='preprocess0')(one_edge(s0), train)
-    s1 = ops.ReLUConvBN(self.c, name='preprocess1')(one_edge(s1), train)
-    states = [s0[0], s1[0]]
-    n, h, w, c = states[1].shape
+      s0 = ops.ReLUConvBN(self.c, name='preprocess0')(s0, train)
+    s1 = ops.ReLUConvBN(self.c, name='preprocess1')(s1, train)
+    states = [s0, s1]
+    n, h, w, c = s1.shape
     # Every op of a stride-2 edge yields ceil(H/2) (pad 'same', stride 2).
     node_shape = (n, -(-h // 2), -(-w // 2), c) if self.reduction else (n, h, w, c)
     for node, edges in enumerate(self.cell):
       total = None
       for j, (name, state) in enumerate(edges):
         stride = 2 if self.reduction and state < NUM_INPUT_STATES else 1
-        op = ops.make_op(name, self.c, stride, affine=True, impl=self.impl, remat=self.remat,
-                         op_name=f'node{node}_edge{j}_{name}')
+        op = ops.make_op(name, self.c, stride, affine=True, op_name=f'node{node}_edge{j}_{name}')
         if op is None:  # 'none': nothing to compute, no parameters
           continue
-        y = op(one_edge(states[state]), train)[0]
+        y = op(states[state], train)
         if train and not isinstance(op, ops.Identity):
           y = drop_path(y, drop_rate, self.make_rng('dropout'))
         total = y if total is None else total + y
-      states.append(jnp.zeros(node_shape, states[1].dtype) if total is None else total)
+      states.append(jnp.zeros(node_shape, s1.dtype) if total is None else total)
     return jnp.concatenate([states[i] for i in self.concat], axis=-1)
 
 
@@ -118,12 +117,12 @@ class AuxiliaryHead(nn.Module):
                        f'x{5 + self.pool_stride} after cell 2L//3, got {h}x{w}; use larger '
                        f'images or --auxiliary_weight=0')
     x = nn.avg_pool(nn.relu(x), (5, 5), (self.pool_stride, self.pool_stride), padding='VALID')
-    x = nn.relu(_bn(train, 'bn0')(_conv(128, 1, 1, x.shape[-1], 'conv0', padding=0)(x)))
-    x = _conv(768, 2, 1, 128, 'conv1', padding='VALID')(x)
+    x = nn.relu(_bn(_conv(128, 1, 1, 'conv0', padding=0)(x), train, 'bn0'))
+    x = _conv(768, 2, 1, 'conv1', padding='VALID')(x)
     if self.bn_after_768:
-      x = _bn(train, 'bn1')(x)
+      x = _bn(x, train, 'bn1')
     x = nn.relu(x).reshape(x.shape[0], -1)
-    return _dense(self.num_classes, x.shape[-1], 'classifier')(x)
+    return ops.dense(self.num_classes, x.shape[-1], name='classifier')(x)
 
 
 class _ChildNetwork(nn.Module):
@@ -133,11 +132,14 @@ class _ChildNetwork(nn.Module):
   layers: int
   num_classes: int
   auxiliary: bool = True
-  remat: bool = False
-  impl: str = 'auto'
+  remat: bool = False  # recompute each cell in the backward pass (less memory)
 
   def stem(self, images, train: bool):
     raise NotImplementedError
+
+  def make_cell(self, cell: tuple, c: int, reduction: bool, reduction_prev: bool, name: str):
+    cell_cls = nn.remat(ChildCell, static_argnums=(4,)) if self.remat else ChildCell
+    return cell_cls(cell, self.genotype.concat, c, reduction, reduction_prev, name=name)
 
   # (first cell reads a reduced s0?, aux pool stride, aux BN after the 768 conv)
   reduction_prev_at_start = False
@@ -148,10 +150,6 @@ class _ChildNetwork(nn.Module):
   def __call__(self, images, drop_rate, train: bool):
     """images [N,H,W,3], drop_rate scalar -> (logits [N,K], aux logits [N,K] or None)."""
     s0, s1 = self.stem(images, train)
-    # remat: whole cells on the 'lax' path, the convolutions' VJP on XLA:CPU
-    # (as search_model.SearchNetwork, which says why).
-    remat_cells = self.remat and ops.resolve_impl(self.impl) == 'lax'
-    cell_cls = nn.remat(ChildCell, static_argnums=(4,)) if remat_cells else ChildCell
     c_cell, reduction_prev = self.c, self.reduction_prev_at_start
     reductions = reduction_layers(self.layers)
     aux_logits = None
@@ -160,14 +158,14 @@ class _ChildNetwork(nn.Module):
       if reduction:
         c_cell *= 2
       cell = self.genotype.reduce if reduction else self.genotype.normal
-      s0, s1 = s1, cell_cls(cell, self.genotype.concat, c_cell, reduction, reduction_prev,
-                            self.impl, self.remat, name=f'cell_{i}')(s0, s1, drop_rate, train)
+      s0, s1 = s1, self.make_cell(cell, c_cell, reduction, reduction_prev, f'cell_{i}')(
+          s0, s1, drop_rate, train)
       reduction_prev = reduction
       if i == 2 * self.layers // 3 and self.auxiliary and train:
         aux_logits = AuxiliaryHead(self.num_classes, self.aux_pool_stride, self.aux_bn_after_768,
                                    name=AUX_SCOPE)(s1, train)
     x = jnp.mean(s1, axis=(1, 2))
-    return _dense(self.num_classes, x.shape[-1], 'classifier')(x), aux_logits
+    return ops.dense(self.num_classes, x.shape[-1], name='classifier')(x), aux_logits
 
 
 class NetworkCIFAR(_ChildNetwork):
@@ -175,8 +173,7 @@ class NetworkCIFAR(_ChildNetwork):
   stem_multiplier: int = 3
 
   def stem(self, images, train):
-    c_stem = self.stem_multiplier * self.c
-    x = _bn(train, 'stem_bn')(_conv(c_stem, 3, 1, images.shape[-1], 'stem_conv')(images))
+    x = _bn(_conv(self.stem_multiplier * self.c, 3, 1, 'stem_conv')(images), train, 'stem_bn')
     return x, x
 
 
@@ -193,8 +190,35 @@ class NetworkImageNet(_ChildNetwork):
 
   def stem(self, images, train):
     c = self.c
-    x = _conv(c // 2, 3, 2, images.shape[-1], 'stem0_conv0')(images)
-    x = nn.relu(_bn(train, 'stem0_bn0')(x))
-    s0 = _bn(train, 'stem0_bn1')(_conv(c, 3, 2, c // 2, 'stem0_conv1')(x))
-    s1 = _bn(train, 'stem1_bn')(_conv(c, 3, 2, c, 'stem1_conv')(nn.relu(s0)))
+    x = nn.relu(_bn(_conv(c // 2, 3, 2, 'stem0_conv0')(images), train, 'stem0_bn0'))
+    s0 = _bn(_conv(c, 3, 2, 'stem0_conv1')(x), train, 'stem0_bn1')
+    s1 = _bn(_conv(c, 3, 2, 'stem1_conv')(nn.relu(s0)), train, 'stem1_bn')
     return s0, s1
+
+
+def reinitialize(params, init: str, seed: int) -> dict:
+  """The child's parameters under ``init`` (see the module docstring): 'pytorch'
+  returns them unchanged; 'snas' draws every conv kernel [kh, kw, C_in/groups,
+  C_out] from N(0, 2/(kh·kw·C_out)), every dense kernel [fan_in, F] from
+  N(0, 2/fan_in) and zeroes dense biases, as the SNAS authors' evaluation code.
+  Drawn on the host with NumPy (seeded by ``seed``): one XLA:CPU kernel per
+  random draw would take longer to compile than the draws take to run."""
+  if init == 'pytorch':
+    return params
+  if init != 'snas':
+    raise ValueError(f'unknown --init {init!r}; choose one of {", ".join(INITS)}')
+  rng = np.random.default_rng([seed, 7])
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  out = []
+  for path, x in leaves:
+    name = getattr(path[-1], 'key', '')
+    parent = getattr(path[-2], 'key', '') if len(path) > 1 else ''
+    if name == 'kernel' and x.ndim == 4:  # conv
+      std = math.sqrt(2.0 / (x.shape[0] * x.shape[1] * x.shape[-1]))
+      x = (std * rng.standard_normal(x.shape)).astype(np.float32)
+    elif name == 'kernel' and x.ndim == 2:  # dense
+      x = (math.sqrt(2.0 / x.shape[0]) * rng.standard_normal(x.shape)).astype(np.float32)
+    elif name == 'bias' and parent == 'classifier':
+      x = np.zeros(x.shape, np.float32)
+    out.append(x)
+  return jax.tree_util.tree_unflatten(treedef, out)

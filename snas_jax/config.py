@@ -60,3 +60,8 @@ def positive(config, *names: str) -> None:
     if getattr(config, name) <= 0:
       raise ValueError(f'--{name} must be positive, got {getattr(config, name)}')
 
+
+
+BACKEND_HELP = ('Who runs the network: reference (the plain Flax model; GPU/TPU), cpu (XLA:CPU '
+                'fast path: C++ kernels, fused VJPs, memory tuning) or auto (cpu on a CPU-only '
+                'host, reference elsewhere). Checkpoints are the same under both.')

@@ -12,6 +12,8 @@ DARTS derivation keeps the top-2 edges per node. One JSON format serves both.
 """
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import json
 from typing import Sequence
@@ -50,6 +52,25 @@ def node_edge_slice(node: int) -> slice:
 
 
 Cell = tuple  # tuple[tuple[tuple[str, int], ...], ...]: per node, (op, input) pairs
+
+
+@functools.lru_cache(maxsize=None)
+def edge_batches() -> tuple:
+  """The cell's edges grouped by the states they leave: ((sources, destinations, rows), ...).
+
+  Edge ``g`` of a batch reads state ``sources[g % S]`` and feeds node
+  ``destinations[g // S]``; ``rows[g]`` is its row in α / Z. Four batches: the
+  8 edges leaving the two cell inputs (they need no intermediate node), then
+  the 3, 2 and 1 edges leaving nodes 0, 1 and 2; batch b completes node b.
+  """
+  inputs, first_nodes = tuple(range(NUM_INPUT_STATES)), tuple(range(NUM_NODES))
+  batches = [(inputs, first_nodes,
+              tuple(node_edge_slice(d).start + s for d in first_nodes for s in inputs))]
+  for node in range(NUM_NODES - 1):
+    state = node + NUM_INPUT_STATES
+    dests = tuple(range(node + 1, NUM_NODES))
+    batches.append(((state,), dests, tuple(node_edge_slice(d).start + state for d in dests)))
+  return tuple(batches)
 
 
 def _check_cell(cell, which: str) -> tuple:

@@ -23,8 +23,8 @@ import optax
 from flax import struct
 
 from snas_jax import checkpoint, config as config_lib, costs, data, genotypes, parallel
-from snas_jax import ops, reporting, sampling
-from snas_jax.config import field
+from snas_jax import backends, reporting, sampling
+from snas_jax.config import BACKEND_HELP, field
 from snas_jax.search_model import SearchNetwork
 
 # ----------------------------------------------------------------------------
@@ -51,13 +51,10 @@ class SearchConfig:
   layers: int = field(8, 'Cells in the search network; reductions at L//3 and 2L//3.')
   drop_path: float = field(0.0, 'Per-sample drop probability of each edge during search. The '
                            'reference uses 0.3; the paper does not mention it.')
-  impl: str = field('auto', 'Depthwise conv / max pool implementation: native (C++ custom calls, '
-                    'fastest on one CPU device), shift (XLA shift-and-add, fast on CPU), lax '
-                    "(XLA's convolutions; fast on GPU/TPU) or auto (native on one CPU device, "
-                    'shift on several, lax elsewhere).', choices=('auto', 'native', 'shift', 'lax'))
+  backend: str = field('auto', BACKEND_HELP, choices=backends.NAMES)
   remat: bool = field(False, 'Recompute more in the backward pass (the reference\'s --use_ckpt): '
-                      'less memory, slower. Each cell on GPU/TPU; on CPU the convolutions '
-                      'recompute their outputs before BN (README, Performance).')
+                      'less memory, slower. Each cell on the reference backend; on the CPU '
+                      'backend the convolutions recompute their outputs before BN.')
   # Method.
   method: str = field('snas', 'snas: Gumbel-softmax samples Z; darts: Z = softmax(α) '
                       '(single-level DARTS baseline) with DARTS top-2 derivation.',
@@ -114,7 +111,7 @@ class SearchConfig:
 
 
 # Fields a resumed run may change: they alter neither shapes nor results.
-RESUMABLE_FIELDS = frozenset({'data_dir', 'tfds_data_dir', 'impl', 'remat', 'eval_batch_size',
+RESUMABLE_FIELDS = frozenset({'data_dir', 'tfds_data_dir', 'backend', 'remat', 'eval_batch_size',
                               'checkpoint_every_steps', 'stop_after_step'})
 
 # ----------------------------------------------------------------------------
@@ -132,8 +129,9 @@ class SearchState:
 
 
 def make_network(cfg: SearchConfig, num_classes: int = 10) -> SearchNetwork:
+  """The reference search network of ``cfg`` (a backend binds it to run it)."""
   return SearchNetwork(c=cfg.channels, num_classes=num_classes, layers=cfg.layers,
-                       drop_path=cfg.drop_path, remat=cfg.remat, impl=cfg.impl)
+                       drop_path=cfg.drop_path, remat=cfg.remat)
 
 
 def learning_rate_schedule(cfg: SearchConfig, steps_per_epoch: int):
@@ -155,20 +153,23 @@ def make_optimizer(cfg: SearchConfig, steps_per_epoch: int) -> optax.GradientTra
   return optax.partition({'w': w_tx, 'alpha': alpha_tx}, labels)
 
 
-def _network_variables(net: SearchNetwork, image_shape, key) -> dict:
-  """Flax's init of the network. Its dead forward pass is traced with the
-  compact lax ops (the parameters are the same for every impl)."""
+def _init_args(image_shape) -> tuple:
+  """Example inputs of the network's init: one image, uniform Z, eval mode."""
   z = jnp.full((genotypes.NUM_EDGES, genotypes.NUM_OPS), 1.0 / genotypes.NUM_OPS)
-  return net.clone(impl='lax').init(key, jnp.zeros((1,) + tuple(image_shape)), z, z, False)
+  return jnp.zeros((1,) + tuple(image_shape)), z, z, False
 
 
-def init_variables(cfg: SearchConfig, net: SearchNetwork, image_shape) -> dict:
-  """The network's parameters and BN statistics (host and device arrays; not
-  for jit). Quick to start (the paper's network: 5-8 s, was 19-32 s as one
-  jitted init): all parameters come from one random draw
-  (ops.init_with_one_draw)."""
+def _network_variables(net: SearchNetwork, image_shape, key) -> dict:
+  return net.init(key, *_init_args(image_shape))
+
+
+def init_variables(cfg: SearchConfig, net: SearchNetwork, image_shape,
+                   backend: backends.Backend | None = None) -> dict:
+  """The network's parameters and BN statistics in the reference layout, drawn
+  as ``backend`` draws them (default: the reference's); not for jit."""
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
-  return ops.init_with_one_draw(lambda: _network_variables(net, image_shape, key), key)
+  backend = backend or backends.get('reference')
+  return backend.init_variables(net, key, *_init_args(image_shape))
 
 
 def state_from_variables(cfg: SearchConfig, tx, variables: dict) -> SearchState:
@@ -184,9 +185,9 @@ def state_from_variables(cfg: SearchConfig, tx, variables: dict) -> SearchState:
 
 
 def init_state(cfg: SearchConfig, net: SearchNetwork, tx, image_shape,
-               sharding=None) -> SearchState:
+               sharding=None, backend: backends.Backend | None = None) -> SearchState:
   """The initial state, placed with ``sharding`` (default: the default device)."""
-  variables = jax.device_put(init_variables(cfg, net, image_shape), sharding)
+  variables = jax.device_put(init_variables(cfg, net, image_shape, backend), sharding)
   place = {} if sharding is None else {'out_shardings': sharding}
   return jax.jit(functools.partial(state_from_variables, cfg, tx), **place)(variables)
 
@@ -370,7 +371,7 @@ def run(cfg: SearchConfig, workdir: str) -> dict:
   config_lib.validate(cfg)
   if not workdir:
     raise ValueError('--workdir is required: the folder for checkpoints and outputs')
-  ops.resolve_impl(cfg.impl)  # builds the native kernels now, or says why it cannot
+  backend = backends.get(backends.resolve(cfg.backend, backends.host_platform()))
   arrays = load_data(cfg)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(cfg.batch_size, mesh)
@@ -386,6 +387,7 @@ def run(cfg: SearchConfig, workdir: str) -> dict:
   image_size = image_shape[0]
 
   net = make_network(cfg)
+  model = backend.bind(net)
   tx = make_optimizer(cfg, steps_per_epoch)
   tables = costs.penalty_tables(cfg.channels, cfg.layers, image_size, cfg.kinds(),
                                 cfg.resource_transform)
@@ -401,14 +403,14 @@ def run(cfg: SearchConfig, workdir: str) -> dict:
     abstract = abstract_state(cfg, net, tx, image_shape)
     state, meta = ckpt.restore(checkpoint.abstract_like(abstract, repl))
   else:
-    state = init_state(cfg, net, tx, image_shape, repl)
+    state = init_state(cfg, net, tx, image_shape, repl, backend)
   step = int(state.step)
   if meta['finished']:
     print(f'search in {workdir} already finished; outputs are in place')
     return meta
   writer = reporting.MetricsWriter(workdir, resume_step=step)
-  train_step = make_train_step(cfg, net, tx, tables, mesh)
-  eval_step = make_eval_step(net, mesh)
+  train_step = make_train_step(cfg, model, tx, tables, mesh)
+  eval_step = make_eval_step(model, mesh)
   elapsed_before = meta['elapsed_s']
 
   def save(state, meta):

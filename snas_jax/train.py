@@ -38,9 +38,9 @@ import numpy as np
 import optax
 from jax.extend import core as jax_core
 
-from snas_jax import checkpoint, child_model, data, genotypes, ops, parallel, reporting
+from snas_jax import backends, checkpoint, child_model, data, genotypes, parallel, reporting
 from snas_jax import config as config_lib
-from snas_jax.config import field
+from snas_jax.config import BACKEND_HELP, field
 
 NUM_CLASSES = {'cifar10': 10, 'imagenet': 1000}
 CIFAR_IMAGE_SIZE = 32
@@ -81,11 +81,13 @@ class TrainConfig:
   drop_path_prob: float = field(0.2, 'Final drop-path rate, ramped linearly from 0 over the '
                                 'epochs; per-sample, on every edge but the identity.')
   remat: bool = field(False, 'Recompute more in the backward pass: less memory, more compute. '
-                      'Each cell on GPU/TPU; on CPU the convolutions recompute their '
-                      'outputs before BN.')
-  op_impl: str = field('auto', 'Depthwise conv / max pool implementation: auto (C++ custom calls '
-                       'on one CPU device, shift-and-add on several, XLA elsewhere), native, '
-                       'shift or lax.', choices=('auto', 'native', 'shift', 'lax'))
+                      'Each cell on the reference backend; on the CPU backend the '
+                      'convolutions recompute their outputs before BN.')
+  backend: str = field('auto', BACKEND_HELP, choices=backends.NAMES)
+  init: str = field('snas', 'Initialisation: snas (the SNAS authors\' evaluation code: conv '
+                    'weights N(0, 2/(k²·C_out)), dense Kaiming normal with zero bias; the '
+                    'paper\'s numbers) or pytorch (PyTorch\'s defaults, as DARTS\'s code).',
+                    choices=child_model.INITS)
   # Optimisation.
   batch_size: int = field(96, 'Global batch size (all devices and hosts together).')
   epochs: int = field(600, 'Training epochs.')
@@ -210,18 +212,17 @@ def describe_arch(config: TrainConfig) -> str:
   return f'--{source}={getattr(config, source)}'
 
 
-def build_model(genotype: genotypes.Genotype, config: TrainConfig, *, auxiliary: bool | None = None,
-                impl: str | None = None):
-  """The child network for ``config.dataset``.
+def build_model(genotype: genotypes.Genotype, config: TrainConfig, *, auxiliary: bool | None = None):
+  """The reference child network for ``config.dataset`` (a backend binds it to run it).
 
-  Reads config.dataset, channels, layers, auxiliary_weight, remat, op_impl
+  Reads config.dataset, channels, layers, auxiliary_weight, remat
   (a TrainConfig or the steps' cache key, which has the same fields).
   """
   cls = child_model.NetworkCIFAR if config.dataset == 'cifar10' else child_model.NetworkImageNet
   if auxiliary is None:
     auxiliary = config.auxiliary_weight > 0
   return cls(genotype, config.channels, config.layers, NUM_CLASSES[config.dataset],
-             auxiliary=auxiliary, remat=config.remat, impl=impl or config.op_impl)
+             auxiliary=auxiliary, remat=config.remat)
 
 
 def image_size(config: TrainConfig) -> int:
@@ -252,12 +253,12 @@ def count_multiply_adds(genotype: genotypes.Genotype, config: TrainConfig) -> in
   """Multiply-adds of one image's inference forward pass (auxiliary head excluded).
 
   Counted from the traced program, not a formula: the forward's jaxpr (XLA
-  convolutions forced, impl='lax') is walked and every convolution adds
+  convolutions of the reference model) is walked and every convolution adds
   output size x kernel taps x input channels per group, every dot (1x1 convs,
   the classifier) output size x contracted size. Pools, BN, ReLU and sums are
   not multiply-adds, as in the mobile-setting convention (NASNet, DARTS).
   """
-  model = build_model(genotype, config, auxiliary=False, impl='lax')
+  model = build_model(genotype, config, auxiliary=False)
   variables = abstract_variables(model, config)
   size = image_size(config)
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, jnp.float32(0), train=False))(
@@ -290,8 +291,7 @@ def _jaxpr_multiply_adds(jaxpr) -> int:
 def summarize(config: TrainConfig, genotype: genotypes.Genotype | None = None) -> dict:
   """{'params', 'multiply_adds', 'params_M', 'multiply_adds_M', ...} of the configured child."""
   genotype = genotype or resolve_genotype(config)
-  # The compact lax ops trace faster; the parameters do not depend on the impl.
-  model = build_model(genotype, config, auxiliary=False, impl='lax')
+  model = build_model(genotype, config, auxiliary=False)
   params = count_params(abstract_variables(model, config)['params'])
   madds = count_multiply_adds(genotype, config)
   return {'arch': describe_arch(config), 'dataset': config.dataset, 'channels': config.channels,
@@ -439,7 +439,8 @@ class _StepSpec:
   auxiliary_weight: float
   label_smoothing: float
   remat: bool
-  op_impl: str
+  backend: str
+  init: str
   grad_clip: float
   weight_decay: float
   momentum: float
@@ -447,14 +448,17 @@ class _StepSpec:
 
 def make_steps(config: TrainConfig, genotype: genotypes.Genotype, mesh) -> Steps:
   spec = _StepSpec(genotype, config.dataset, config.channels, config.layers, image_size(config),
-                   config.auxiliary_weight, config.label_smoothing, config.remat, config.op_impl,
+                   config.auxiliary_weight, config.label_smoothing, config.remat,
+                   backends.resolve(config.backend, backends.host_platform()), config.init,
                    config.grad_clip, config.weight_decay, config.momentum)
   return _make_steps(spec, mesh)
 
 
 @functools.lru_cache(maxsize=8)
 def _make_steps(spec: _StepSpec, mesh) -> Steps:
-  model = build_model(spec.genotype, spec)
+  network = build_model(spec.genotype, spec)
+  backend = backends.get(spec.backend)
+  model = backend.bind(network)
   tx = make_optimizer(spec)
   size = spec.image_size
 
@@ -462,10 +466,7 @@ def _make_steps(spec: _StepSpec, mesh) -> Steps:
   init_images = jnp.zeros((2, size, size, 3))
 
   def init_variables(key):
-    # The dead forward pass traces small with the compact lax ops (the
-    # parameters do not depend on the impl).
-    return model.clone(impl='lax').init({'params': key, 'dropout': key}, init_images,
-                                        jnp.float32(0), train=True)
+    return network.init({'params': key, 'dropout': key}, init_images, jnp.float32(0), train=True)
 
   def state_from_variables(variables, seed):
     params = variables['params']
@@ -476,10 +477,11 @@ def _make_steps(spec: _StepSpec, mesh) -> Steps:
   assemble = jax.jit(state_from_variables, out_shardings=rep)
 
   def init(seed):
-    # All parameters from one random draw (ops.init_with_one_draw): the
-    # paper's 20-cell child took 36 s to initialise as one jitted init.
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
-    variables = ops.init_with_one_draw(lambda: init_variables(key), key)
+    variables = backend.init_variables(network, {'params': key, 'dropout': key}, init_images,
+                                       jnp.float32(0), train=True)
+    variables = {**variables, 'params': child_model.reinitialize(variables['params'], spec.init,
+                                                                 seed)}
     return assemble(jax.device_put(variables, rep), jnp.int32(seed))
 
   def abstract_state():
@@ -542,11 +544,11 @@ def evaluate(steps: Steps, state: TrainState, source: DataSource, mesh) -> dict:
 # Checkpoint.
 
 # Fields a resumed run may change: where data lives, how often to save,
-# display, the op implementation (same parameters, same function), and how
+# display, the backend (same variables, same function), and how
 # the genotype was given (the genotype itself is compared).
 RESUMABLE_FIELDS = frozenset({'search_workdir', 'derive_rule', 'genotype_json', 'arch',
                               'data_dir', 'tfds_data_dir', 'checkpoint_every_steps',
-                              'stop_after_step', 'allow_large', 'progress', 'op_impl', 'remat'})
+                              'stop_after_step', 'allow_large', 'progress', 'backend', 'remat'})
 
 
 def check_resumable(meta: dict, config: TrainConfig, genotype: genotypes.Genotype,
@@ -593,7 +595,6 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
   instead when --stop_after_step ends the run early).
   """
   config_lib.validate(config)
-  ops.resolve_impl(config.op_impl)  # builds the native kernels now, or says why it cannot
   # Every cheap check (genotype, size limit, data) comes before any compile.
   genotype = resolve_genotype(config)
   mesh = parallel.make_mesh()

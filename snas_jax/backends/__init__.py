@@ -1,0 +1,74 @@
+"""Backends: who runs the reference model's arithmetic.
+
+One contract, the ``jax.nn.dot_product_attention(implementation=...)``
+pattern: a backend takes a reference network (``search_model.SearchNetwork``,
+``child_model.NetworkCIFAR`` / ``NetworkImageNet``) and returns a model with
+the same ``init`` and ``apply`` signatures and the same meaning, whose
+variables are the reference's (paths and shapes). Callers never see which
+one ran, and a checkpoint written under one backend resumes under the other.
+
+* ``reference``: the Flax modules themselves (what GPUs and TPUs run).
+* ``cpu``: XLA:CPU's fast path (``backends/cpu``): fused custom VJPs, C++
+  kernels, fast init and the process settings XLA:CPU wants. Imported only
+  when chosen.
+
+The boundary sits at the network, not at an edge batch: the CPU backend's
+fusions span a whole cell (the preprocessing convs, FactorizedReduce, the
+edge batches and the mixer that sums them into the nodes), so variables
+cross once, converted by a pure map inside the jitted step.
+
+A backend is chosen once at start-up (``resolve``), before JAX starts: the
+CPU backend's process settings must be in place by then.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from typing import Protocol
+
+NAMES = ('auto', 'reference', 'cpu')
+
+# Distributions that give JAX an accelerator (jax[cuda12], jax[tpu], ROCm).
+_ACCELERATOR_PLUGINS = ('jax-cuda', 'jax_cuda', 'libtpu', 'jax-rocm', 'jax_rocm')
+
+
+class Backend(Protocol):
+  name: str
+
+  def bind(self, network):
+    """The network as this backend runs it: ``init`` / ``apply`` as Flax's,
+    variables in the reference layout."""
+
+  def init_variables(self, network, rngs, *args, **kwargs) -> dict:
+    """``network.init(rngs, *args, **kwargs)`` (not for jit): the reference
+    layout, values drawn as this backend draws them."""
+
+
+def host_platform() -> str:
+  """'cpu' where JAX can only run on the CPU, else 'accelerator'; decided
+  without starting JAX (JAX_PLATFORMS if set, else the installed plugins)."""
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return 'cpu' if platforms.split(',')[0].strip() == 'cpu' else 'accelerator'
+  names = {(d.metadata['Name'] or '').lower() for d in importlib.metadata.distributions()}
+  return 'accelerator' if any(n.startswith(_ACCELERATOR_PLUGINS) for n in names) else 'cpu'
+
+
+def resolve(name: str, platform: str) -> str:
+  """'auto' -> 'cpu' on a CPU-only host, 'reference' elsewhere; other names as given."""
+  if name not in NAMES:
+    raise ValueError(f'unknown --backend={name!r}; choose one of {", ".join(NAMES)}')
+  if name == 'auto':
+    return 'cpu' if platform == 'cpu' else 'reference'
+  return name
+
+
+def get(name: str) -> Backend:
+  """The backend called ``name`` ('reference' or 'cpu'; resolve 'auto' first)."""
+  if name == 'reference':
+    from snas_jax.backends import reference
+    return reference.ReferenceBackend()
+  if name == 'cpu':
+    from snas_jax.backends import cpu
+    return cpu.CpuBackend()
+  raise ValueError(f'unknown backend {name!r}; resolve --backend first (one of reference, cpu)')

@@ -1,0 +1,84 @@
+"""The CPU backend: XLA:CPU's fast path behind the backend contract.
+
+Everything CPU-specific lives here and is imported only when this backend is
+chosen: the edge-batched ops with hand-written VJPs and their XLA 'shift'
+forms (``ops``), the C++ kernels built on first use (``native``), the
+networks built from them (``search_model``, ``child_model``), the map between
+their variable layout and the reference's (``layout``), fast init, and the
+process settings XLA:CPU wants (``process``). docs/cpu_backend.md says what
+each piece fuses and why.
+
+Ops: 'native' (the C++ kernels) on one device; 'shift' (XLA's forms) on
+several — XLA's SPMD partitioner cannot split a custom call — or where the
+kernels do not build (no compiler; a warning says so).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from snas_jax import child_model as reference_child
+from snas_jax import search_model as reference_search
+from snas_jax.backends.cpu import child_model, layout, native, ops, search_model
+
+_NETWORKS = {reference_search.SearchNetwork: search_model.SearchNetwork,
+             reference_child.NetworkCIFAR: child_model.NetworkCIFAR,
+             reference_child.NetworkImageNet: child_model.NetworkImageNet}
+
+
+def default_impl() -> str:
+  """'native' on a single device whose kernels build, else 'shift'."""
+  if jax.device_count() == 1 and native.available():
+    return 'native'
+  if jax.device_count() == 1:
+    native.warn_fallback()
+  return 'shift'
+
+
+class CpuModel:
+  """A reference network run by the CPU backend's modules: ``init`` and
+  ``apply`` take and return reference-layout variables."""
+
+  def __init__(self, network, cpu_network):
+    self.network, self.cpu_network = network, cpu_network
+
+  def apply(self, variables, *args, mutable=False, **kwargs):
+    out = self.cpu_network.apply(layout.to_cpu(variables), *args, mutable=mutable, **kwargs)
+    if not mutable:
+      return out
+    y, updates = out
+    return y, layout.to_reference(updates, {'params': variables.get('params', {}), **variables})
+
+  def init(self, rngs, *args, **kwargs):
+    like = jax.eval_shape(lambda: self.network.init(rngs, *args, **kwargs))
+    return layout.to_reference(self.cpu_network.init(rngs, *args, **kwargs), like)
+
+
+class CpuBackend:
+  name = 'cpu'
+
+  def __init__(self, impl: str | None = None):
+    self.impl = impl or default_impl()
+    ops.resolve_impl(self.impl)  # 'native' without kernels: one line saying why
+
+  def cpu_network(self, network, impl: str | None = None):
+    cls = _NETWORKS.get(type(network))
+    if cls is None:
+      raise TypeError(f'the CPU backend has no form of {type(network).__name__}')
+    fields = {f.name: getattr(network, f.name) for f in dataclasses.fields(network)
+              if f.init and f.name not in ('parent', 'name')}
+    return cls(**fields, impl=impl or self.impl)
+
+  def bind(self, network) -> CpuModel:
+    return CpuModel(network, self.cpu_network(network))
+
+  def init_variables(self, network, rngs, *args, **kwargs) -> dict:
+    """All drawn parameters from one host-side stream (``ops.init_with_one_draw``:
+    XLA:CPU compiles a per-parameter random draw slowly), traced with the
+    compact 'lax' ops (the parameters do not depend on the ops' form)."""
+    cpu = self.cpu_network(network, impl='lax')
+    like = jax.eval_shape(lambda: network.init(rngs, *args, **kwargs))
+    key = rngs['params'] if isinstance(rngs, dict) else rngs
+    return ops.init_with_one_draw(
+        lambda: layout.to_reference(cpu.init(rngs, *args, **kwargs), like), key)

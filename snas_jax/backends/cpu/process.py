@@ -1,0 +1,104 @@
+"""The process settings XLA:CPU wants, applied by the entry scripts when the
+CPU backend runs (``configure``), never on import and never off the CPU.
+
+* XLA:CPU's memory-minimising scheduler: the default one runs independent ops
+  side by side and keeps more buffers alive.
+* ``--cpu_devices``: the CPU split into several XLA devices.
+* Memory tuning. XLA:CPU mallocs a train step's temporaries (2.6 GB at the
+  paper's search configuration) when the step starts and frees them when it
+  ends, so by default the kernel maps and zeroes them afresh every step. The
+  dynamic loader and glibc read their settings only at start-up, hence one
+  restart (``restart_with_memory_tuning``):
+  - native/block_cache.cc, preloaded, keeps the last freed large block
+    (>= 64 MB) mapped for the next step (no faults, no zeroing);
+  - glibc backs its blocks with transparent huge pages and keeps the heap it
+    frees (trim threshold 1 GB) for blocks up to 32 MB (mmap threshold: its
+    maximum), which YNNPACK's matmuls allocate and free per call.
+  Each glibc setting only where the user has not set it.
+* After each long compile, glibc hands the heap the compiler freed back to
+  the OS (``malloc_trim``); otherwise the step's temporaries come on top.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+
+from snas_jax.backends.cpu import native
+
+HUGE_PAGES = 'glibc.malloc.hugetlb=1'
+KEEP_HEAP = ('glibc.malloc.trim_threshold=1073741824', 'glibc.malloc.mmap_threshold=33554432')
+_TUNED = 'SNAS_JAX_MEMORY_TUNED'  # set in the restarted process: restart once
+
+
+def configure(tune_memory: bool, cpu_devices: int) -> None:
+  """Applies every setting; before JAX starts its CPU backend."""
+  if tune_memory:
+    restart_with_memory_tuning()
+  default_xla_flag('--xla_cpu_scheduler_type', 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED')
+  if cpu_devices:
+    default_xla_flag('--xla_force_host_platform_device_count', cpu_devices)
+  trim_heap_after_compiles()
+
+
+def default_xla_flag(flag: str, value) -> None:
+  """Adds ``flag=value`` to XLA_FLAGS unless the user set that flag."""
+  current = os.environ.get('XLA_FLAGS', '')
+  if flag not in current:
+    os.environ['XLA_FLAGS'] = f'{current} {flag}={value}'.strip()
+
+
+def restart_with_memory_tuning() -> None:
+  """Re-executes this script once with ``memory_tuning_env``; a no-op in the
+  restarted process or without glibc."""
+  env = memory_tuning_env()
+  if env is not None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def memory_tuning_env() -> dict | None:
+  """os.environ for a new process with GLIBC_TUNABLES asking for huge pages
+  (glibc >= 2.35) and a kept heap, and LD_PRELOAD adding the block cache (where it builds);
+  None in a process that has them already, or without glibc."""
+  libc, version = platform.libc_ver()
+  if os.environ.get(_TUNED) or libc != 'glibc':
+    return None
+  env = dict(os.environ, **{_TUNED: '1'})
+  tunables = os.environ.get('GLIBC_TUNABLES', '')
+  wanted = (HUGE_PAGES,) if tuple(int(v) for v in version.split('.')[:2]) >= (2, 35) else ()
+  added = [t for t in wanted + KEEP_HEAP if t.split('=')[0] + '=' not in tunables]
+  if added:
+    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, *added]))
+  cache = native.block_cache_library()
+  if cache is not None:
+    env['LD_PRELOAD'] = ':'.join(filter(None, [os.environ.get('LD_PRELOAD', ''), cache]))
+  return env
+
+
+def memory_tuning() -> str:
+  """The settings this process runs with: 'huge pages', 'heap kept' (glibc's
+  trim threshold as KEEP_HEAP's), 'block cache', joined by ' + ', or 'off'."""
+  tunables = os.environ.get('GLIBC_TUNABLES', '')
+  active = [name for name, on in (
+      ('huge pages', HUGE_PAGES in tunables), ('heap kept', KEEP_HEAP[0] in tunables),
+      ('block cache', 'block_cache' in os.environ.get('LD_PRELOAD', ''))) if on]
+  return ' + '.join(active) or 'off'
+
+
+def trim_heap_after_compiles(min_seconds: float = 1.0) -> None:
+  """After every XLA compilation of at least ``min_seconds`` (or load from the
+  persistent cache), glibc's malloc_trim; elsewhere a no-op."""
+  import jax  # after the XLA flags above are set
+  try:
+    malloc_trim = ctypes.CDLL('libc.so.6').malloc_trim
+  except (OSError, AttributeError):
+    return
+
+  def listener(event, duration_secs, **_):
+    if event == '/jax/core/compile/backend_compile_duration' and duration_secs >= min_seconds:
+      malloc_trim(0)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
