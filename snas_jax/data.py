@@ -430,13 +430,14 @@ _TF_BANNER = re.compile(
 def import_tensorflow(with_datasets: bool = False):
   """``tensorflow`` (and ``tensorflow_datasets``) without TF's start-up banners.
 
-  The package loads TF only through here (data.py, reporting.py). INFO records are hidden as
-  TF_CPP_MIN_LOG_LEVEL=1 would hide them (that variable is set too, unless the
-  user set it, for TF's later logging): stderr (file descriptor 2) is captured
-  while TF loads, and every line but the banners above is written back, so a
-  warning or an error still reaches the terminal. Only logging changes:
-  oneDNN stays as TF configures it, so tf.data computes what it computes
-  without this. TF is also kept off the GPUs that JAX owns.
+  The package loads TF only through here. TF's C++ libraries print their
+  banners while they load, whatever TF_CPP_MIN_LOG_LEVEL says, so file
+  descriptor 2 is captured during the import and every line but the banners
+  (``_TF_BANNER``) is written back: a warning or an error still reaches the
+  terminal. TF_CPP_MIN_LOG_LEVEL=1 is set too, unless the user set it, for
+  TF's later logging. Only logging changes: oneDNN stays on, so tf.data
+  computes exactly what it would without this. TF is also kept off the GPUs
+  that JAX owns.
   """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   if 'tensorflow' in sys.modules and (not with_datasets or 'tensorflow_datasets' in sys.modules):
