@@ -2,7 +2,8 @@
 
 SNAS's resource constraint (section 2.4, eq. 9–11): E_Z[L + η·C(Z)] with C
 linear in the one-hot Z, so it splits per edge: C(Z) = Σ_e Σ_k Z[e,k]·c[e,k].
-The constants c come from each op's shape (SPEC §4 table, from the reference).
+The constants c come from each op's shape (the reference's formulas, tabled
+in docs/algorithm.md §4).
 
 Normalisation (so η means the same for any depth): C is the mean over the
 network's cells and the 14 edges of each, i.e. the cost of an average edge.
@@ -24,7 +25,7 @@ ESTIMATORS = ('score', 'pathwise', 'exact')
 
 
 def op_cost(name: str, c: int, y: int, stride: int) -> tuple:
-  """(params, FLOPs, MAC) of one op with C channels and output side y (SPEC §4)."""
+  """(params, FLOPs, MAC) of one op with C channels and output side y (docs/algorithm.md §4)."""
   area = y * y
   if name == 'none':
     return 0, 0, 0

@@ -2,7 +2,7 @@
 
 A cell has 2 input states (0, 1) and 4 intermediate nodes (states 2..5).
 Intermediate node i takes one edge from every earlier state, so the cell has
-2 + 3 + 4 + 5 = 14 edges, ordered node by node (SPEC §1). Architecture
+2 + 3 + 4 + 5 = 14 edges, ordered node by node (docs/algorithm.md §1). Architecture
 logits α are [NUM_EDGES, NUM_OPS] arrays whose column k is ``PRIMITIVES[k]``.
 
 A ``Genotype`` is a derived (normal, reduce) cell pair. It keeps, per node,
@@ -41,7 +41,7 @@ CONCAT = tuple(range(NUM_INPUT_STATES, NUM_INPUT_STATES + NUM_NODES))  # (2, 3, 
 
 
 def reduction_layers(layers: int) -> tuple:
-  """Indices of the reduction cells of an L-cell network: L//3 and 2L//3 (SPEC §1)."""
+  """Indices of the reduction cells of an L-cell network: L//3 and 2L//3 (docs/algorithm.md §1)."""
   return tuple(sorted({layers // 3, 2 * layers // 3}))
 
 
@@ -147,7 +147,7 @@ def cell_to_one_hot(cell: Cell) -> np.ndarray:
 
 
 def derive_snas(alpha: np.ndarray) -> Cell:
-  """SNAS rule (SPEC §6): argmax over all 8 ops on every edge; `none` drops it."""
+  """SNAS rule (docs/algorithm.md §6): argmax over all 8 ops on every edge; `none` drops it."""
   alpha = np.asarray(alpha)
   _check_alpha(alpha)
   cell = []
@@ -207,7 +207,7 @@ def _published(normal: Sequence, reduce: Sequence) -> Genotype:
   return Genotype(normal=expand(normal), reduce=expand(reduce))
 
 
-# The published cells (SPEC §6), exactly as the papers print them.
+# The published cells (docs/algorithm.md §6), exactly as the papers print them.
 SNAS_MILD = _published(
     normal=[[('sep3', 0), ('sep3', 1)], [('skip', 0), ('dil3', 1)],
             [('skip', 0), ('skip', 1)], [('skip', 0), ('sep3', 1)]],

@@ -194,7 +194,7 @@ class MetricsWriter:
     return kept
 
   def _write_tb(self, record: Mapping[str, Any]):
-    import tensorflow as tf
+    import tensorflow as tf  # already loaded by _create_tb_writer
     step = record.get('step')
     if not isinstance(step, int):
       return
@@ -252,20 +252,19 @@ def _scalar_metadata():
   does not pull in; tf.summary.write plus this metadata writes the identical
   event, so logging works without it and TensorBoard reads it as a scalar.
   """
-  from tensorflow.core.framework import summary_pb2
+  from snas_jax import data  # pylint: disable=g-import-not-at-top
+  data.import_tensorflow()  # TF loads without its start-up banners
+  from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
   metadata = summary_pb2.SummaryMetadata(data_class=summary_pb2.DATA_CLASS_SCALAR)
   metadata.plugin_data.plugin_name = 'scalars'
   return metadata
 
 
 def _create_tb_writer(logdir: str):
-  import tensorflow as tf
-  try:
-    # TensorFlow must not take GPU memory that JAX is using; with
-    # tensorflow-cpu there is nothing to hide and this is a no-op.
-    tf.config.set_visible_devices([], 'GPU')
-  except (RuntimeError, ValueError):
-    pass  # TF was already initialised by someone else; leave it be.
+  # Loads TF without its start-up banners and keeps it off the GPUs that JAX
+  # is using (with tensorflow-cpu there is nothing to hide).
+  from snas_jax import data  # pylint: disable=g-import-not-at-top
+  tf = data.import_tensorflow()
   return tf.summary.create_file_writer(logdir)
 
 

@@ -1,4 +1,4 @@
-"""Concrete (Gumbel-softmax) sampling of the edge weights Z, SPEC §2.
+"""Concrete (Gumbel-softmax) sampling of the edge weights Z (docs/algorithm.md §2).
 
 Z = softmax((α + G) / τ) per edge (row), G = -log(-log U), U ~ U(0, 1).
 The same noise G also gives the discrete Gumbel-max sample

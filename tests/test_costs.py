@@ -1,4 +1,4 @@
-"""Tests for snas_jax.costs: the resource constraint of SPEC §4 (eq. 9–11).
+"""Tests for snas_jax.costs: the resource constraint of docs/algorithm.md §4 (eq. 9–11).
 
 Monte-Carlo checks state N and their tolerance in standard errors (se); keys
 are fixed, so they are deterministic, and each also checks that its tolerance
@@ -73,8 +73,8 @@ def test_score_estimator_is_unbiased_and_local_credit_beats_global(estimator_set
   # Sharpness of the local check: 5 se < 10% of the largest exact component.
   assert 5 * (loc.std(0) / np.sqrt(N_MC)).max() < 0.1 * np.abs(exact).max()
   # Variance (trace of the covariance over the 112 components): the other 13
-  # edges' costs are pure noise in the global credit. Measured ~160x; assert
-  # > 20x (the variance estimates from N = 20,000 are good to a few %).
+  # edges' costs are pure noise in the global credit. With these keys the ratio
+  # is ~160x; assert > 20x (variance estimates from N = 20,000 are good to a few %).
   var_local, var_global = loc.var(0).sum(), glo.var(0).sum()
   assert var_local * 20 < var_global, (var_local, var_global)
 
@@ -118,7 +118,7 @@ def _row(table, name):
 
 
 def test_cell_cost_table_spec_check_values():
-  """SPEC §4's check values: first search cell, C = 16, 32x32, normal."""
+  """docs/algorithm.md §4's check values: first search cell, C = 16, 32x32, normal."""
   t = costs.cell_cost_table(16, 32, reduction=False)
   assert t.shape == (NUM_EDGES, NUM_OPS, 3)
   want = {
@@ -136,7 +136,7 @@ def test_cell_cost_table_spec_check_values():
       assert _row(t[e], name) == values, (e, name)
 
 
-# Written out by hand from SPEC §4's formulas, C = 32, y = 16 (area 256).
+# Written out by hand from docs/algorithm.md §4's formulas, C = 32, y = 16 (area 256).
 _STRIDE2_C32_Y16 = {
     'none': (0, 0, 0),
     'max_pool_3x3': (0, 73_728, 40_960),         # MAC 5 y² C
@@ -180,7 +180,7 @@ def _tied_pairs(table_row, kinds, names):
 def test_which_cost_combinations_separate_the_parameter_free_ops():
   """Appendix F: no single cost tells none / skip / pools apart.
 
-  What is true of the SPEC §4 table (normal cell, stride 1), exactly:
+  What is true of the docs/algorithm.md §4 table (normal cell, stride 1), exactly:
   params ties all four; FLOPs ties none–skip and max–avg; MAC ties the pools
   with skip; params+FLOPs still ties none–skip; FLOPs+MAC already separates
   everything but max–avg, and so does params+FLOPs+MAC. max and avg pool have

@@ -13,7 +13,7 @@ MAX, AVG, SKIP = 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect'
 
 def test_primitives_and_edge_order():
   assert PRIMITIVES == ('none', MAX, AVG, SKIP, SEP3, SEP5, DIL3, DIL5)
-  # SPEC §1: node by node; node i reads states 0 .. i+1.
+  # docs/algorithm.md §1: node by node; node i reads states 0 .. i+1.
   assert EDGES == ((0, 0), (0, 1),
                    (1, 0), (1, 1), (1, 2),
                    (2, 0), (2, 1), (2, 2), (2, 3),
@@ -199,7 +199,7 @@ def test_published_cells_match_spec():
 def test_cell_to_one_hot_rejects_two_edges_from_one_input():
   """A Genotype may list two ops from one input state (an evaluation network
   can build that), but a one-hot Z has one row per (node, input): the second
-  edge used to overwrite the first silently."""
+  edge must not overwrite the first silently."""
   cell = (((SEP3, 0), (SKIP, 0)), (), (), ())
   genotypes.Genotype(normal=cell, reduce=((), (), (), ()))  # accepted as a genotype
   with pytest.raises(ValueError, match='node 0 has two edges from input 0'):

@@ -1,4 +1,4 @@
-"""Tests for snas_jax.sampling: the Concrete relaxation of SPEC §2 and eq. 6.
+"""Tests for snas_jax.sampling: the Concrete relaxation of docs/algorithm.md §2 and eq. 6.
 
 Every Monte-Carlo check states its sample size N and its tolerance as a
 multiple k of the estimated standard error (se = std / sqrt(N)). The keys are
