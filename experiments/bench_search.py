@@ -1,6 +1,7 @@
 """Benchmarks the search step: init, trace + compile, steady-state speed, memory.
 
   python experiments/bench_search.py                      # the paper's config (+ remat)
+  python experiments/bench_search.py --backend=reference  # what a GPU/TPU runs
   python experiments/bench_search.py --sweep=batch,channels,cells,devices
 
 Each configuration runs in its own process (so peak memory is its own and a
@@ -40,10 +41,11 @@ flags.DEFINE_bool('remat_variant', True, 'Also measure the base configuration wi
 flags.DEFINE_bool('cache_variant', True, 'Measure the base configuration a second time in a new '
                   'process with the persistent compilation cache its first run filled (what a '
                   'resumed or repeated run pays).')
-flags.DEFINE_string('impl', 'auto', 'Op implementation (auto, native, shift, lax).')
-flags.DEFINE_bool('tune_memory', True, 'Run each configuration as the entry scripts do (their '
-                  "--tune_memory): XLA's temporaries kept mapped, on transparent huge pages, "
-                  "glibc's freed heap kept.")
+flags.DEFINE_enum('backend', 'auto', ['auto', 'reference', 'cpu'], 'Backend to measure '
+                  '(auto: cpu on a CPU-only host, reference elsewhere).')
+flags.DEFINE_bool('tune_memory', True, 'CPU backend: run each configuration as the entry scripts '
+                  "do (their --tune_memory): XLA's temporaries kept mapped, on transparent huge "
+                  "pages, glibc's freed heap kept.")
 flags.DEFINE_integer('steps', 5, 'Timed steps after warm-up (the median is reported).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 flags.DEFINE_string('json_out', '', 'Also write the results here as a JSON list.')
@@ -55,28 +57,35 @@ SWEEPS = {'batch': 'batch_size', 'channels': 'channels', 'cells': 'layers', 'dev
 
 def measure(spec: dict) -> dict:
   """One configuration, in this process."""
-  from snas_jax import cli
-  cli.set_cpu_devices(spec['devices'] if spec['devices'] > 1 else 0)  # before JAX starts
+  from snas_jax import backends, cli
+  devices = spec['devices'] if spec['devices'] > 1 else 0
+  memory = 'off'
+  if spec['backend'] == 'cpu':  # as the entry scripts start it (memory tuning: run_child's env)
+    from snas_jax.backends.cpu import process
+    process.configure(tune_memory=False, cpu_devices=devices)
+    memory = process.memory_tuning()
+  elif devices:
+    os.environ['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                               f'--xla_force_host_platform_device_count={devices}')
   cli.enable_compilation_cache(spec.get('cache_dir', ''))
-  cli.trim_heap_after_compiles()  # as the entry scripts do
   import jax
   import numpy as np
-  from snas_jax import costs, ops, parallel, search
+  from snas_jax import costs, parallel, search
   cfg = search.SearchConfig(channels=spec['channels'], layers=spec['layers'],
-                            batch_size=spec['batch_size'], remat=spec['remat'], impl=spec['impl'],
-                            resource_eta=1e-3, epochs=150)
+                            batch_size=spec['batch_size'], remat=spec['remat'],
+                            backend=spec['backend'], resource_eta=1e-3, epochs=150)
   mesh = parallel.make_mesh()
   net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=100)
   size = spec['image_size']
   tables = costs.penalty_tables(cfg.channels, cfg.layers, size)
   t = time.perf_counter()
-  ops.resolve_impl(spec['impl'])  # 'native': builds the C++ kernels, once per machine (cached)
+  backend = backends.get(spec['backend'])  # cpu: builds the C++ kernels, once per machine (cached)
   build_s = time.perf_counter() - t
   t = time.perf_counter()
-  state = search.init_state(cfg, net, tx, (size, size, 3), parallel.replicated(mesh))
+  state = search.init_state(cfg, net, tx, (size, size, 3), parallel.replicated(mesh), backend)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t
-  step = search.make_train_step(cfg, net, tx, tables, mesh)
+  step = search.make_train_step(cfg, backend.bind(net), tx, tables, mesh)
   rng = np.random.default_rng(0)
   batch = parallel.to_global({'image': rng.normal(size=(cfg.batch_size, size, size, 3)).astype(np.float32),
                               'label': rng.integers(0, 10, cfg.batch_size).astype(np.int32)}, mesh)
@@ -99,9 +108,9 @@ def measure(spec: dict) -> dict:
       times.append(time.perf_counter() - t)
   faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / FLAGS.steps
   step_s = statistics.median(times)
-  return {**spec, 'devices': len(jax.devices()), 'impl': ops.resolve_impl(spec['impl']),
-          'memory': cli.memory_tuning(),
-          'native_build_s': round(build_s, 2), 'init_s': round(init_s, 2),
+  return {**spec, 'devices': len(jax.devices()), 'ops': getattr(backend, 'impl', '-'),
+          'memory': memory, 'device_kind': jax.devices()[0].device_kind,
+          'build_s': round(build_s, 2), 'init_s': round(init_s, 2),
           'trace_s': round(trace_s, 2), 'compile_s': round(compile_s, 2),
           'step_s': round(step_s, 3), 'images_per_s': round(cfg.batch_size / step_s, 2),
           'page_faults_per_step': round(faults),
@@ -139,7 +148,7 @@ def environment() -> dict:
 def specs(cache_dir: str) -> list:
   base = {'batch_size': FLAGS.batch_size, 'channels': FLAGS.channels, 'layers': FLAGS.layers,
           'image_size': FLAGS.image_size,
-          'remat': False, 'impl': FLAGS.impl, 'devices': 1, 'cache': 'off'}
+          'remat': False, 'backend': backend_name(), 'devices': 1, 'cache': 'off'}
   out = [base]
   if FLAGS.cache_variant:  # a cold run that fills a fresh cache, then one that reads it
     out = [{**base, 'cache': 'cold', 'cache_dir': cache_dir},
@@ -153,9 +162,16 @@ def specs(cache_dir: str) -> list:
   return out
 
 
+def backend_name() -> str:
+  from snas_jax import backends
+  return backends.resolve(FLAGS.backend, backends.host_platform())
+
+
 def run_child(spec: dict) -> dict:
-  from snas_jax import cli
-  env = cli.memory_tuning_env() if FLAGS.tune_memory else None
+  env = None
+  if FLAGS.tune_memory and spec['backend'] == 'cpu':
+    from snas_jax.backends.cpu import process
+    env = process.memory_tuning_env()
   proc = subprocess.run([sys.executable, __file__, f'--child={json.dumps(spec)}',
                          f'--steps={FLAGS.steps}', f'--warmup={FLAGS.warmup}'],
                         capture_output=True, text=True, env=env)
@@ -173,8 +189,8 @@ def main(argv):
     return
   env = environment()
   print(json.dumps(env))
-  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'impl', 'memory',
-          'remat', 'cache', 'native_build_s', 'init_s',
+  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'backend', 'ops', 'memory',
+          'remat', 'cache', 'build_s', 'init_s',
           'trace_s', 'compile_s', 'step_s', 'images_per_s', 'page_faults_per_step',
           'rss_compiled_gb', 'peak_rss_gb', 'xla_temp_gb', 'kernels')
   print(' | '.join(cols))

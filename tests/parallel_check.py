@@ -17,7 +17,7 @@ from snas_jax import costs, parallel, search  # noqa: E402
 STEPS, GLOBAL_BATCH, IMAGE = 2, 8, 8
 # One reduction cell and the compact lax ops: what is under test is the
 # sharding of the step, and this keeps its compile short.
-CONFIG = search.SearchConfig(channels=4, layers=1, batch_size=GLOBAL_BATCH, epochs=2, impl='lax',
+CONFIG = search.SearchConfig(channels=4, layers=1, batch_size=GLOBAL_BATCH, epochs=2, backend='reference',
                              resource_eta=1e-2, drop_path=0.2)
 
 

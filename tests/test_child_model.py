@@ -1,4 +1,5 @@
-"""Tests for snas_jax.child_model: sizes against SPEC's op definitions, aux heads, drop-path."""
+"""Tests for snas_jax.child_model: sizes against docs/algorithm.md's op definitions, aux heads,
+drop-path, initialisation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ RNGS = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
 
 
 # ----------------------------------------------------------------------------
-# An independent parameter count, written from SPEC §1/§7's op definitions
+# An independent parameter count, written from docs/algorithm.md §1/§7's op definitions
 # (not read from the model). BN has a scale and an offset per channel in the
 # child (affine); running statistics are not parameters.
 
@@ -79,8 +80,7 @@ PAPER_PARAMS_M = {('DARTS_V2', 'cifar10'): 3.3, ('SNAS_moderate', 'cifar10'): 2.
 def test_published_param_counts_match_closed_form(name, dataset, c, layers, size):
   genotype = genotypes.published(name)
   cls = child_model.NetworkCIFAR if dataset == 'cifar10' else child_model.NetworkImageNet
-  # impl='lax' traces fewer ops than the CPU shift form; the parameters are the same.
-  model = cls(genotype, c, layers, 10 if dataset == 'cifar10' else 1000, impl='lax')
+  model = cls(genotype, c, layers, 10 if dataset == 'cifar10' else 1000)
   expected = _closed_form_params(genotype, c, layers, dataset)
   assert _count(_model_params(model, size)) == expected
   if (name, dataset) in PAPER_PARAMS_M:
@@ -100,7 +100,7 @@ def _shapes(model, size, train):
 
 
 def test_cifar_auxiliary_head_shape_and_training_only():
-  model = child_model.NetworkCIFAR(genotypes.DARTS_V2, 8, 3, 10, impl='lax')
+  model = child_model.NetworkCIFAR(genotypes.DARTS_V2, 8, 3, 10)
   params, (logits, aux) = _shapes(model, 32, train=True)
   assert logits.shape == (2, 10) and aux.shape == (2, 10)
   _, (_, aux_eval) = _shapes(model, 32, train=False)
@@ -112,14 +112,13 @@ def test_cifar_auxiliary_head_shape_and_training_only():
   assert head['conv1']['kernel'].shape == (2, 2, 128, 768)
   assert head['classifier']['kernel'].shape == (768, 10)
   assert {'bn0', 'bn1'} <= set(head)
-  no_aux, _ = _shapes(child_model.NetworkCIFAR(genotypes.DARTS_V2, 8, 3, 10, auxiliary=False,
-                                                impl='lax'), 32, train=True)
+  no_aux, _ = _shapes(child_model.NetworkCIFAR(genotypes.DARTS_V2, 8, 3, 10, auxiliary=False), 32, train=True)
   assert child_model.AUX_SCOPE not in no_aux
   assert _count(no_aux) == _count(params)  # the head is the only difference
 
 
 def test_imagenet_auxiliary_head_and_stems():
-  model = child_model.NetworkImageNet(genotypes.SNAS_MODERATE, 8, 3, 1000, impl='lax')
+  model = child_model.NetworkImageNet(genotypes.SNAS_MODERATE, 8, 3, 1000)
   params, (logits, aux) = _shapes(model, 224, train=True)
   assert logits.shape == (2, 1000) and aux.shape == (2, 1000)
   head = params[child_model.AUX_SCOPE]
@@ -129,11 +128,11 @@ def test_imagenet_auxiliary_head_and_stems():
   assert params['stem0_conv1']['kernel'].shape == (3, 3, 4, 8)
   assert params['stem1_conv']['kernel'].shape == (3, 3, 8, 8)
   # Cell 0 reads the stem0 output (56x56) through FactorizedReduce (reduction_prev).
-  assert 'kernel' in params['cell_0']['preprocess0']['PointwiseConv_0']
+  assert 'kernel' in params['cell_0']['preprocess0']['conv_1']
 
 
 def test_auxiliary_head_too_small_is_one_line_error():
-  model = child_model.NetworkImageNet(genotypes.DARTS_V2, 8, 3, 1000, impl='lax')
+  model = child_model.NetworkImageNet(genotypes.DARTS_V2, 8, 3, 1000)
   with pytest.raises(ValueError, match='--auxiliary_weight=0') as err:
     _shapes(model, 64, train=True)
   assert '\n' not in str(err.value)
@@ -157,7 +156,7 @@ def test_drop_path_scales_whole_samples_and_preserves_the_mean():
 
 def _cell_outputs(cell, rates, reduction=False, train=True, c=4):
   """(params, [output for each drop rate]) of one ChildCell on a fixed input."""
-  module = child_model.ChildCell(cell, genotypes.CONCAT, c, reduction, False, impl='lax')
+  module = child_model.ChildCell(cell, genotypes.CONCAT, c, reduction, False)
   s = jax.random.normal(jax.random.PRNGKey(3), (8, 8, 8, c))
   # rbg keys: XLA:CPU compiles threefry's draws far more slowly.
   rngs = {k: jax.random.key(i, impl='rbg') for i, k in enumerate(RNGS)}
@@ -201,10 +200,30 @@ def test_none_edges_have_no_params_and_empty_nodes_are_zero():
 def test_remat_network_traces_and_differentiates():
   """remat=True wraps each cell in nn.remat with `train` static; traced only (fast)."""
   x = jnp.zeros((2, 32, 32, 3))
-  model = child_model.NetworkCIFAR(genotypes.DARTS_V2, 4, 3, 10, remat=True, impl='lax')
+  model = child_model.NetworkCIFAR(genotypes.DARTS_V2, 4, 3, 10, remat=True)
   variables = jax.eval_shape(lambda: model.init(RNGS, x, jnp.float32(0), train=True))
   loss = lambda p, stats: model.apply({'params': p, 'batch_stats': stats}, x, jnp.float32(0.2),
                                       train=True, rngs=RNGS, mutable=['batch_stats'])[0][0].sum()
   grads = jax.eval_shape(jax.grad(loss), variables['params'], variables['batch_stats'])
   assert jax.tree.map(lambda g: g.shape, grads) == jax.tree.map(lambda p: p.shape,
                                                                 variables['params'])
+
+
+def test_snas_init_draws_the_authors_distributions():
+  """--init=snas: conv kernels N(0, 2/(k²·C_out)), dense kernels N(0, 2/fan_in),
+  dense biases zero, BN untouched; --init=pytorch leaves the draw alone."""
+  model = child_model.NetworkCIFAR(genotypes.DARTS_V2, 16, 5, 10)
+  rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+  params = jax.jit(lambda: model.init(rngs, jnp.zeros((2, 32, 32, 3)), jnp.float32(0), train=True))()['params']
+  assert child_model.reinitialize(params, 'pytorch', 0) is params
+  new = child_model.reinitialize(params, 'snas', 0)
+  stem = np.asarray(new['stem_conv']['kernel'])  # [3, 3, 3, 48]: std sqrt(2 / (9 · 48))
+  np.testing.assert_allclose(stem.std(), np.sqrt(2 / (9 * 48)), rtol=0.1)
+  dw = np.asarray(new['cell_0']['node0_edge0_sep_conv_3x3']['dil_0']['depthwise']['kernel'])
+  assert dw.shape == (3, 3, 1, 16)
+  dense = np.asarray(new['classifier']['kernel'])  # [256, 10]
+  np.testing.assert_allclose(dense.std(), np.sqrt(2 / dense.shape[0]), rtol=0.15)
+  np.testing.assert_array_equal(np.asarray(new['classifier']['bias']), 0)
+  np.testing.assert_array_equal(np.asarray(new['stem_bn']['scale']), 1)
+  with pytest.raises(ValueError, match='unknown --init'):
+    child_model.reinitialize(params, 'xavier', 0)

@@ -1,5 +1,5 @@
-"""Tests for snas_jax.ops: fast ('shift', and 'native': the C++ custom calls)
-vs plain ('lax') kernels, pools, FactorizedReduce, parameter counts (SPEC §4
+"""Tests for snas_jax.backends.cpu.ops (the CPU backend's edge-batched ops): fast ('shift', and 'native': the C++ custom calls)
+vs plain ('lax') kernels, pools, FactorizedReduce, parameter counts (docs/algorithm.md §4
 sizes) and edge batching.
 
 Tolerances: 'shift', 'native' and 'lax' compute the same sums of products in a
@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from conftest import primitive_counts
-from snas_jax import native, ops
+from snas_jax.backends.cpu import native, ops
 from snas_jax.genotypes import PRIMITIVES
 
 
@@ -131,15 +130,6 @@ def test_native_build_failure_is_one_clear_error(monkeypatch, tmp_path):
   ops._warn_native_fallback.cache_clear()
 
 
-def test_auto_picks_native_on_one_cpu_device(monkeypatch):
-  assert jax.device_count() == 1 and native.available()
-  assert ops.resolve_impl('auto') == 'native'
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # elsewhere: lax; native refused
-  assert ops.resolve_impl('auto') == 'lax'
-  with pytest.raises(ValueError, match="impl='native' runs on the CPU only, not gpu"):
-    ops.resolve_impl('native')
-
-
 # Bytes per image of x (S·H·W·C) and g (D·S·H'·W'·C) below, at stride 2.
 _STRIDE2_IMAGE_BYTES = (2 * 8 * 8 * 3 + 6 * 4 * 4 * 3) * 4
 
@@ -163,25 +153,6 @@ def test_depthwise_kernel_grad_in_slices_equals_lax(monkeypatch, slice_bytes, st
       x, kern, stride=stride, dilation=dilation, impl='shift'), kern)[1](cotangent))(kernel))
   assert jaxpr.count('scan[') == 2  # the sliced path ran: slices, and taps inside
   _assert_close(dk('shift'), dk('lax'))
-
-
-def test_kernel_grad_is_one_loop_body_whatever_the_taps():
-  """The kernel gradient's taps are a loop, not unrolled: XLA:CPU compiled two
-  kernels per unrolled tap (half of a search cell's kernels). The traced
-  backward pass of a 5x5 depthwise conv is exactly as large as a 3x3's."""
-  x = np.ones((2, 4, 8, 8, 3), np.float32)
-
-  def counts(k):
-    kernel = np.ones((k, k, 2, 3), np.float32)
-    closed = jax.make_jaxpr(lambda kern: jax.vjp(lambda kern: ops.depthwise_conv(
-        x, kern, impl='shift'), kern)[1](np.ones((2, 4, 8, 8, 3), np.float32)))(kernel)
-    return primitive_counts(closed.jaxpr)
-
-  three, five = counts(3), counts(5)
-  # The forward and dx sums stay unrolled (one fused kernel each, either way).
-  for name in ('scan', 'reduce_sum', 'dynamic_slice', 'dynamic_update_slice'):
-    assert three[name] == five[name], name
-  assert three['reduce_sum'] == 1
 
 
 # relu_conv_bn (training-mode DilConv on CPU, with its hand-written VJP)
@@ -417,9 +388,9 @@ def test_factorized_reduce_hand_example():
   x = (jnp.arange(16, dtype=jnp.float32) - 5).reshape(1, 1, 4, 4, 1)
   # relu(x) = [[0 0 0 0] [0 0 1 2] [3 4 5 6] [7 8 9 10]]
   fr = ops.FactorizedReduce(2, affine=False)
-  variables = {'params': {'PointwiseConv_0': {'kernel': jnp.ones((1, 1, 1))},
-                          'PointwiseConv_1': {'kernel': jnp.full((1, 1, 1), 2.0)}},
-               'batch_stats': {'EdgeBatchNorm_0': {'mean': jnp.zeros(2), 'var': jnp.ones(2)}}}
+  variables = {'params': {'conv_1': {'kernel': jnp.ones((1, 1, 1))},
+                          'conv_2': {'kernel': jnp.full((1, 1, 1), 2.0)}},
+               'batch_stats': {'bn': {'mean': jnp.zeros(2), 'var': jnp.ones(2)}}}
   shapes = jax.eval_shape(lambda: fr.init(jax.random.key(0), x, False))
   chex.assert_trees_all_equal_shapes(variables, shapes)  # the module's own layout
   y = jax.jit(lambda v, x: fr.apply(v, x, False))(variables, x)
@@ -438,7 +409,7 @@ def _param_count(module, x):
 
 @pytest.mark.parametrize('fan_out,s', [(1, 1), (3, 2)])
 def test_parameter_counts_match_spec_sizes(fan_out, s):
-  """affine = False (search cells): SPEC §4 sizes, times G = fan_out·S edges."""
+  """affine = False (search cells): docs/algorithm.md §4 sizes, times G = fan_out·S edges."""
   c, g = 16, fan_out * s
   x = jnp.zeros((s, 1, 8, 8, c))
   want = {
@@ -448,7 +419,7 @@ def test_parameter_counts_match_spec_sizes(fan_out, s):
       ('skip_connect', 2): 2 * c * (c // 2), ('skip_connect', 1): 0,
       ('max_pool_3x3', 1): 0, ('avg_pool_3x3', 2): 0,
   }
-  assert want[('sep_conv_3x3', 1)] == 800 and want[('dil_conv_5x5', 2)] == 656  # SPEC §4
+  assert want[('sep_conv_3x3', 1)] == 800 and want[('dil_conv_5x5', 2)] == 656  # docs/algorithm.md §4
   for (name, stride), size in want.items():
     op = ops.make_op(name, c, stride, fan_out=fan_out, affine=False)
     assert _param_count(op, x) == g * size, (name, stride)

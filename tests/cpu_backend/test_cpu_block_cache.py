@@ -1,5 +1,5 @@
-"""snas_jax/native/block_cache.cc: the malloc front end the entry scripts
-preload (cli.restart_with_memory_tuning). Each check runs in a fresh process
+"""snas_jax/backends/cpu/native/block_cache.cc: the malloc front end the entry scripts
+preload (backends/cpu/process.py). Each check runs in a fresh process
 with the library preloaded, as the scripts run."""
 import os
 import subprocess
@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from snas_jax import native
+from snas_jax.backends.cpu import native
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CHECKS = r"""
 import ctypes
