@@ -1,6 +1,8 @@
 """snas_jax: SNAS (Stochastic Neural Architecture Search) in JAX/Flax."""
 import os
 
+__version__ = '0.1.0'
+
 
 def default_xla_flag(flag: str, value) -> None:
   """Adds ``flag=value`` to XLA_FLAGS unless the user set that flag. XLA reads
