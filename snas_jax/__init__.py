@@ -1,7 +1,7 @@
 """snas_jax: SNAS (Stochastic Neural Architecture Search) in JAX/Flax."""
-import os
-
 __version__ = '0.1.0'
+
+import os
 
 
 def default_xla_flag(flag: str, value) -> None:

@@ -26,13 +26,17 @@ import pytest
 
 from conftest import CACHE_DIR, ROOT, TINY_SEARCH
 
-# Not shipped: caches, build products, editor and OS files.
+# Not shipped: caches and build products (dot files are skipped too).
 SKIPPED_SUFFIXES = ('.pyc', '.pyo', '.so', '.o')
 
 
 def backend_module() -> str:
   """The module whose folder holds the CPU backend's C++ sources."""
   return 'snas_jax.native'
+
+
+# The search flags that run the CPU backend's native kernels.
+NATIVE_FLAGS = ['--impl=native']
 
 
 def package_files(root: Path) -> dict:
@@ -133,10 +137,9 @@ def test_installed_console_script_runs_a_search_step(venv, tmp_path, cifar_dir):
   """snas-search from another folder: --config read from the package, the
   restart (cli.restart_with_memory_tuning re-executes the console script),
   the native kernels, one step and its checkpoint."""
-  tiny = [a for a in TINY_SEARCH if not a.startswith(('--layers', '--impl'))]
   proc = run([venv / 'bin' / 'snas-search', '--config=quick', f'--workdir={tmp_path / "w"}',
-              f'--data_dir={cifar_dir}', *tiny, '--layers=2', '--impl=native', '--epochs=1',
-              '--stop_after_step=1', f'--compilation_cache_dir={CACHE_DIR}'],
+              f'--data_dir={cifar_dir}', *TINY_SEARCH, '--layers=2', *NATIVE_FLAGS,
+              '--epochs=1', '--stop_after_step=1', f'--compilation_cache_dir={CACHE_DIR}'],
              cwd=tmp_path, timeout=600)
   assert 'stopped after step 1' in proc.stdout
   assert 'kernels unavailable' not in proc.stderr
