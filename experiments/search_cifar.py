@@ -4,18 +4,16 @@
 
 Writes checkpoints, metrics, genotype.json, α and plots into --workdir;
 rerunning the same command resumes from the last checkpoint.
+
+Installed (pip install .), the same program is ``snas-search``, and
+``--config=NAME`` reads experiments/configs/NAME.flags from the package.
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
-
-from snas_jax import cli, config, search  # noqa: E402
-
-config.define_flags(search.SearchConfig)
-cli.define_runtime_flags()
+from snas_jax import scripts  # noqa: E402
 
 if __name__ == '__main__':
-  app.run(lambda argv: cli.main(search.run, search.SearchConfig))
+  scripts.search_cifar()

@@ -8,19 +8,16 @@
 The architecture comes from exactly one of --search_workdir, --genotype_json,
 --arch. Writes checkpoints, metrics.jsonl, tensorboard/ and final.json into
 --workdir; rerunning the same command resumes from the last checkpoint.
+
+Installed (pip install .), the same program is ``snas-train-cifar``, and
+``--config=NAME`` reads experiments/configs/NAME.flags from the package.
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
-
-from snas_jax import cli, config, train  # noqa: E402
-
-config.define_flags(train.TrainConfig)
-cli.define_runtime_flags(summary=True)
+from snas_jax import scripts  # noqa: E402
 
 if __name__ == '__main__':
-  app.run(lambda argv: cli.main(train.train_and_evaluate, train.TrainConfig,
-                                  train.print_summary))
+  scripts.train_cifar()

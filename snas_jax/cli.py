@@ -1,7 +1,7 @@
 """What every entry script shares: runtime flags, start-up, one-line errors.
 
-An experiment script is three lines: define its config's flags, define these,
-and ``app.run(lambda argv: cli.main(run_fn, ConfigClass))``.
+An entry script (snas_jax.scripts) defines its config's flags and these, then
+runs ``cli.main(run_fn, ConfigClass)`` under absl's ``app.run``.
 """
 from __future__ import annotations
 
