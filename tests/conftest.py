@@ -74,7 +74,7 @@ def write_imagenet_metadata(data_dir, examples_per_split: int):
 TINY_SEARCH = ['--channels=4', '--layers=3', '--image_size=8', '--num_train_images=128',
                '--num_eval_images=64', '--num_test_images=64',
                '--batch_size=32', '--eval_batch_size=64', '--epochs=2',
-               '--checkpoint_every_steps=2', '--resource_eta=1e-3', '--impl=lax']
+               '--checkpoint_every_steps=2', '--resource_eta=1e-3', '--backend=reference']
 
 
 def search_cli(workdir, data_dir, *extra):

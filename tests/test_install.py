@@ -32,11 +32,11 @@ SKIPPED_SUFFIXES = ('.pyc', '.pyo', '.so', '.o')
 
 def backend_module() -> str:
   """The module whose folder holds the CPU backend's C++ sources."""
-  return 'snas_jax.native'
+  return 'snas_jax.backends.cpu.native'
 
 
 # The search flags that run the CPU backend's native kernels.
-NATIVE_FLAGS = ['--impl=native']
+NATIVE_FLAGS = ['--backend=cpu']
 
 
 def package_files(root: Path) -> dict:

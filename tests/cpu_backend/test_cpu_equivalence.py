@@ -26,10 +26,12 @@ UNIFORM = jnp.full((NUM_EDGES, NUM_OPS), 1 / NUM_OPS, jnp.float32)
 
 
 def _variables(shapes, seed):
-  """Random params in the module's layout; BN statistics near a batch's."""
+  """Random params in the module's layout (BN scales near 1: a scale near 0
+  makes float32 rounding dominate its gradient); BN statistics near a batch's."""
   rng = np.random.default_rng(seed)
-  params = jax.tree_util.tree_map(
-      lambda s: rng.uniform(-0.5, 0.5, s.shape).astype(np.float32), shapes['params'])
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32) if p[-1].key == 'scale'
+      else rng.uniform(-0.5, 0.5, s.shape).astype(np.float32), shapes['params'])
   stats = jax.tree_util.tree_map_with_path(
       lambda p, s: (rng.uniform(0.5, 1.5, s.shape) if p[-1].key == 'var'
                     else rng.uniform(-0.1, 0.1, s.shape)).astype(np.float32),
@@ -112,6 +114,9 @@ def _assert_backends_agree(network, variables, args, kwargs, rngs=None, impls=('
   argument after the images), the updated BN statistics and eval-mode
   logits: reference == CPU backend (each impl)."""
   labels = np.arange(N) % 10
+  # A shared pool's statistics are equal for every edge leaving its source
+  # (they start equal and update alike): make the random ones so too.
+  variables = jax.device_get(layout.to_reference(layout.to_cpu(variables), variables))
 
   def run(model):
     def loss(params, *args):
@@ -143,7 +148,7 @@ def test_layout_maps_are_inverse_and_match_the_cpu_networks():
            (child_model.NetworkCIFAR(genotypes.DARTS_V2, 8, 5, 10),
             (_images(0, 2, 32), jnp.float32(0)), {'train': True}),
            (child_model.NetworkImageNet(genotypes.SNAS_MODERATE, 8, 3, 1000),
-            (_images(0, 2, 64), jnp.float32(0)), {'train': True})]
+            (_images(0, 2, 224), jnp.float32(0)), {'train': True})]
   backend = cpu.CpuBackend('lax')
   rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
   for network, args, kwargs in cases:
@@ -153,8 +158,12 @@ def test_layout_maps_are_inverse_and_match_the_cpu_networks():
     assert jax.tree.structure(mapped) == jax.tree.structure(own), type(network).__name__
     assert jax.tree.map(lambda a, b: a.shape == b.shape, mapped, own) == jax.tree.map(lambda _: True, own)
     values = _variables(ref, 3)
-    back = layout.to_reference(layout.to_cpu(values), values)
-    jax.tree.map(np.testing.assert_array_equal, back, values)
+    cpu_values = layout.to_cpu(values)
+    # The CPU layout round-trips exactly; the reference one too, except that
+    # a shared pool's statistics take its first destination's values (the
+    # reference keeps equal copies: every edge leaving a source updates them alike).
+    jax.tree.map(np.testing.assert_array_equal,
+                 layout.to_cpu(layout.to_reference(cpu_values, values)), cpu_values)
 
 
 def test_cpu_backend_equals_reference_search_network():

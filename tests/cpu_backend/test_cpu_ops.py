@@ -438,7 +438,7 @@ def _edge_slice(tree, g, n_edges, n_src, c):
     names = [getattr(p, 'key', '') for p in path]
     if names[-1] == 'depthwise_kernel':
       return leaf[:, :, g:g + 1]
-    if names[-1] == 'pointwise_kernel' or any(n.startswith('PointwiseConv') for n in names):
+    if names[-1] == 'pointwise_kernel' or (names[-1] == 'kernel' and names[-2].startswith('conv')):
       return leaf[g:g + 1]
     rows = leaf.reshape(-1, c)
     assert rows.shape[0] in (n_edges, n_src), (names, leaf.shape)
