@@ -518,6 +518,9 @@ def _search_loop(cfg, net, tx, state, meta, train_iter, eval_iter, mesh, ckpt, w
       child = evaluate(eval_step, state, val_iter, mesh, lambda i: child_z, stops)
     except trainer.EvalStopped:
       stop_now(epoch, sums)
+    trainer.check_eval_loss({'search validation loss': search_val['loss'],
+                             'child loss': child['loss']}, step, epoch, last_saved,
+                            '--w_lr / --alpha_lr')
     record = {'epoch': epoch + 1, 'step': step, 'tau': float(tau),
               'lr': float(w_learning_rate(state)),
               'train_loss': sums['loss'] / sums['steps'], 'train_acc': sums['accuracy'] / sums['steps'],

@@ -724,6 +724,8 @@ def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer, stops,
       ckpt.wait()
       raise stops.interrupted(step, workdir) from None
     step = (epoch + 1) * n_steps
+    trainer.check_eval_loss({'test loss': eval_metrics['eval_loss']}, step, epoch, last_saved,
+                            '--learning_rate')
     record = {**train_metrics, **eval_metrics, 'lr': lr, 'drop_path_rate': rate,
               'epoch_time_s': epoch_time,
               'train_images_per_s': (n_steps - start) * config.batch_size / epoch_time}

@@ -81,6 +81,20 @@ def checked_loss(metrics: dict, step: int, epoch: int, last_saved: int | None,
       f'rerun the same command with a lower {lr_flags} (a resume may change the learning '
       f'rates) or check the data')
 
+def check_eval_loss(losses: dict, step: int, epoch: int, last_saved: int | None,
+                    lr_flags: str) -> None:
+  """One-line NonFiniteError if an evaluation loss is not finite: the state of
+  ``step`` is finite but overflows in a forward pass, so the epoch end is not saved."""
+  bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+  if bad:
+    kept = (f'the checkpoint at step {last_saved} is kept' if last_saved is not None
+            else 'no checkpoint was written yet')
+    raise NonFiniteError(
+        f'the evaluation after step {step} (epoch {epoch + 1}) gives '
+        f'{", ".join(f"{k} {v}" for k, v in bad.items())}; this state is not saved and {kept}: '
+        f'rerun the same command with a lower {lr_flags} (a resume may change the learning '
+        f'rates) or check the data')
+
 # ----------------------------------------------------------------------------
 # Resume: which flags a resumed run may change, and what it records.
 

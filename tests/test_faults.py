@@ -1,9 +1,10 @@
 """Faults lose nothing: kills, signals, failed saves, non-finite steps and bad inputs.
 
 The subprocess sequence runs once (each process start costs seconds): one
-tiny search is stopped by SIGTERM, a failed save, SIGKILL during a save,
-SIGINT and SIGKILL after an evaluation, then finished, and must end bitwise
-equal to the uninterrupted run of conftest.tiny_search_workdir.
+tiny search is stopped by SIGTERM during its first compile, by a failed save
+and by SIGKILL during the save after an evaluation, then finished, and must
+end bitwise equal to the uninterrupted run of conftest.tiny_search_workdir.
+SIGINT is tested in-process on the retraining loop (the same helpers).
 """
 import json
 import os
@@ -118,25 +119,8 @@ def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_
   assert 'Traceback' not in run.stderr
   assert _steps(workdir) == [1] and not _tmp_dirs(workdir)
 
-  # SIGKILL during a save (as soon as its tmp folder appears; if the save
-  # were too quick to see, once it is done).
-  run = Search(workdir, cifar_dir)
-  run.wait_for(lambda: _tmp_dirs(workdir) or _steps(workdir) != [1], 'a save')
-  run.proc.kill()
-  run.finish()
-
-  # SIGINT mid-epoch (Ctrl-C): saved at the next step boundary, status 130.
-  run = Search(workdir, cifar_dir)
-  run.wait_for(run.printed('resuming'), 'the resume')
-  resumed_from = int(run.lines[-1].split()[-1])
-  run.proc.send_signal(signal.SIGINT)
-  assert run.finish() == 128 + signal.SIGINT, run.stderr[-2000:]
-  assert run.last_line().startswith(f'stopped by SIGINT after step {resumed_from + 1};')
-  assert 'Traceback' not in run.stderr
-  assert max(_steps(workdir)) == resumed_from + 1 and not _tmp_dirs(workdir)
-
-  # SIGKILL once the first epoch's evaluation is done (its metrics written,
-  # the epoch-end checkpoint in flight).
+  # SIGKILL once the first epoch's evaluation is done: its metrics are
+  # written, the epoch-end checkpoint is being saved.
   run = Search(workdir, cifar_dir)
   run.wait_for(run.printed('epoch 1:'), 'the first evaluation')
   run.proc.kill()

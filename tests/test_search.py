@@ -48,6 +48,8 @@ def test_cli_writes_every_output(finished_run):
               'child_params', 'child_flops', 'child_mac', 'tau', 'lr'):
     assert all(np.isfinite(r[key]) for r in records), key
   assert records[0]['tau'] == pytest.approx(1.0) and records[1]['tau'] == pytest.approx(0.03)
+  # The rate w's SGD applied (read from its state): cosine per epoch, 0.025 -> 0.001 over 2.
+  assert [r['lr'] for r in records] == pytest.approx([0.025, 0.013])
   assert len(records[0]['alpha_entropy_normal_per_edge']) == 14
   assert all(0 <= r['child_acc'] <= 1 for r in records)
   # Entropy starts near the maximum log 8 (α ~ N(1, 0.01)).
@@ -76,7 +78,7 @@ def test_resume_matches_uninterrupted_run(finished_run, tmp_path, cifar_dir):
 
 def test_darts_mode(tmp_path, cifar_dir):
   workdir = tmp_path / 'darts'
-  ok(search_cli(workdir, cifar_dir, '--method=darts', '--epochs=1', '--layers=1',
+  ok(search_cli(workdir, cifar_dir, '--method=darts', '--epochs=1',
                 '--resource_estimator=exact'))
   saved = json.loads((workdir / 'genotype.json').read_text())
   darts = genotypes.Genotype.from_dict(saved['darts'])
@@ -132,10 +134,25 @@ def test_step_never_retraces():
   for epoch in range(3):
     batch = {'image': rng.normal(size=(4, 8, 8, 3)).astype(np.float32),
              'label': rng.integers(0, 10, 4).astype(np.int32)}
-    state, _ = step(state, batch, search.sampling.temperature(epoch, 3))
+    state, metrics = step(state, batch, search.sampling.temperature(epoch, 3))
+    assert bool(metrics['finite'])
     alphas.append(np.asarray(state.params['alpha']['normal']))
   assert int(state.step) == 3
   assert not np.allclose(alphas[0], alphas[-1])  # α does learn
+  # A step whose update is not finite says so (the loop then saves nothing).
+  batch['image'][0, 0, 0, 0] = np.inf
+  _, metrics = step(state, batch, np.float32(1.0))
+  assert not bool(metrics['finite'])
+
+
+def test_w_learning_rate_schedule_is_the_per_epoch_cosine():
+  """optax's cosine, held per epoch, equals the closed form (CosineAnnealingLR)."""
+  cfg = search.SearchConfig(epochs=50, w_lr=0.025, w_lr_min=0.001)
+  schedule = search.learning_rate_schedule(cfg, steps_per_epoch=7)
+  counts = np.arange(50 * 7)
+  epochs = np.minimum(counts // 7, 49)
+  closed = 0.001 + 0.5 * (0.025 - 0.001) * (1 + np.cos(np.pi * epochs / 50))
+  np.testing.assert_allclose(jax.vmap(schedule)(counts), closed, rtol=2e-6, atol=1e-8)
 
 
 @pytest.fixture(scope='module')
