@@ -493,7 +493,7 @@ def _search_loop(cfg, net, tx, state, meta, train_iter, eval_iter, mesh, ckpt, w
         sums['steps'] += 1
         bar.update(1, loss=loss, acc=sums['accuracy'] / sums['steps'])
         ckpt.confirm()  # a failed background save stops the run here
-        if stops.requested:
+        if stops.should_stop():
           stop_now(epoch, sums)
         epoch_end = step % steps_per_epoch == 0  # saved below, after the evals
         if step == cfg.stop_after_step or (step % cfg.checkpoint_every_steps == 0 and not epoch_end):
@@ -541,7 +541,7 @@ def _search_loop(cfg, net, tx, state, meta, train_iter, eval_iter, mesh, ckpt, w
       meta.update(finished=True, child_test_acc=test['accuracy'], genotypes={
           k: g.to_dict() for k, g in derive_genotypes(alpha).items()})
     save(state, meta)
-    if stops.requested and not meta['finished']:
+    if stops.should_stop() and not meta['finished']:
       ckpt.wait()
       raise stops.interrupted(step, workdir)
   return state, meta

@@ -701,7 +701,7 @@ def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer, stops,
         check_pending()
         pending = ({'loss': metrics['loss'], 'finite': finite}, step)
         ckpt.confirm()  # a failed background save stops the run here
-        if stops.requested:
+        if stops.should_stop():
           save_position(step, i + 1)
           ckpt.wait()
           raise stops.interrupted(step, workdir)
@@ -741,7 +741,7 @@ def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer, stops,
     if step == config.stop_after_step and epoch + 1 < config.epochs:
       ckpt.wait()
       return step
-    if stops.requested and epoch + 1 < config.epochs:
+    if stops.should_stop() and epoch + 1 < config.epochs:
       ckpt.wait()
       raise stops.interrupted(step, workdir)
   return None

@@ -151,7 +151,7 @@ def eval_sums(eval_fn: Callable[[int, dict], dict], batches: Iterable[dict],
   Python floats; raises EvalStopped between batches once a stop is requested."""
   sums = None
   for i, batch in enumerate(batches):
-    if stops is not None and stops.requested:
+    if stops is not None and stops.should_stop():
       raise EvalStopped
     out = eval_fn(i, batch)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
@@ -214,8 +214,8 @@ class Interrupted(Exception):
 
 class StopRequests:
   """Context manager that turns SIGTERM / SIGINT into a request the loop
-  polls (``requested``: the signal's name, or None). Handlers are installed
-  only in the main thread and restored on exit."""
+  polls at step boundaries (``should_stop``). Handlers are installed only in
+  the main thread and restored on exit."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -226,6 +226,17 @@ class StopRequests:
   @property
   def requested(self) -> str | None:
     return signal.Signals(self.signum).name if self.signum is not None else None
+
+  def should_stop(self) -> bool:
+    """Whether to stop at this step boundary. On several hosts every process
+    answers the same (a request on any host counts), so all save the same step."""
+    if jax.process_count() == 1:
+      return self.signum is not None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    signums = np.asarray(multihost_utils.process_allgather(np.int32(self.signum or 0)))
+    if self.signum is None and signums.max():
+      self.signum = int(signums.max())
+    return self.signum is not None
 
   def _handle(self, signum, frame):
     del frame
@@ -254,7 +265,3 @@ class StopRequests:
     return Interrupted(f'stopped by {self.requested} after step {step}; the checkpoint is saved in '
                        f'{workdir}: rerun the same command to resume', 128 + self.signum)
 
-
-def host_scalars(tree) -> dict:
-  """Device scalars -> Python floats (one transfer per leaf)."""
-  return {k: float(np.asarray(v)) for k, v in tree.items()}

@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -129,6 +130,7 @@ def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_
   # The rest: the same run, bit for bit.
   run = Search(workdir, cifar_dir)
   assert run.finish() == 0, run.stderr[-3000:]
+  assert not _tmp_dirs(workdir)  # the killed save's tmp folder is gone
   for t in ('normal', 'reduce'):
     np.testing.assert_array_equal(np.load(workdir / f'alpha_{t}.npy'),
                                   np.load(tiny_search_workdir / f'alpha_{t}.npy'))
@@ -255,3 +257,39 @@ def test_train_learning_rate_outside_float32_is_one_line(tmp_path):
   message = _one_line_exit(train.train_and_evaluate,
                            train.TrainConfig(arch='DARTS_V2', learning_rate=1e39), str(tmp_path))
   assert '--learning_rate=1e+39' in message and 'float32' in message
+
+
+# ----------------------------------------------------------------------------
+# Signals: the exit line and status, and a second Ctrl-C.
+
+
+def test_stopped_run_exits_with_its_line_and_signal_status(capsys):
+  with pytest.raises(SystemExit) as err:
+    with cli.one_line_errors():
+      raise trainer.Interrupted('stopped by SIGTERM after step 3; ...', 143)
+  assert err.value.code == 143
+  assert capsys.readouterr().err.strip() == 'stopped by SIGTERM after step 3; ...'
+
+
+SECOND_SIGNAL = """
+import os, signal, time
+from snas_jax import trainer
+with trainer.StopRequests() as stops:
+  os.kill(os.getpid(), signal.SIGINT)
+  print('requested', stops.requested, flush=True)
+  os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(60)
+print('not reached')
+"""
+
+
+def test_second_ctrl_c_exits_at_once():
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, '-c', SECOND_SIGNAL], capture_output=True, text=True,
+                        cwd=ROOT, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert time.time() - t0 < 50
+  assert proc.returncode == 128 + signal.SIGINT
+  assert proc.stdout.split() == ['requested', 'SIGINT']
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-2].startswith('SIGINT: saving a checkpoint at the next step boundary')
+  assert lines[-1].startswith('SIGINT again: exiting now without saving')

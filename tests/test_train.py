@@ -347,6 +347,28 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
   resumed = train.train_and_evaluate(config, str(tmp_path / 'd'))
   assert resumed['test_loss'] == final['test_loss']
 
+  # SIGINT during the evaluation abandons it; the resumed run evaluates again.
+  real_make_data = train.make_data
+
+  def interrupting_data(config):
+    source = real_make_data(config)
+
+    def evaluate():
+      os.kill(os.getpid(), signal.SIGINT)
+      yield from source.evaluate()
+    return source._replace(evaluate=evaluate)
+
+  train.make_data = interrupting_data
+  try:
+    with pytest.raises(trainer.Interrupted, match='^stopped by SIGINT after step 4;'):
+      train.train_and_evaluate(config, str(tmp_path / 'e'))
+  finally:
+    train.make_data = real_make_data
+  assert checkpoint.Checkpointer(str(tmp_path / 'e'), read_only=True).latest_step() == 4
+  assert not (tmp_path / 'e' / 'metrics.jsonl').read_text()  # epoch 1 not yet evaluated
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'e'))
+  assert resumed['test_loss'] == final['test_loss']
+
   # Another configuration in the same workdir: a one-line error, before any compile.
   with pytest.raises(checkpoint.CheckpointError, match="--channels=4 there, --channels=6 now") as err:
     train.train_and_evaluate(dataclasses.replace(config, channels=6), str(tmp_path / 'b'))
