@@ -18,6 +18,7 @@ from absl import flags, logging  # noqa: E402
 from snas_jax import backends  # noqa: E402
 from snas_jax import config as config_lib  # noqa: E402
 from snas_jax import parallel  # noqa: E402
+from snas_jax import trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -76,11 +77,19 @@ def start_backend(name: str) -> str:
 
 @contextlib.contextmanager
 def one_line_errors():
-  """A user error exits with its one-line message instead of a traceback."""
+  """A user error exits with its one-line message instead of a traceback; a
+  run stopped by SIGTERM / SIGINT (after saving) with its one line and status
+  128 + the signal; Ctrl-C before the loop installed its handler with one line."""
   try:
     yield
   except USER_ERRORS as e:
     raise SystemExit(f'error: {e}') from None
+  except trainer.Interrupted as e:
+    print(e, file=sys.stderr, flush=True)
+    raise SystemExit(e.code) from None
+  except KeyboardInterrupt:
+    print('interrupted before the first step (nothing to save)', file=sys.stderr, flush=True)
+    raise SystemExit(130) from None
 
 
 def main(run_fn, config_cls, summary_fn=None) -> None:

@@ -8,10 +8,17 @@ so a field is declared once and a flag can never lack a help string.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 
+import numpy as np
 from absl import flags
+
+# Float flags enter float32 computations: beyond this range they become inf
+# or 0 there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 def field(default, help: str, choices: tuple | None = None):  # noqa: A002 (absl's name)
@@ -41,14 +48,26 @@ def from_flags(cls, flag_values=flags.FLAGS):
 
 
 def validate(config) -> None:
-  """Checks every field's choices and the class's own ``check`` (one-line errors)."""
+  """Checks every field's choices, that every float is finite and within
+  float32's range, and the class's own ``check`` (one-line errors)."""
+  hints = typing.get_type_hints(type(config))
   for f in dataclasses.fields(config):
     choices = f.metadata.get('choices')
     value = getattr(config, f.name)
     if choices and value not in choices:
       raise ValueError(f'--{f.name}={value!r} is not one of {", ".join(map(str, choices))}')
+    if hints.get(f.name) is float:
+      check_float32(f.name, value)
   if hasattr(config, 'check'):
     config.check()
+
+
+def check_float32(name: str, value: float) -> None:
+  """One-line ValueError unless ``value`` is finite and representable in float32."""
+  value = float(value)
+  if not math.isfinite(value) or abs(value) > FLOAT32_MAX or 0 < abs(value) < FLOAT32_TINY:
+    raise ValueError(f'--{name}={value} is not a finite float32 number: use a value with '
+                     f'{FLOAT32_TINY:.3g} <= |x| <= {FLOAT32_MAX:.3g} (or 0)')
 
 
 def to_dict(config) -> dict:

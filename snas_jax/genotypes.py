@@ -97,6 +97,23 @@ def _check_cell(cell, which: str) -> tuple:
   return tuple(out)
 
 
+def _check_concat(concat) -> tuple:
+  """Validates the states a cell concatenates as its output: distinct
+  intermediate nodes (2..5); the inputs 0, 1 have another size in a
+  reduction cell."""
+  if isinstance(concat, (str, bytes)) or not hasattr(concat, '__iter__'):
+    raise ValueError(f'genotype concat {concat!r} is not a list of states')
+  items = list(concat)
+  nodes = set(CONCAT)
+  if (not items or len(set(map(repr, items))) != len(items)
+      or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c not in nodes
+             for c in items)):
+    raise ValueError(f'genotype concat {items!r}: expected distinct intermediate nodes among '
+                     f'{", ".join(map(str, CONCAT))} (states 0 and 1 are the cell\'s inputs), '
+                     f'e.g. {list(CONCAT)}')
+  return tuple(int(c) for c in items)
+
+
 @dataclasses.dataclass(frozen=True)
 class Genotype:
   """A derived cell pair. ``normal``/``reduce``: per node, ((op, input), ...)."""
@@ -107,7 +124,7 @@ class Genotype:
   def __post_init__(self):
     object.__setattr__(self, 'normal', _check_cell(self.normal, 'normal'))
     object.__setattr__(self, 'reduce', _check_cell(self.reduce, 'reduce'))
-    object.__setattr__(self, 'concat', tuple(int(c) for c in self.concat))
+    object.__setattr__(self, 'concat', _check_concat(self.concat))
 
   def to_dict(self) -> dict:
     as_lists = lambda cell: [[[op, s] for op, s in node] for node in cell]

@@ -85,6 +85,10 @@ def _write_atomic(path: str, write_fn, mode: str = 'w') -> str:
   return path
 
 
+# The project's one atomic writer (trainer.write_json uses it too).
+write_atomic = _write_atomic
+
+
 def _save_figure(fig: Figure, path: str) -> str:
   FigureCanvasAgg(fig)  # Attaches a headless canvas whatever the global backend.
   return _write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=fig.dpi), mode='wb')

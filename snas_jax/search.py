@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
 import os
 import time
 
@@ -23,7 +21,7 @@ import optax
 from flax import struct
 
 from snas_jax import checkpoint, config as config_lib, costs, data, genotypes, parallel
-from snas_jax import backends, reporting, sampling
+from snas_jax import backends, reporting, sampling, trainer
 from snas_jax.config import BACKEND_HELP, field
 from snas_jax.search_model import SearchNetwork
 
@@ -91,6 +89,15 @@ class SearchConfig:
   def check(self):
     config_lib.positive(self, 'image_size', 'channels', 'layers', 'batch_size', 'epochs', 'eval_batch_size',
                         'tau0', 'tau_min', 'w_lr', 'alpha_lr', 'checkpoint_every_steps')
+    if self.layers < MIN_LAYERS:
+      raise ValueError(f'--layers={self.layers} has no normal cell (reduction cells sit at L//3 '
+                       f'and 2L//3), so α_normal would never be trained; use --layers >= '
+                       f'{MIN_LAYERS}')
+    reductions = len(genotypes.reduction_layers(self.layers))
+    if self.image_size % 2 ** reductions:
+      raise ValueError(f'--image_size={self.image_size} is too small or odd for the '
+                       f'{reductions} reduction cells, which halve it {reductions} times; use '
+                       f'a multiple of {2 ** reductions} that divides 32 (e.g. 8, 16, 32)')
     if not 0 <= self.drop_path < 1:
       raise ValueError(f'--drop_path={self.drop_path} must lie in [0, 1)')
     if self.resource_eta < 0:
@@ -110,9 +117,15 @@ class SearchConfig:
     return kinds
 
 
-# Fields a resumed run may change: they alter neither shapes nor results.
-RESUMABLE_FIELDS = frozenset({'data_dir', 'tfds_data_dir', 'backend', 'remat', 'eval_batch_size',
-                              'checkpoint_every_steps', 'stop_after_step'})
+# The smallest network with a normal cell (reductions at L//3 and 2L//3).
+MIN_LAYERS = 3
+# Learning rates a resumed run may change (e.g. after a NaN); each change is
+# recorded in the checkpoint's metadata.
+LR_FIELDS = frozenset({'w_lr', 'w_lr_min', 'alpha_lr'})
+# Fields a resumed run may change: the learning rates, and those that alter
+# neither shapes nor results.
+RESUMABLE_FIELDS = LR_FIELDS | {'data_dir', 'tfds_data_dir', 'backend', 'remat', 'eval_batch_size',
+                                'checkpoint_every_steps', 'stop_after_step'}
 
 # ----------------------------------------------------------------------------
 # Model & Optimizer
@@ -135,22 +148,30 @@ def make_network(cfg: SearchConfig, num_classes: int = 10) -> SearchNetwork:
 
 
 def learning_rate_schedule(cfg: SearchConfig, steps_per_epoch: int):
-  """Cosine from w_lr to w_lr_min, stepped per epoch (PyTorch CosineAnnealingLR)."""
-  def schedule(count):
-    epoch = jnp.minimum(count // steps_per_epoch, cfg.epochs - 1)
-    return cfg.w_lr_min + 0.5 * (cfg.w_lr - cfg.w_lr_min) * (1 + jnp.cos(jnp.pi * epoch / cfg.epochs))
-  return schedule
+  """Update count -> w's rate: cosine from w_lr to w_lr_min, stepped per epoch
+  (PyTorch CosineAnnealingLR)."""
+  return trainer.per_epoch(trainer.cosine_per_epoch(cfg.w_lr, cfg.w_lr_min, cfg.epochs),
+                           steps_per_epoch, cfg.epochs)
 
 
 def make_optimizer(cfg: SearchConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD for w, Adam for α (SPEC §5), as one partitioned transformation."""
+  """SGD for w, Adam for α, as one partitioned transformation. w's SGD keeps
+  the rate it applied in its state (inject_hyperparams): ``w_learning_rate``."""
   w_tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                      optax.add_decayed_weights(cfg.w_weight_decay),
-                     optax.sgd(learning_rate_schedule(cfg, steps_per_epoch), momentum=cfg.w_momentum))
+                     optax.inject_hyperparams(optax.sgd)(
+                         learning_rate=learning_rate_schedule(cfg, steps_per_epoch),
+                         momentum=cfg.w_momentum))
   alpha_tx = optax.chain(optax.add_decayed_weights(cfg.alpha_weight_decay),
                          optax.adam(cfg.alpha_lr, b1=cfg.alpha_beta1, b2=cfg.alpha_beta2))
   labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
   return optax.partition({'w': w_tx, 'alpha': alpha_tx}, labels)
+
+
+def w_learning_rate(state: 'SearchState') -> jax.Array:
+  """The rate w's SGD applied in the last update (read from the optimiser state)."""
+  sgd_state = state.opt_state.inner_states['w'].inner_state[2]
+  return sgd_state.hyperparams['learning_rate']
 
 
 def _init_args(image_shape) -> tuple:
@@ -216,7 +237,9 @@ def arch_weights(cfg: SearchConfig, alpha: dict, key, tau):
 
 
 def train_step_fn(cfg: SearchConfig, net: SearchNetwork, tx, penalty_tables: dict):
-  """The pure step: (state, batch, tau) -> (state, metrics)."""
+  """The pure step: (state, batch, tau) -> (state, metrics). metrics['finite']:
+  whether the loss and the whole updated state are finite (the loop never
+  saves a state without it)."""
   tables = {k: jnp.asarray(v) for k, v in penalty_tables.items()}
 
   def train_step(state: SearchState, batch: dict, tau):
@@ -241,7 +264,8 @@ def train_step_fn(cfg: SearchConfig, net: SearchNetwork, tx, penalty_tables: dic
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': ce,
                'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-               'grad_norm_w': optax.global_norm(grads['w'])}
+               'grad_norm_w': optax.global_norm(grads['w']),
+               'finite': trainer.all_finite(ce, params, opt_state, batch_stats)}
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), metrics
 
@@ -273,14 +297,14 @@ def make_eval_step(net: SearchNetwork, mesh):
   return jax.jit(eval_step, in_shardings=(repl, sharded, repl, repl), out_shardings=repl)
 
 
-def evaluate(eval_step, state, iterator, mesh, z_fn) -> dict:
-  """Accuracy and loss over one pass; ``z_fn(batch_index)`` -> (z_normal, z_reduce)."""
-  sums = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
-  for i, batch in enumerate(iterator.epoch(0)):
-    out = eval_step(state, parallel.to_global(batch, mesh), *z_fn(i))
-    for k in sums:
-      sums[k] += float(out[k])
-  return {'accuracy': sums['correct'] / max(sums['count'], 1), 'loss': sums['loss'] / max(sums['count'], 1)}
+def evaluate(eval_step, state, iterator, mesh, z_fn, stops=None) -> dict:
+  """Accuracy and loss over one pass; ``z_fn(batch_index)`` -> (z_normal, z_reduce).
+  Raises trainer.EvalStopped once ``stops`` has a request."""
+  sums = trainer.eval_sums(
+      lambda i, batch: eval_step(state, parallel.to_global(batch, mesh), *z_fn(i)),
+      iterator.epoch(0), stops)
+  count = max(sums.get('count', 0.0), 1)
+  return {'accuracy': sums.get('correct', 0.0) / count, 'loss': sums.get('loss', 0.0) / count}
 
 
 def derive_genotypes(alpha: dict) -> dict:
@@ -316,15 +340,9 @@ def arch_summary(cfg: SearchConfig, alpha: dict, child_z, image_size: int) -> di
 
 
 def check_resume_config(saved: dict, cfg: SearchConfig, workdir: str) -> None:
-  """A resume must not change anything that alters shapes or results."""
-  current = config_lib.to_dict(cfg)
-  for name, value in current.items():
-    if name in RESUMABLE_FIELDS or name not in saved:
-      continue
-    if saved[name] != value:
-      raise checkpoint.CheckpointError(
-          f'{workdir} holds a search with --{name}={saved[name]!r} but this run asks '
-          f'--{name}={value!r}; rerun with the same flags or use a new --workdir')
+  """A resume must not change anything that alters shapes or results, but
+  the learning rates (LR_FIELDS)."""
+  trainer.check_resume_config(saved, config_lib.to_dict(cfg), RESUMABLE_FIELDS, workdir, 'search')
 
 
 def load_genotype(search_workdir: str, rule: str = 'snas') -> genotypes.Genotype:
@@ -367,10 +385,16 @@ def load_data(cfg: SearchConfig) -> dict:
 
 
 def run(cfg: SearchConfig, workdir: str) -> dict:
-  """Searches (or resumes the search in ``workdir``) and writes every output."""
+  """Searches (or resumes the search in ``workdir``) and writes every output.
+
+  Stops early, after saving, on --stop_after_step (returns the metadata) and
+  on SIGTERM / SIGINT (raises trainer.Interrupted); a non-finite step raises
+  trainer.NonFiniteError and a failed save checkpoint.CheckpointSaveError,
+  neither saving anything. Every exit finishes the save in flight and closes
+  the checkpointer.
+  """
   config_lib.validate(cfg)
-  if not workdir:
-    raise ValueError('--workdir is required: the folder for checkpoints and outputs')
+  trainer.check_workdir(workdir)
   backend = backends.get(backends.resolve(cfg.backend, backends.host_platform()))
   arrays = load_data(cfg)
   mesh = parallel.make_mesh()
@@ -381,84 +405,125 @@ def run(cfg: SearchConfig, workdir: str) -> dict:
                                   process_index=pid, process_count=nproc)
   eval_iter = lambda split: data.BatchIterator(*arrays[split], cfg.eval_batch_size, seed=cfg.seed,
                                                train=False, process_index=pid, process_count=nproc)
-  val_iter = eval_iter('val')
-  steps_per_epoch = train_iter.steps_per_epoch
   image_shape = arrays['train'][0].shape[1:]
-  image_size = image_shape[0]
 
   net = make_network(cfg)
-  model = backend.bind(net)
-  tx = make_optimizer(cfg, steps_per_epoch)
+  tx = make_optimizer(cfg, train_iter.steps_per_epoch)
+  trainer.make_workdir(workdir)
+  with trainer.StopRequests() as stops:
+    ckpt = checkpoint.Checkpointer(workdir)
+    writer = None
+    try:
+      meta = {'config': config_lib.to_dict(cfg), 'epoch': 0, 'epoch_sums': None, 'records': [],
+              'finished': False, 'elapsed_s': 0.0, 'device_count': jax.device_count()}
+      if ckpt.latest_step() is not None:
+        check_resume_config(ckpt.restore_meta()['config'], cfg, workdir)
+        abstract = abstract_state(cfg, net, tx, image_shape)
+        state, meta = ckpt.restore(checkpoint.abstract_like(abstract, parallel.replicated(mesh)))
+        if meta['finished']:
+          print(f'search in {workdir} already finished; outputs are in place')
+          return meta
+        if pid == 0:
+          print(f'resuming {workdir} from step {int(state.step)}', flush=True)
+        trainer.record_resume(meta, config_lib.to_dict(cfg), LR_FIELDS, int(state.step), workdir)
+      else:
+        state = init_state(cfg, net, tx, image_shape, parallel.replicated(mesh), backend)
+      writer = reporting.MetricsWriter(workdir, resume_step=int(state.step))
+      state, meta = _search_loop(cfg, backend.bind(net), tx, state, meta, train_iter, eval_iter,
+                                 mesh, ckpt, writer, stops, workdir)
+    finally:
+      if writer is not None:
+        writer.close()
+      ckpt.close()
+  if not meta['finished']:
+    return meta  # stopped after --stop_after_step
+  final = derive_genotypes(state.params['alpha'])
+  alpha_np = {k: np.asarray(v) for k, v in state.params['alpha'].items()}
+  if pid == 0:
+    reporting.write_search_report(workdir, final, alpha_np, meta['records'])
+    trainer.write_json(os.path.join(workdir, 'summary.json'), {
+        'child_test_acc': meta['child_test_acc'], 'elapsed_s': meta['elapsed_s'],
+        'method': cfg.method, 'genotype': final[cfg.method].to_dict(),
+        'last_epoch': meta['records'][-1] if meta['records'] else None})
+  print(f'search finished: child test accuracy {meta["child_test_acc"]:.4f}; genotype in '
+        f'{os.path.join(workdir, "genotype.json")}')
+  return meta
+
+
+def _search_loop(cfg, model, tx, state, meta, train_iter, eval_iter, mesh, ckpt, writer, stops,
+                 workdir):
+  """The remaining epochs from ``state``: (state, meta) at the end or at
+  --stop_after_step. Saves every --checkpoint_every_steps, at each epoch end
+  and at a stop request (then raises trainer.Interrupted)."""
+  steps_per_epoch = train_iter.steps_per_epoch
+  image_size = int(train_iter.images.shape[1])
   tables = costs.penalty_tables(cfg.channels, cfg.layers, image_size, cfg.kinds(),
                                 cfg.resource_transform)
-  repl = parallel.replicated(mesh)
-
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint.Checkpointer(workdir)
-  meta = {'config': config_lib.to_dict(cfg), 'epoch': 0, 'epoch_sums': None, 'records': [],
-          'finished': False, 'elapsed_s': 0.0}
-  t0 = time.time()
-  if ckpt.latest_step() is not None:
-    check_resume_config(ckpt.restore_meta()['config'], cfg, workdir)
-    abstract = abstract_state(cfg, net, tx, image_shape)
-    state, meta = ckpt.restore(checkpoint.abstract_like(abstract, repl))
-  else:
-    state = init_state(cfg, net, tx, image_shape, repl, backend)
-  step = int(state.step)
-  if meta['finished']:
-    print(f'search in {workdir} already finished; outputs are in place')
-    return meta
-  writer = reporting.MetricsWriter(workdir, resume_step=step)
   train_step = make_train_step(cfg, model, tx, tables, mesh)
   eval_step = make_eval_step(model, mesh)
-  elapsed_before = meta['elapsed_s']
+  val_iter = eval_iter('val')
+  step = int(state.step)
+  last_saved = ckpt.latest_step()
+  elapsed_before, t0 = meta['elapsed_s'], time.time()
 
   def save(state, meta):
+    nonlocal last_saved
     meta['elapsed_s'] = elapsed_before + time.time() - t0
     ckpt.save(int(state.step), state, meta)
+    last_saved = int(state.step)
+
+  def stop_now(epoch, sums):
+    """Saves the position inside ``epoch`` (eval not yet run) and stops."""
+    meta.update(epoch=epoch, epoch_sums=dict(sums))
+    save(state, meta)
+    ckpt.wait()
+    raise stops.interrupted(step, workdir)
 
   for epoch in range(meta['epoch'], cfg.epochs):  # meta['epoch']: epochs fully done
     tau = sampling.temperature(epoch, cfg.epochs, cfg.tau0, cfg.tau_min)
     start = step - epoch * steps_per_epoch
     sums = meta['epoch_sums'] if (start and meta['epoch_sums']) else {'loss': 0.0, 'accuracy': 0.0, 'steps': 0}
     epoch_t0 = time.time()
-    bar = reporting.ProgressBar(steps_per_epoch - start, desc=f'epoch {epoch + 1}/{cfg.epochs}')
-    for batch in train_iter.epoch(epoch, start_step=start):
-      state, metrics = train_step(state, parallel.to_global(batch, mesh), tau)
-      step += 1
-      loss = float(metrics['loss'])
-      if not math.isfinite(loss):
-        raise FloatingPointError(
-            f'loss is {loss} at step {step} (epoch {epoch + 1}); the last checkpoint is kept: '
-            f'lower --w_lr / --alpha_lr or check the data, then rerun')
-      sums['loss'] += loss
-      sums['accuracy'] += float(metrics['accuracy'])
-      sums['steps'] += 1
-      bar.update(1, loss=loss, acc=sums['accuracy'] / sums['steps'])
-      epoch_end = step % steps_per_epoch == 0  # saved below, after the evals
-      if step == cfg.stop_after_step or (step % cfg.checkpoint_every_steps == 0 and not epoch_end):
-        meta.update(epoch=epoch, epoch_sums=dict(sums))
-        save(state, meta)
-      if step == cfg.stop_after_step:
-        bar.close()
-        ckpt.close()
-        writer.close()
-        print(f'stopped after step {step} as asked (--stop_after_step); rerun to resume')
-        return meta
-    bar.close()
+    with reporting.ProgressBar(steps_per_epoch - start, desc=f'epoch {epoch + 1}/{cfg.epochs}') as bar:
+      for batch in train_iter.epoch(epoch, start_step=start):
+        state, metrics = train_step(state, parallel.to_global(batch, mesh), tau)
+        step += 1
+        loss = trainer.checked_loss(metrics, step, epoch, last_saved, '--w_lr / --alpha_lr')
+        sums['loss'] += loss
+        sums['accuracy'] += float(metrics['accuracy'])
+        sums['steps'] += 1
+        bar.update(1, loss=loss, acc=sums['accuracy'] / sums['steps'])
+        ckpt.confirm()  # a failed background save stops the run here
+        if stops.should_stop():
+          stop_now(epoch, sums)
+        epoch_end = step % steps_per_epoch == 0  # saved below, after the evals
+        if step == cfg.stop_after_step or (step % cfg.checkpoint_every_steps == 0 and not epoch_end):
+          meta.update(epoch=epoch, epoch_sums=dict(sums))
+          save(state, meta)
+        if step == cfg.stop_after_step:
+          ckpt.wait()
+          print(f'stopped after step {step} as asked (--stop_after_step); rerun to resume')
+          return state, meta
     train_time = time.time() - epoch_t0
 
     # Evals: stochastic samples at the current τ (the paper's "search
-    # validation"), and the derived child without finetuning (Table 1).
+    # validation"), and the derived child without finetuning (Table 1). A
+    # stop request abandons them: the resumed run evaluates again.
     alpha = state.params['alpha']
     eval_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), epoch)
     sample_z = lambda i: tuple(z[0] for z in arch_weights(cfg, alpha, jax.random.fold_in(eval_key, i),
                                                           tau).values())
-    search_val = evaluate(eval_step, state, val_iter, mesh, sample_z)
     child_z = child_arch_weights(cfg, alpha)
-    child = evaluate(eval_step, state, val_iter, mesh, lambda i: child_z)
+    try:
+      search_val = evaluate(eval_step, state, val_iter, mesh, sample_z, stops)
+      child = evaluate(eval_step, state, val_iter, mesh, lambda i: child_z, stops)
+    except trainer.EvalStopped:
+      stop_now(epoch, sums)
+    trainer.check_eval_loss({'search validation loss': search_val['loss'],
+                             'child loss': child['loss']}, step, epoch, last_saved,
+                            '--w_lr / --alpha_lr')
     record = {'epoch': epoch + 1, 'step': step, 'tau': float(tau),
-              'lr': float(learning_rate_schedule(cfg, steps_per_epoch)(step - 1)),
+              'lr': float(w_learning_rate(state)),
               'train_loss': sums['loss'] / sums['steps'], 'train_acc': sums['accuracy'] / sums['steps'],
               'search_val_loss': search_val['loss'], 'search_val_acc': search_val['accuracy'],
               'child_loss': child['loss'], 'child_acc': child['accuracy'],
@@ -468,7 +533,8 @@ def run(cfg: SearchConfig, workdir: str) -> dict:
     writer.write(step, record, epoch=epoch + 1)
     writer.flush()
     print(f'epoch {epoch + 1}: train acc {record["train_acc"]:.4f}, search val acc '
-          f'{record["search_val_acc"]:.4f}, child acc {record["child_acc"]:.4f}, tau {float(tau):.3f}')
+          f'{record["search_val_acc"]:.4f}, child acc {record["child_acc"]:.4f}, tau {float(tau):.3f}',
+          flush=True)
     meta.update(epoch=epoch + 1, epoch_sums=None, records=meta['records'] + [record])
     if epoch + 1 == cfg.epochs:
       # Hand-off: the genotypes go into the checkpoint (train.py restores them).
@@ -476,17 +542,7 @@ def run(cfg: SearchConfig, workdir: str) -> dict:
       meta.update(finished=True, child_test_acc=test['accuracy'], genotypes={
           k: g.to_dict() for k, g in derive_genotypes(alpha).items()})
     save(state, meta)
-  ckpt.close()
-  final = derive_genotypes(state.params['alpha'])
-  alpha_np = {k: np.asarray(v) for k, v in state.params['alpha'].items()}
-  writer.close()
-  if jax.process_index() == 0:
-    reporting.write_search_report(workdir, final, alpha_np, meta['records'])
-    summary = {'child_test_acc': meta['child_test_acc'], 'elapsed_s': meta['elapsed_s'],
-               'method': cfg.method, 'genotype': final[cfg.method].to_dict(),
-               'last_epoch': meta['records'][-1] if meta['records'] else None}
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=1)
-  print(f'search finished: child test accuracy {meta["child_test_acc"]:.4f}; genotype in '
-        f'{os.path.join(workdir, "genotype.json")}')
-  return meta
+    if stops.should_stop() and not meta['finished']:
+      ckpt.wait()
+      raise stops.interrupted(step, workdir)
+  return state, meta

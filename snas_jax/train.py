@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Iterable, NamedTuple
@@ -39,6 +38,7 @@ import optax
 from jax.extend import core as jax_core
 
 from snas_jax import backends, checkpoint, child_model, data, genotypes, parallel, reporting
+from snas_jax import trainer
 from snas_jax import config as config_lib
 from snas_jax.config import BACKEND_HELP, field
 
@@ -46,6 +46,8 @@ NUM_CLASSES = {'cifar10': 10, 'imagenet': 1000}
 CIFAR_IMAGE_SIZE = 32
 MOBILE_MULTIPLY_ADDS = 600e6  # the ImageNet mobile setting's limit (SPEC §7)
 FINAL_FILE = 'final.json'
+MIN_LAYERS = 3  # the smallest network with a normal cell (reductions at L//3, 2L//3)
+IMAGENET_SIZE_MULTIPLE = 32
 
 
 # ----------------------------------------------------------------------------
@@ -126,6 +128,14 @@ class TrainConfig:
                         'learning_rate')
     if self.channels % 2:
       raise ValueError(f'--channels={self.channels} must be even (FactorizedReduce halves it)')
+    if self.layers < MIN_LAYERS:
+      raise ValueError(f'--layers={self.layers} has no normal cell (reduction cells sit at L//3 '
+                       f'and 2L//3), so the genotype\'s normal cell would be unused; use '
+                       f'--layers >= {MIN_LAYERS}')
+    if self.dataset == 'imagenet' and self.image_size % IMAGENET_SIZE_MULTIPLE:
+      raise ValueError(f'--image_size={self.image_size} must be a multiple of '
+                       f'{IMAGENET_SIZE_MULTIPLE}: the stems halve it 3 times and the '
+                       f'reduction cells twice more, each from an even side')
     if not 0 <= self.drop_path_prob < 1:
       raise ValueError(f'--drop_path_prob={self.drop_path_prob} must lie in [0, 1)')
     if not 0 <= self.label_smoothing < 1:
@@ -154,12 +164,17 @@ def imagenet_config(**overrides) -> TrainConfig:
   return config
 
 
-def learning_rate(config: TrainConfig, epoch: int) -> float:
-  """The learning rate of epoch ``epoch`` (0-based); constant within an epoch (ref)."""
+def learning_rate_schedule(config: TrainConfig):
+  """epoch (0-based) -> learning rate, constant within an epoch (ref): optax's
+  cosine decay to --lr_min or staircase exponential decay by --lr_decay."""
   if config.lr_schedule == 'cosine':
-    cos = 0.5 * (1 + math.cos(math.pi * epoch / config.epochs))
-    return config.lr_min + (config.learning_rate - config.lr_min) * cos
-  return config.learning_rate * config.lr_decay ** epoch
+    return trainer.cosine_per_epoch(config.learning_rate, config.lr_min, config.epochs)
+  return trainer.exponential_per_epoch(config.learning_rate, config.lr_decay)
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+  """The learning rate of epoch ``epoch`` (0-based), as the float32 the step receives."""
+  return float(learning_rate_schedule(config)(epoch))
 
 
 def drop_path_rate(config: TrainConfig, epoch: int) -> float:
@@ -505,7 +520,9 @@ def _make_steps(spec: _StepSpec, mesh) -> Steps:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
     metrics = {'loss': loss, 'ce': main, 'aux_ce': aux, 'grad_norm': optax.global_norm(grads),
-               'acc': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+               'acc': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+               # Whether what this step commits is finite: a state without it is never saved.
+               'finite': trainer.all_finite(loss, params, opt_state, batch_stats)}
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), metrics
 
@@ -528,13 +545,12 @@ def _make_steps(spec: _StepSpec, mesh) -> Steps:
       evaluate=jax.jit(eval_step, in_shardings=(rep, rows), out_shardings=rep))
 
 
-def evaluate(steps: Steps, state: TrainState, source: DataSource, mesh) -> dict:
-  """{'eval_loss', 'eval_acc', 'eval_top5', 'eval_count'} over the (whole) eval set."""
-  sums = None
-  for batch in source.evaluate():
-    out = steps.evaluate(state, parallel.to_global(batch, mesh))
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  sums = jax.tree.map(float, sums)
+def evaluate(steps: Steps, state: TrainState, source: DataSource, mesh, stops=None) -> dict:
+  """{'eval_loss', 'eval_acc', 'eval_top5', 'eval_count'} over the (whole) eval set.
+  Raises trainer.EvalStopped once ``stops`` has a request."""
+  sums = trainer.eval_sums(lambda i, batch: steps.evaluate(state, parallel.to_global(batch, mesh)),
+                           source.evaluate(), stops)
+  sums = {k: sums.get(k, 0.0) for k in ('loss', 'correct', 'correct_top5', 'count')}
   count = max(sums['count'], 1.0)
   return {'eval_loss': sums['loss'] / count, 'eval_acc': sums['correct'] / count,
           'eval_top5': sums['correct_top5'] / count, 'eval_count': int(sums['count'])}
@@ -543,45 +559,24 @@ def evaluate(steps: Steps, state: TrainState, source: DataSource, mesh) -> dict:
 # ----------------------------------------------------------------------------
 # Checkpoint.
 
-# Fields a resumed run may change: where data lives, how often to save,
-# display, the backend (same variables, same function), and how
-# the genotype was given (the genotype itself is compared).
-RESUMABLE_FIELDS = frozenset({'search_workdir', 'derive_rule', 'genotype_json', 'arch',
-                              'data_dir', 'tfds_data_dir', 'checkpoint_every_steps',
-                              'stop_after_step', 'allow_large', 'progress', 'backend', 'remat'})
+# Learning rates a resumed run may change (e.g. after a NaN); each change is
+# recorded in the checkpoint's metadata.
+LR_FIELDS = frozenset({'learning_rate', 'lr_min', 'lr_decay'})
+# Fields a resumed run may change: the learning rates, where data lives, how
+# often to save, display, the backend (same variables, same
+# function), and how the genotype was given (the genotype itself is compared).
+RESUMABLE_FIELDS = LR_FIELDS | {'search_workdir', 'derive_rule', 'genotype_json', 'arch',
+                                'data_dir', 'tfds_data_dir', 'checkpoint_every_steps',
+                                'stop_after_step', 'allow_large', 'progress', 'backend', 'remat'}
 
 
 def check_resumable(meta: dict, config: TrainConfig, genotype: genotypes.Genotype,
                     workdir: str) -> None:
   """One-line CheckpointError if ``meta`` was written by a run with another configuration."""
-  saved = meta.get('config', {})
-  now = config_lib.to_dict(config)
-  diffs = [f'--{k}={saved[k]!r} there, {now[k]!r} now' for k in sorted(now)
-           if k not in RESUMABLE_FIELDS and k in saved and saved[k] != now[k]]
-  if meta.get('genotype') != genotype.to_dict():
-    diffs.append('another genotype')
-  if diffs:
-    raise checkpoint.CheckpointError(
-        f'{workdir} holds a training run with another configuration ({"; ".join(diffs)}); '
-        f'rerun with the same flags or use a new --workdir')
-
-
-def _write_json(path: str, value: dict) -> None:
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2)
-    f.write('\n')
-  os.replace(tmp, path)  # atomic: never a half-written final.json
-
-
-def _checked_loss(metrics: dict, step: int, epoch: int) -> float:
-  """The step's loss as a float; a one-line FloatingPointError if it is not finite."""
-  loss = float(metrics['loss'])
-  if not math.isfinite(loss):
-    raise FloatingPointError(
-        f'loss is {loss} at step {step} (epoch {epoch + 1}); the last checkpoint is kept: '
-        f'lower --learning_rate or check the data, then rerun')
-  return loss
+  trainer.check_resume_config(
+      meta.get('config', {}), config_lib.to_dict(config), RESUMABLE_FIELDS, workdir,
+      'training run',
+      extra_diffs=['another genotype'] if meta.get('genotype') != genotype.to_dict() else [])
 
 
 # ----------------------------------------------------------------------------
@@ -592,9 +587,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
   """Trains the configured child from scratch (or resumes), evaluates each epoch.
 
   Returns the contents of ``<workdir>/final.json`` ({'stopped_at_step': s}
-  instead when --stop_after_step ends the run early).
+  instead when --stop_after_step ends the run early). SIGTERM / SIGINT save
+  at the next step boundary and raise trainer.Interrupted; a non-finite step
+  raises trainer.NonFiniteError and a failed save
+  checkpoint.CheckpointSaveError, neither saving anything. Every exit
+  finishes the save in flight and closes the checkpointer.
   """
   config_lib.validate(config)
+  trainer.check_workdir(workdir)
   # Every cheap check (genotype, size limit, data) comes before any compile.
   genotype = resolve_genotype(config)
   mesh = parallel.make_mesh()
@@ -606,53 +606,69 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
   if is_writer:
     print(format_summary(summary), flush=True)
 
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint.Checkpointer(workdir)
-  steps = make_steps(config, genotype, mesh)
-  latest = ckpt.latest_step()
-  if latest is None:
-    state = steps.init(config.seed)
-    meta = {'epoch': 0, 'step_in_epoch': 0, 'epoch_sums': {}, 'elapsed_s': 0.0,
-            'last_eval': None, 'finished': False}
-  else:
-    check_resumable(ckpt.restore_meta(latest), config, genotype, workdir)
-    abstract = checkpoint.abstract_like(steps.abstract_state(), parallel.replicated(mesh))
-    state, meta = ckpt.restore(abstract, latest)
-  meta.update(config=config_lib.to_dict(config), genotype=genotype.to_dict())
-  writer = reporting.MetricsWriter(workdir, resume_step=latest)
-  try:
-    if not meta['finished']:
-      stopped_at = _train_loop(config, steps, state, meta, source, mesh, ckpt, writer)
-      if stopped_at is not None:
-        if is_writer:
-          print(f'stopped after step {stopped_at} as asked (--stop_after_step); rerun to resume')
-        return {'stopped_at_step': stopped_at}
-    last = meta['last_eval']
-    final = {'dataset': config.dataset, 'arch': describe_arch(config),
-             'genotype': genotype.to_dict(), 'epochs': config.epochs,
-             'test_error': round(100 * (1 - last['eval_acc']), 4),
-             'test_top5_error': round(100 * (1 - last['eval_top5']), 4),
-             'test_loss': last['eval_loss'], 'eval_images': last['eval_count'],
-             'params_M': summary['params_M'], 'multiply_adds_M': summary['multiply_adds_M'],
-             'elapsed_s': round(meta['elapsed_s'], 1)}
-    if is_writer:
-      _write_json(os.path.join(workdir, FINAL_FILE), final)
-      print(f'test error {final["test_error"]:.2f}% on {final["eval_images"]} images; '
-            f'{os.path.join(workdir, FINAL_FILE)}', flush=True)
-    return final
-  finally:
-    writer.close()
-    ckpt.close()
+  trainer.make_workdir(workdir)
+  with trainer.StopRequests() as stops:
+    ckpt = checkpoint.Checkpointer(workdir)
+    writer = None
+    try:
+      steps = make_steps(config, genotype, mesh)
+      latest = ckpt.latest_step()
+      if latest is None:
+        state = steps.init(config.seed)
+        meta = {'epoch': 0, 'step_in_epoch': 0, 'epoch_sums': {}, 'elapsed_s': 0.0,
+                'last_eval': None, 'finished': False, 'device_count': jax.device_count()}
+      else:
+        check_resumable(ckpt.restore_meta(latest), config, genotype, workdir)
+        abstract = checkpoint.abstract_like(steps.abstract_state(), parallel.replicated(mesh))
+        state, meta = ckpt.restore(abstract, latest)
+        if is_writer and not meta['finished']:
+          print(f'resuming {workdir} from step {latest}', flush=True)
+        trainer.record_resume(meta, config_lib.to_dict(config), LR_FIELDS, latest, workdir)
+      meta.update(config=config_lib.to_dict(config), genotype=genotype.to_dict())
+      writer = reporting.MetricsWriter(workdir, resume_step=latest)
+      if not meta['finished']:
+        stopped_at = _train_loop(config, steps, state, meta, source, mesh, ckpt, writer, stops,
+                                 workdir)
+        if stopped_at is not None:
+          if is_writer:
+            print(f'stopped after step {stopped_at} as asked (--stop_after_step); rerun to resume')
+          return {'stopped_at_step': stopped_at}
+    finally:
+      if writer is not None:
+        writer.close()
+      ckpt.close()
+  last = meta['last_eval']
+  final = {'dataset': config.dataset, 'arch': describe_arch(config),
+           'genotype': genotype.to_dict(), 'epochs': config.epochs,
+           'test_error': round(100 * (1 - last['eval_acc']), 4),
+           'test_top5_error': round(100 * (1 - last['eval_top5']), 4),
+           'test_loss': last['eval_loss'], 'eval_images': last['eval_count'],
+           'params_M': summary['params_M'], 'multiply_adds_M': summary['multiply_adds_M'],
+           'elapsed_s': round(meta['elapsed_s'], 1)}
+  if is_writer:
+    trainer.write_json(os.path.join(workdir, FINAL_FILE), final)
+    print(f'test error {final["test_error"]:.2f}% on {final["eval_images"]} images; '
+          f'{os.path.join(workdir, FINAL_FILE)}', flush=True)
+  return final
 
 
-def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer) -> int | None:
-  """Runs the remaining epochs, updating ``meta``; the step it stopped at, or None at the end."""
+def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer, stops,
+                workdir) -> int | None:
+  """Runs the remaining epochs, updating ``meta``; the step it stopped at, or None at the end.
+
+  Saves every --checkpoint_every_steps, at each epoch end and at a stop
+  request (then raises trainer.Interrupted). The finiteness check trails one
+  step, so the next step is already queued; every save and stop checks first.
+  """
   n_steps = source.steps_per_epoch
   elapsed_before, t_start = meta['elapsed_s'], time.perf_counter()
+  last_saved = ckpt.latest_step()
 
   def save(step):
+    nonlocal last_saved
     meta['elapsed_s'] = elapsed_before + time.perf_counter() - t_start
     ckpt.save(step, state, meta)
+    last_saved = step
 
   for epoch in range(meta['epoch'], config.epochs):  # meta['epoch']: epochs fully done
     start = meta['step_in_epoch'] if epoch == meta['epoch'] else 0
@@ -663,32 +679,55 @@ def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer) -> int |
                                 enabled=config.progress)
     bar.update(start)
     epoch_t0, pending = time.perf_counter(), None
-    for i, batch in enumerate(source.train(epoch, start), start=start):
-      state, metrics = steps.train(state, parallel.to_global(batch, mesh), lr_arr, rate_arr)
-      step = epoch * n_steps + i + 1
-      sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
-      # The finiteness check trails one step, so the next step is already queued.
+
+    def check_pending():
+      """Checks the last step (the loss and the finiteness of what it committed)."""
+      nonlocal pending
       if pending is not None:
-        bar.update(1, loss=_checked_loss(*pending, epoch))
-      pending = (metrics, step)
-      stop = step == config.stop_after_step
-      periodic = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-      if (stop or periodic) and i + 1 < n_steps:  # the epoch end saves after its eval
-        bar.update(1, loss=_checked_loss(*pending, epoch))  # never save a diverged state
+        bar.update(1, loss=trainer.checked_loss(*pending, epoch, last_saved, '--learning_rate'))
         pending = None
-        meta.update(epoch=epoch, step_in_epoch=i + 1,
-                    epoch_sums={k: float(v) for k, v in sums.items()})
-        save(step)
-        if stop:
-          bar.close()
-          return step
-    if pending is not None:
-      bar.update(1, loss=_checked_loss(*pending, epoch))
-    bar.close()
+
+    def save_position(step, step_in_epoch):
+      check_pending()  # never save a diverged state
+      meta.update(epoch=epoch, step_in_epoch=step_in_epoch,
+                  epoch_sums={k: float(v) for k, v in sums.items()})
+      save(step)
+
+    try:  # the bar is closed before any error line
+      step = epoch * n_steps + start
+      for i, batch in enumerate(source.train(epoch, start), start=start):
+        state, metrics = steps.train(state, parallel.to_global(batch, mesh), lr_arr, rate_arr)
+        finite = metrics.pop('finite')
+        step = epoch * n_steps + i + 1
+        sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
+        check_pending()
+        pending = ({'loss': metrics['loss'], 'finite': finite}, step)
+        ckpt.confirm()  # a failed background save stops the run here
+        if stops.should_stop():
+          save_position(step, i + 1)
+          ckpt.wait()
+          raise stops.interrupted(step, workdir)
+        stop = step == config.stop_after_step
+        periodic = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+        if (stop or periodic) and i + 1 < n_steps:  # the epoch end saves after its eval
+          save_position(step, i + 1)
+          if stop:
+            ckpt.wait()
+            return step
+      check_pending()
+    finally:
+      bar.close()
     epoch_time = time.perf_counter() - epoch_t0
     train_metrics = {f'train_{k}': float(v) / n_steps for k, v in sums.items()}
-    eval_metrics = evaluate(steps, state, source, mesh)
+    try:
+      eval_metrics = evaluate(steps, state, source, mesh, stops)
+    except trainer.EvalStopped:  # the resumed run evaluates again
+      save_position(step, n_steps)
+      ckpt.wait()
+      raise stops.interrupted(step, workdir) from None
     step = (epoch + 1) * n_steps
+    trainer.check_eval_loss({'test loss': eval_metrics['eval_loss']}, step, epoch, last_saved,
+                            '--learning_rate')
     record = {**train_metrics, **eval_metrics, 'lr': lr, 'drop_path_rate': rate,
               'epoch_time_s': epoch_time,
               'train_images_per_s': (n_steps - start) * config.batch_size / epoch_time}
@@ -702,7 +741,11 @@ def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer) -> int |
                 finished=epoch + 1 == config.epochs)
     save(step)
     if step == config.stop_after_step and epoch + 1 < config.epochs:
+      ckpt.wait()
       return step
+    if stops.should_stop() and epoch + 1 < config.epochs:
+      ckpt.wait()
+      raise stops.interrupted(step, workdir)
   return None
 
 

@@ -14,17 +14,23 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', CACHE_DIR)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
 
 
-def run_script(script, *args, env=None, timeout=600):
-  """Runs experiments/<script> in a subprocess; returns CompletedProcess.
-  With the memory settings of a script's restart already made
+def script_command(script, *args, env=None):
+  """(argv, env) that run experiments/<script> with the shared compilation
+  cache and the memory settings of a script's restart already made
   (cli.restart_with_memory_tuning, tested in test_cli), so it does not restart."""
-  import subprocess
   from snas_jax import cli
   full_env = dict(cli.memory_tuning_env() or os.environ, **(env or {}))
   full_env.pop('XLA_FLAGS', None) if env is None or 'XLA_FLAGS' not in env else None
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', script), *args,
-                         f'--compilation_cache_dir={CACHE_DIR}'],
-                        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
+  return ([sys.executable, os.path.join(ROOT, 'experiments', script), *args,
+           f'--compilation_cache_dir={CACHE_DIR}'], full_env)
+
+
+def run_script(script, *args, env=None, timeout=600):
+  """Runs experiments/<script> in a subprocess; returns CompletedProcess."""
+  import subprocess
+  argv, full_env = script_command(script, *args, env=env)
+  return subprocess.run(argv, capture_output=True, text=True, env=full_env, timeout=timeout,
+                        cwd=ROOT)
 
 
 def primitive_counts(jaxpr, acc=None):
@@ -77,9 +83,12 @@ TINY_SEARCH = ['--channels=4', '--layers=3', '--image_size=8', '--num_train_imag
                '--checkpoint_every_steps=2', '--resource_eta=1e-3', '--backend=reference']
 
 
+def search_args(workdir, data_dir, *extra):
+  return (f'--workdir={workdir}', f'--data_dir={data_dir}', *TINY_SEARCH, *extra)
+
+
 def search_cli(workdir, data_dir, *extra):
-  return run_script('search_cifar.py', f'--workdir={workdir}', f'--data_dir={data_dir}',
-                    *TINY_SEARCH, *extra)
+  return run_script('search_cifar.py', *search_args(workdir, data_dir, *extra))
 
 
 @pytest.fixture(scope='session')

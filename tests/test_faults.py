@@ -1,0 +1,295 @@
+"""Faults lose nothing: kills, signals, failed saves, non-finite steps and bad inputs.
+
+The subprocess sequence runs once (each process start costs seconds): one
+tiny search is stopped by SIGTERM during its first compile, by a failed save
+and by SIGKILL during the save after an evaluation, then finished, and must
+end bitwise equal to the uninterrupted run of conftest.tiny_search_workdir.
+SIGINT is tested in-process on the retraining loop (the same helpers).
+"""
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, script_command, search_args
+from snas_jax import checkpoint, cli, config as config_lib, genotypes, search, train, trainer
+
+TIMING_KEYS = {'epoch_time_s', 'images_per_s'}
+TIMEOUT = 300
+
+
+# ----------------------------------------------------------------------------
+# The subprocess sequence.
+
+
+class Search:
+  """The tiny search as a child process; its output lines are collected as they come."""
+
+  def __init__(self, workdir, data_dir, preexec_fn=None):
+    argv, env = script_command('search_cifar.py', *search_args(workdir, data_dir))
+    self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=env, cwd=ROOT, preexec_fn=preexec_fn)
+    self.lines, self.err_lines = [], []
+    self._readers = [threading.Thread(target=self._read, args=(f, out), daemon=True)
+                     for f, out in ((self.proc.stdout, self.lines),
+                                    (self.proc.stderr, self.err_lines))]
+    for reader in self._readers:
+      reader.start()
+    self.t0 = time.time()
+
+  @staticmethod
+  def _read(stream, out):
+    for line in stream:
+      out.append(line.rstrip('\n'))
+
+  @property
+  def stderr(self):
+    return '\n'.join(self.err_lines)
+
+  def wait_for(self, predicate, what):
+    """Polls ``predicate()`` every 2 ms until true; fails if the process ends first."""
+    while not predicate():
+      if self.proc.poll() is not None:
+        self.finish()
+        pytest.fail(f'the search ended (rc {self.proc.returncode}) before {what}: '
+                    f'{self.stderr[-2000:]}')
+      if time.time() - self.t0 > TIMEOUT:
+        self.proc.kill()
+        pytest.fail(f'timed out waiting for {what}')
+      time.sleep(0.002)
+
+  def printed(self, prefix):
+    return lambda: any(line.startswith(prefix) for line in self.lines)
+
+  def finish(self):
+    rc = self.proc.wait(timeout=TIMEOUT)
+    for reader in self._readers:
+      reader.join(timeout=10)
+    return rc
+
+  def last_line(self):
+    return self.stderr.strip().splitlines()[-1]
+
+
+def _steps(workdir):
+  folder = workdir / checkpoint.CHECKPOINT_DIR
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if folder.is_dir() else []
+
+
+def _tmp_dirs(workdir):
+  folder = workdir / checkpoint.CHECKPOINT_DIR
+  return [n for n in os.listdir(folder) if checkpoint.TMP_SUFFIX in n] if folder.is_dir() else []
+
+
+def _limit_file_size():
+  """In the child: files may not grow past 32 KB (a checkpoint's arrays do,
+  the metrics do not), and the write fails (EFBIG) instead of killing it."""
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, resource.RLIM_INFINITY))
+
+
+def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_path, cifar_dir):
+  workdir = tmp_path / 'faults'
+
+  # SIGTERM during the first compile: a checkpoint at step 1 (the periodic
+  # ones are at 2, 4, 6), one line that says how to resume, status 143.
+  run = Search(workdir, cifar_dir)
+  run.wait_for(lambda: (workdir / checkpoint.CHECKPOINT_DIR).is_dir(), 'the checkpointer')
+  run.proc.send_signal(signal.SIGTERM)
+  assert run.finish() == 128 + signal.SIGTERM, run.stderr[-2000:]
+  assert run.last_line().startswith('stopped by SIGTERM after step 1;')
+  assert run.last_line().endswith('rerun the same command to resume')
+  assert 'Traceback' not in run.stderr
+  assert _steps(workdir) == [1] and not _tmp_dirs(workdir)
+
+  # A save that fails (its files may not grow: EFBIG, as a full disk's
+  # ENOSPC) stops the run with one line; step 1's checkpoint is intact.
+  run = Search(workdir, cifar_dir, preexec_fn=_limit_file_size)
+  assert run.finish() == 1
+  last = run.last_line()
+  assert last.startswith('error: saving the checkpoint of step 2 to ') and 'File too large' in last
+  assert 'the checkpoint at step 1 is kept' in last
+  assert 'Traceback' not in run.stderr
+  assert _steps(workdir) == [1] and not _tmp_dirs(workdir)
+
+  # SIGKILL once the first epoch's evaluation is done: its metrics are
+  # written, the epoch-end checkpoint is being saved.
+  run = Search(workdir, cifar_dir)
+  run.wait_for(run.printed('epoch 1:'), 'the first evaluation')
+  run.proc.kill()
+  run.finish()
+
+  # The rest: the same run, bit for bit.
+  run = Search(workdir, cifar_dir)
+  assert run.finish() == 0, run.stderr[-3000:]
+  assert not _tmp_dirs(workdir)  # the killed save's tmp folder is gone
+  for t in ('normal', 'reduce'):
+    np.testing.assert_array_equal(np.load(workdir / f'alpha_{t}.npy'),
+                                  np.load(tiny_search_workdir / f'alpha_{t}.npy'))
+  assert (workdir / 'genotype.json').read_text() == (tiny_search_workdir / 'genotype.json').read_text()
+  strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]
+  from snas_jax import reporting
+  assert strip(reporting.read_metrics(workdir)) == strip(reporting.read_metrics(tiny_search_workdir))
+  summary = lambda w: {k: v for k, v in json.loads((w / 'summary.json').read_text()).items()
+                       if k not in ('elapsed_s', 'last_epoch')}
+  assert summary(workdir) == summary(tiny_search_workdir)
+
+
+# ----------------------------------------------------------------------------
+# Non-finite steps, learning-rate changes on resume, device counts.
+
+
+def test_all_finite_sees_every_float_leaf():
+  tree = {'w': np.ones(3, np.float32), 'count': np.int32(7), 'stats': [np.zeros(2, np.float32)]}
+  assert bool(jax.jit(trainer.all_finite)(tree, np.float32(1.0)))
+  for bad in (np.inf, -np.inf, np.nan):
+    tree['stats'][0][1] = bad
+    assert not bool(jax.jit(trainer.all_finite)(tree, np.float32(1.0)))
+
+
+def test_non_finite_message_names_the_step_and_the_flag():
+  with pytest.raises(trainer.NonFiniteError) as err:
+    trainer.checked_loss({'loss': np.float32(2.0), 'finite': np.bool_(False)}, 7, 0, 6,
+                         '--w_lr / --alpha_lr')
+  message = str(err.value)
+  assert '\n' not in message and 'at step 7 (epoch 1)' in message
+  assert 'the checkpoint at step 6 is kept' in message and '--w_lr / --alpha_lr' in message
+  assert 'a resume may change the learning rates' in message
+  assert trainer.checked_loss({'loss': np.float32(2.0), 'finite': np.bool_(True)}, 7, 0, 6, '') == 2.0
+
+
+def test_resume_records_learning_rate_and_device_count_changes(capsys, monkeypatch):
+  cfg = search.SearchConfig(w_lr=0.01)
+  saved = dict(config_lib.to_dict(search.SearchConfig()))
+  # Learning rates may change on resume; other result-changing flags may not.
+  search.check_resume_config(saved, cfg, '/w')
+  with pytest.raises(checkpoint.CheckpointError, match='--channels=16 there, --channels=8 now'):
+    search.check_resume_config(saved, search.SearchConfig(channels=8), '/w')
+  meta = {'config': saved, 'device_count': jax.device_count() + 1}
+  trainer.record_resume(meta, config_lib.to_dict(cfg), search.LR_FIELDS, 12, '/w')
+  out, err = capsys.readouterr()
+  assert out.strip() == 'resuming /w at step 12 with --w_lr=0.01 (was 0.025)'
+  assert err.strip().startswith('warning: /w ran on ') and 'not bitwise identical' in err
+  assert meta['resumes'] == [{'step': 12, 'changed': {'w_lr': [0.025, 0.01]},
+                              'device_count': jax.device_count()}]
+  assert meta['config']['w_lr'] == 0.01 and meta['device_count'] == jax.device_count()
+
+
+# ----------------------------------------------------------------------------
+# Bad inputs: one line, before any work.
+
+
+def _one_line_exit(fn, *args):
+  """The message cli prints for a run that fails with a user error."""
+  with pytest.raises(SystemExit) as err:
+    with cli.one_line_errors():
+      fn(*args)
+  message = str(err.value.code)
+  assert message.startswith('error: ') and '\n' not in message, message
+  return message
+
+
+def _tiny_search(**overrides):
+  return search.SearchConfig(**{**dict(channels=4, layers=3, image_size=8, backend='reference',
+                                       data_dir='/nonexistent'), **overrides})
+
+
+@pytest.mark.parametrize('case', ['parent is a file', 'is a file', 'read-only file system'])
+def test_unwritable_workdir_is_one_line(tmp_path, monkeypatch, case):
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  workdir = {'parent is a file': blocker / 'w', 'is a file': blocker,
+             'read-only file system': tmp_path / 'ro' / 'w'}[case]
+  if case == 'read-only file system':
+    statvfs = os.statvfs
+    monkeypatch.setattr(trainer.os, 'statvfs', lambda p: os.statvfs_result(
+        tuple(statvfs(p))[:8] + (os.ST_RDONLY,) + tuple(statvfs(p))[9:]))
+  for run in (lambda: search.run(_tiny_search(), str(workdir)),
+              lambda: train.train_and_evaluate(train.TrainConfig(arch='DARTS_V2'), str(workdir))):
+    message = _one_line_exit(run)
+    assert f'--workdir={workdir}' in message and (case.split()[-1] in message
+                                                 or 'is a file' in message), message
+  assert not (tmp_path / 'ro').exists()
+
+
+@pytest.mark.parametrize('concat', [[2, 3, 4, 9], [0, 1], []])
+def test_genotype_json_with_bad_concat_is_one_line(tmp_path, concat):
+  path = tmp_path / 'g.json'
+  path.write_text(json.dumps({**genotypes.DARTS_V2.to_dict(), 'concat': concat}))
+  message = _one_line_exit(train.train_and_evaluate,
+                           train.TrainConfig(genotype_json=str(path)), str(tmp_path / 'w'))
+  assert str(path) in message and f'concat {concat}' in message
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('size', [1, 2])
+def test_image_size_below_the_reductions_is_one_line(tmp_path, size):
+  message = _one_line_exit(search.run, _tiny_search(image_size=size), str(tmp_path / 'w'))
+  assert f'--image_size={size}' in message and 'multiple of 4' in message
+
+
+@pytest.mark.parametrize('layers', [1, 2])
+def test_layers_without_a_normal_cell_are_refused(tmp_path, layers):
+  message = _one_line_exit(search.run, _tiny_search(layers=layers), str(tmp_path / 'w'))
+  assert f'--layers={layers} has no normal cell' in message and '--layers >= 3' in message
+  message = _one_line_exit(train.train_and_evaluate, train.TrainConfig(arch='DARTS_V2',
+                                                                        layers=layers), str(tmp_path))
+  assert f'--layers={layers} has no normal cell' in message
+
+
+@pytest.mark.parametrize('flag, value', [('w_lr', 1e39), ('alpha_lr', float('nan')),
+                                         ('w_lr', float('inf')), ('alpha_lr', 1e-50),
+                                         ('resource_eta', -float('inf'))])
+def test_float_flags_outside_float32_are_one_line(tmp_path, flag, value):
+  message = _one_line_exit(search.run, _tiny_search(**{flag: value}), str(tmp_path / 'w'))
+  assert f'--{flag}=' in message and 'float32' in message
+
+
+def test_train_learning_rate_outside_float32_is_one_line(tmp_path):
+  message = _one_line_exit(train.train_and_evaluate,
+                           train.TrainConfig(arch='DARTS_V2', learning_rate=1e39), str(tmp_path))
+  assert '--learning_rate=1e+39' in message and 'float32' in message
+
+
+# ----------------------------------------------------------------------------
+# Signals: the exit line and status, and a second Ctrl-C.
+
+
+def test_stopped_run_exits_with_its_line_and_signal_status(capsys):
+  with pytest.raises(SystemExit) as err:
+    with cli.one_line_errors():
+      raise trainer.Interrupted('stopped by SIGTERM after step 3; ...', 143)
+  assert err.value.code == 143
+  assert capsys.readouterr().err.strip() == 'stopped by SIGTERM after step 3; ...'
+
+
+SECOND_SIGNAL = """
+import os, signal, time
+from snas_jax import trainer
+with trainer.StopRequests() as stops:
+  os.kill(os.getpid(), signal.SIGINT)
+  print('requested', stops.requested, flush=True)
+  os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(60)
+print('not reached')
+"""
+
+
+def test_second_ctrl_c_exits_at_once():
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, '-c', SECOND_SIGNAL], capture_output=True, text=True,
+                        cwd=ROOT, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert time.time() - t0 < 50
+  assert proc.returncode == 128 + signal.SIGINT
+  assert proc.stdout.split() == ['requested', 'SIGINT']
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-2].startswith('SIGINT: saving a checkpoint at the next step boundary')
+  assert lines[-1].startswith('SIGINT again: exiting now without saving')
