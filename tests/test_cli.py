@@ -1,4 +1,5 @@
-"""snas_jax.cli: runtime set-up shared by the entry scripts."""
+"""snas_jax.cli and the CPU backend's process settings (snas_jax/backends/cpu/process.py):
+the start-up shared by the entry scripts, and the backend selection rule."""
 import os
 import subprocess
 import sys
@@ -7,8 +8,8 @@ import pytest
 
 from conftest import ROOT
 
-COUNT_DEVICES = ('from snas_jax import cli; cli.set_cpu_devices({n}); import jax; '
-                 'print(jax.device_count())')
+COUNT_DEVICES = ('from snas_jax.backends.cpu import process; process.configure(False, {n}); '
+                 'import jax; print(jax.device_count())')
 
 
 @pytest.mark.parametrize('n, xla_flags, expected', [
@@ -31,8 +32,8 @@ class FakeLibc:
   def malloc_trim(self, pad):
     calls.append(pad)
 ctypes.CDLL = lambda name: FakeLibc()
-from snas_jax import cli
-cli.trim_heap_after_compiles(min_seconds={min_seconds})
+from snas_jax.backends.cpu import process
+process.trim_heap_after_compiles(min_seconds={min_seconds})
 jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
 print(len(calls))
 """
@@ -50,8 +51,11 @@ def test_heap_is_trimmed_after_long_compiles_only(min_seconds, expected):
 
 
 def test_xla_defaults_leave_the_users_flags_alone():
-  """Importing snas_jax adds its XLA:CPU scheduler default unless XLA_FLAGS has one."""
-  code = 'import os, snas_jax; print(os.environ["XLA_FLAGS"])'
+  """Importing snas_jax changes no environment variable; the CPU backend's
+  settings add its XLA:CPU scheduler default unless XLA_FLAGS has one."""
+  code = ('import os, snas_jax, snas_jax.search, snas_jax.train; before = dict(os.environ); '
+          'from snas_jax.backends.cpu import process; assert dict(os.environ) == before; '
+          'process.configure(False, 0); print(os.environ["XLA_FLAGS"])')
   for given, expected in (('--xla_cpu_opt_preset=CPU_OPT_PRESET_DEFAULT',
                            ['--xla_cpu_opt_preset=CPU_OPT_PRESET_DEFAULT',
                             '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED']),
@@ -63,14 +67,44 @@ def test_xla_defaults_leave_the_users_flags_alone():
     assert proc.stdout.split() == expected
 
 
+@pytest.mark.parametrize('name, platform, expected', [
+    ('auto', 'cpu', 'cpu'), ('auto', 'accelerator', 'reference'),
+    ('reference', 'cpu', 'reference'), ('cpu', 'accelerator', 'cpu'),
+    ('reference', 'accelerator', 'reference')])
+def test_backend_selection_rule(name, platform, expected):
+  from snas_jax import backends
+  assert backends.resolve(name, platform) == expected
+
+
+def test_unknown_backend_is_one_line_and_platform_detection_needs_no_jax(monkeypatch):
+  from snas_jax import backends
+  with pytest.raises(ValueError, match=r"unknown --backend='tpu'; choose one of auto, reference, cpu"):
+    backends.resolve('tpu', 'cpu')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')
+  assert backends.host_platform() == 'accelerator'
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert backends.host_platform() == 'cpu'
+  monkeypatch.delenv('JAX_PLATFORMS')
+  assert backends.host_platform() == 'cpu'  # no accelerator plugin is installed here
+
+
+def test_cpu_devices_with_the_reference_backend_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'search_cifar.py'),
+                         f'--workdir={tmp_path}', '--backend=reference', '--cpu_devices=2'],
+                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      'error: --cpu_devices splits the CPU for --backend=cpu')
+
+
 RESTART_CHECK = """
 import os, sys
 sys.path.insert(0, {root!r})
-from snas_jax import cli
+from snas_jax.backends.cpu import process
 preload = os.environ.get('LD_PRELOAD', '').split(':')
 print('run', sys.argv[1:], os.environ.get('GLIBC_TUNABLES', ''),
-      [os.path.basename(p).split('-')[0] for p in preload if p], cli.memory_tuning(), flush=True)
-cli.restart_with_memory_tuning()
+      [os.path.basename(p).split('-')[0] for p in preload if p], process.memory_tuning(), flush=True)
+process.restart_with_memory_tuning()
 """
 
 
