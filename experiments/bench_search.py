@@ -117,7 +117,16 @@ def measure(spec: dict) -> dict:
           'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
           'rss_compiled_gb': round(rss_compiled, 2),
           'xla_temp_gb': round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 2),
-          'kernels': fused_kernels(compiled)}
+          'device_peak_gb': device_peak_gb(), 'kernels': fused_kernels(compiled)}
+
+
+def device_peak_gb():
+  """Peak memory the first device's allocator held (GPU/TPU), or '-' where
+  the device keeps no such statistics (the CPU: see peak_rss_gb)."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return round(peak / 2**30, 2) if peak else '-'
 
 
 def fused_kernels(compiled) -> int | None:
@@ -192,7 +201,7 @@ def main(argv):
   cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'backend', 'ops', 'memory',
           'remat', 'cache', 'build_s', 'init_s',
           'trace_s', 'compile_s', 'step_s', 'images_per_s', 'page_faults_per_step',
-          'rss_compiled_gb', 'peak_rss_gb', 'xla_temp_gb', 'kernels')
+          'rss_compiled_gb', 'peak_rss_gb', 'xla_temp_gb', 'device_peak_gb', 'kernels')
   print(' | '.join(cols))
   results = []
   with tempfile.TemporaryDirectory(prefix='bench_xla_cache_') as cache_dir:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 
 # TensorFlow (tf.data, TensorBoard) is chatty at start-up; keep its warnings only.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

@@ -58,7 +58,7 @@ def _define_config_flag() -> None:
 
 def _run(main) -> None:
   """absl's app.run on sys.argv with --config expanded (in sys.argv too, so a
-  restarted process, cli.restart_with_memory_tuning, reads the same flags)."""
+  restarted process (the CPU backend's memory tuning) reads the same flags)."""
   from absl import app, flags
 
   def checked(argv):

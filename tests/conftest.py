@@ -16,10 +16,8 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
 
 def script_command(script, *args, env=None):
   """(argv, env) that run experiments/<script> with the shared compilation
-  cache and the memory settings of a script's restart already made
-  (cli.restart_with_memory_tuning, tested in test_cli), so it does not restart."""
-  from snas_jax import cli
-  full_env = dict(cli.memory_tuning_env() or os.environ, **(env or {}))
+  cache (the tests' scripts run --backend=reference: no memory-tuning restart)."""
+  full_env = dict(os.environ, **(env or {}))
   full_env.pop('XLA_FLAGS', None) if env is None or 'XLA_FLAGS' not in env else None
   return ([sys.executable, os.path.join(ROOT, 'experiments', script), *args,
            f'--compilation_cache_dir={CACHE_DIR}'], full_env)

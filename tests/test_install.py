@@ -135,10 +135,10 @@ def test_wheel_installs_every_runtime_file(venv, tmp_path):
 
 def test_installed_console_script_runs_a_search_step(venv, tmp_path, cifar_dir):
   """snas-search from another folder: --config read from the package, the
-  restart (cli.restart_with_memory_tuning re-executes the console script),
+  restart (the CPU backend's memory tuning re-executes the console script),
   the native kernels, one step and its checkpoint."""
   proc = run([venv / 'bin' / 'snas-search', '--config=quick', f'--workdir={tmp_path / "w"}',
-              f'--data_dir={cifar_dir}', *TINY_SEARCH, '--layers=2', *NATIVE_FLAGS,
+              f'--data_dir={cifar_dir}', *TINY_SEARCH, *NATIVE_FLAGS,
               '--epochs=1', '--stop_after_step=1', f'--compilation_cache_dir={CACHE_DIR}'],
              cwd=tmp_path, timeout=600)
   assert 'stopped after step 1' in proc.stdout

@@ -225,9 +225,9 @@ def test_stronger_eta_gives_sparser_cells():
 
 
 def test_init_draws_each_parameter_once_from_its_bound():
-  """init_state cuts every torch-uniform parameter from one draw: each within
-  ±1/sqrt(fan_in) with the variance of that uniform, no two alike, the same
-  for the same seed; the tree is that of a plain init, BN statistics fresh."""
+  """init_state (reference backend) draws every weight from PyTorch's
+  U(±1/sqrt(fan_in)), no two alike, the same for the same seed; the tree is
+  that of a plain init, BN statistics fresh."""
   cfg = search.SearchConfig(channels=4, layers=2, batch_size=4, epochs=1, backend='reference')
   net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=1)
   state = search.init_state(cfg, net, tx, (8, 8, 3))
@@ -242,10 +242,10 @@ def test_init_draws_each_parameter_once_from_its_bound():
   assert {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(fresh_stats)} == {'mean', 'var'}
   chex.assert_trees_all_equal(fresh_stats, state.batch_stats)
   w = state.params['w']
-  edge = w['cell_0']['edges_from_0_1']['sep_conv_3x3']['DilConv_0']
+  edge = w['cell_0']['edges_from_0_1']['sep_conv_3x3']['dil_0']
   stem, dense = w['stem_conv']['kernel'], w['classifier']['kernel']
-  pointwise = edge['pointwise_kernel']  # [edges, C_in, C_out]
-  for x, fan_in in ((edge['depthwise_kernel'], 9), (pointwise, pointwise.shape[1]),
+  pointwise = edge['pointwise']['kernel']  # [edges, 1, 1, C_in, C_out]
+  for x, fan_in in ((edge['depthwise']['kernel'], 9), (pointwise, pointwise.shape[-2]),
                     (stem, 27), (dense, dense.shape[0])):
     bound = 1 / np.sqrt(fan_in)
     assert np.abs(x).max() <= bound and np.abs(x).max() > 0.9 * bound

@@ -283,7 +283,7 @@ def no_home_cache(monkeypatch, tmp_path):
 
 
 def _tiny_config(data_dir, **overrides):
-  kw = dict(data_dir=data_dir, channels=4, layers=3, batch_size=16, epochs=2, op_backend='reference',
+  kw = dict(data_dir=data_dir, channels=4, layers=3, batch_size=16, epochs=2, backend='reference',
             checkpoint_every_steps=2, progress=False)
   return train.TrainConfig(**{**kw, **overrides})
 
@@ -423,7 +423,7 @@ def test_imagenet_one_step_under_mock_data(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   write_imagenet_metadata(tmp_path, 8)
   config = train.imagenet_config(arch='SNAS_mild', channels=8, layers=3, batch_size=4, epochs=1,
-                                 num_train_images=4, num_eval_images=4, op_backend='reference',
+                                 num_train_images=4, num_eval_images=4, backend='reference',
                                  tfds_data_dir=str(tmp_path / 'unused'), progress=False)
   with tfds.testing.mock_data(num_examples=8, data_dir=str(tmp_path)):
     final = train.train_and_evaluate(config, str(tmp_path / 'work'))
