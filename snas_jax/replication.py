@@ -152,6 +152,7 @@ def run_all(workdir: str, methods: list[str], seeds: list[int], settings: str = 
     raise ValueError(f'unknown --methods {sorted(unknown)}; choose from {", ".join(METHODS)}')
   if not os.path.isfile(settings):
     raise FileNotFoundError(f'--settings={settings}: no such flagfile')
+  workdir, settings = os.path.abspath(workdir), os.path.abspath(settings)  # the runs' cwd is ROOT
   os.makedirs(workdir, exist_ok=True)
   state_path = os.path.join(workdir, STATE_FILE)
   state = _read_json(state_path, {'runs': {}, 'invocations': []})
