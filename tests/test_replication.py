@@ -11,9 +11,8 @@ import pytest
 
 from conftest import CACHE_DIR, ROOT
 
-# Compile-fast flags (tests/conftest.py TINY_SEARCH) with a held-out split; 2
-# cells (both reduction cells) halve the compile of the 3-cell network.
-TINY_SETTINGS = ['--channels=4', '--layers=2', '--image_size=8', '--num_train_images=64',
+# Compile-fast flags (tests/conftest.py TINY_SEARCH) with a held-out split.
+TINY_SETTINGS = ['--channels=4', '--layers=3', '--image_size=8', '--num_train_images=64',
                  '--heldout_images=64', '--num_test_images=64', '--batch_size=32',
                  '--eval_batch_size=64', '--epochs=2', '--checkpoint_every_steps=100',
                  '--alpha_lr=0.06']
