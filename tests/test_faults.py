@@ -236,6 +236,13 @@ def test_image_size_below_the_reductions_is_one_line(tmp_path, size):
   assert f'--image_size={size}' in message and 'multiple of 4' in message
 
 
+@pytest.mark.parametrize('size', [1, 2, 100])
+def test_imagenet_image_size_the_network_cannot_halve_is_one_line(size):
+  with pytest.raises(ValueError, match=f'--image_size={size} must be a multiple of 32') as err:
+    train.imagenet_config(arch='DARTS_V2', image_size=size)
+  assert '\n' not in str(err.value)
+
+
 @pytest.mark.parametrize('layers', [1, 2])
 def test_layers_without_a_normal_cell_are_refused(tmp_path, layers):
   message = _one_line_exit(search.run, _tiny_search(layers=layers), str(tmp_path / 'w'))
