@@ -54,23 +54,30 @@ class _DropOrphanedWrites(logging.Filter):
     return not ('never retrieved' in message and ('orbax' in message or 'OCDBT' in message))
 
 
-logging.getLogger('absl').addFilter(_DropOrbaxErrors())
-logging.getLogger('asyncio').addFilter(_DropOrphanedWrites())
-
 # After a write fails, TensorStore completes the other writes of that save on
 # an asyncio loop Orbax has closed; each callback's RuntimeError would print
 # as an "unraisable" traceback. Those (and only those) are dropped.
 _ORPHANED_CALLBACK_ERRORS = ('Event loop is closed', 'cannot schedule new futures after shutdown')
-_previous_unraisablehook = sys.unraisablehook
+_quieted = False
 
 
-def _drop_orphaned_callbacks(unraisable) -> None:
-  if not (unraisable.exc_type is RuntimeError
-          and str(unraisable.exc_value) in _ORPHANED_CALLBACK_ERRORS):
-    _previous_unraisablehook(unraisable)
+def _quiet_background_errors() -> None:
+  """Installs the filters above (once, when the first Checkpointer is made, so
+  that importing the module changes nothing)."""
+  global _quieted
+  if _quieted:
+    return
+  _quieted = True
+  logging.getLogger('absl').addFilter(_DropOrbaxErrors())
+  logging.getLogger('asyncio').addFilter(_DropOrphanedWrites())
+  previous_hook = sys.unraisablehook
 
+  def drop_orphaned_callbacks(unraisable) -> None:
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) in _ORPHANED_CALLBACK_ERRORS):
+      previous_hook(unraisable)
 
-sys.unraisablehook = _drop_orphaned_callbacks
+  sys.unraisablehook = drop_orphaned_callbacks
 
 
 def _cause(error: BaseException) -> str:
@@ -92,6 +99,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 2, read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    _quiet_background_errors()
     # A save cut short (kill -9) leaves a tmp folder: removed on start.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                            read_only=read_only,

@@ -528,7 +528,7 @@ def _search_loop(cfg, model, tx, state, meta, train_iter, eval_iter, mesh, ckpt,
               'search_val_loss': search_val['loss'], 'search_val_acc': search_val['accuracy'],
               'child_loss': child['loss'], 'child_acc': child['accuracy'],
               'epoch_time_s': train_time,
-              'images_per_s': sums['steps'] * cfg.batch_size / max(train_time, 1e-9),
+              'images_per_s': (steps_per_epoch - start) * cfg.batch_size / max(train_time, 1e-9),
               **arch_summary(cfg, alpha, child_z, image_size)}
     writer.write(step, record, epoch=epoch + 1)
     writer.flush()

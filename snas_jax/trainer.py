@@ -5,6 +5,8 @@ Stops. The guarantees they give together (docs/faults.md):
 
 - a step whose loss, parameters, optimiser state or BN statistics are not
   finite stops the run with its step number and is never saved;
+- a failed checkpoint save stops the run with one line (checkpoint.py
+  confirms each save before the next);
 - a resume must keep every flag that changes shapes or results, except the
   learning rates, whose changes are recorded in the checkpoint's metadata;
 - SIGTERM and SIGINT save a checkpoint at the next step boundary and stop

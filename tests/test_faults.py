@@ -1,9 +1,10 @@
 """Faults lose nothing: kills, signals, failed saves, non-finite steps and bad inputs.
 
 The subprocess sequence runs once (each process start costs seconds): one
-tiny search is stopped by SIGTERM during its first compile, by a failed save
-and by SIGKILL during the save after an evaluation, then finished, and must
-end bitwise equal to the uninterrupted run of conftest.tiny_search_workdir.
+tiny search is stopped by SIGTERM during its first compile, by a failed
+save, by SIGKILL during a compile and during the save after an evaluation,
+then finished, and must end bitwise equal to the uninterrupted run of
+conftest.tiny_search_workdir.
 SIGINT is tested in-process on the retraining loop (the same helpers).
 """
 import json
@@ -20,7 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, script_command, search_args
-from snas_jax import checkpoint, cli, config as config_lib, genotypes, search, train, trainer
+from snas_jax import checkpoint, cli, config as config_lib, genotypes, reporting, search, train
+from snas_jax import trainer
 
 TIMING_KEYS = {'epoch_time_s', 'images_per_s'}
 TIMEOUT = 300
@@ -120,6 +122,12 @@ def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_
   assert 'Traceback' not in run.stderr
   assert _steps(workdir) == [1] and not _tmp_dirs(workdir)
 
+  # SIGKILL while the resumed run loads and compiles its step.
+  run = Search(workdir, cifar_dir)
+  run.wait_for(run.printed('resuming'), 'the resume')
+  run.proc.kill()
+  run.finish()
+
   # SIGKILL once the first epoch's evaluation is done: its metrics are
   # written, the epoch-end checkpoint is being saved.
   run = Search(workdir, cifar_dir)
@@ -136,7 +144,6 @@ def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_
                                   np.load(tiny_search_workdir / f'alpha_{t}.npy'))
   assert (workdir / 'genotype.json').read_text() == (tiny_search_workdir / 'genotype.json').read_text()
   strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]
-  from snas_jax import reporting
   assert strip(reporting.read_metrics(workdir)) == strip(reporting.read_metrics(tiny_search_workdir))
   summary = lambda w: {k: v for k, v in json.loads((w / 'summary.json').read_text()).items()
                        if k not in ('elapsed_s', 'last_epoch')}
@@ -166,7 +173,7 @@ def test_non_finite_message_names_the_step_and_the_flag():
   assert trainer.checked_loss({'loss': np.float32(2.0), 'finite': np.bool_(True)}, 7, 0, 6, '') == 2.0
 
 
-def test_resume_records_learning_rate_and_device_count_changes(capsys, monkeypatch):
+def test_resume_records_learning_rate_and_device_count_changes(capsys):
   cfg = search.SearchConfig(w_lr=0.01)
   saved = dict(config_lib.to_dict(search.SearchConfig()))
   # Learning rates may change on resume; other result-changing flags may not.
@@ -234,6 +241,13 @@ def test_genotype_json_with_bad_concat_is_one_line(tmp_path, concat):
 def test_image_size_below_the_reductions_is_one_line(tmp_path, size):
   message = _one_line_exit(search.run, _tiny_search(image_size=size), str(tmp_path / 'w'))
   assert f'--image_size={size}' in message and 'multiple of 4' in message
+
+
+@pytest.mark.parametrize('size', [1, 2, 100])
+def test_imagenet_image_size_the_network_cannot_halve_is_one_line(size):
+  with pytest.raises(ValueError, match=f'--image_size={size} must be a multiple of 32') as err:
+    train.imagenet_config(arch='DARTS_V2', image_size=size)
+  assert '\n' not in str(err.value)
 
 
 @pytest.mark.parametrize('layers', [1, 2])

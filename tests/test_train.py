@@ -380,6 +380,12 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
     train.train_and_evaluate(dataclasses.replace(config, learning_rate=1e30), str(tmp_path / 'c'))
   _one_line(err)
   assert checkpoint.Checkpointer(str(tmp_path / 'c'), read_only=True).latest_step() is None
+  # An error while a save is in flight waits for it: complete, no tmp folder.
+  with pytest.raises(trainer.NonFiniteError, match=r'the checkpoint at step 1 is kept'):
+    train.train_and_evaluate(dataclasses.replace(config, learning_rate=1e30,
+                                                 checkpoint_every_steps=1), str(tmp_path / 'f'))
+  assert checkpoint.Checkpointer(str(tmp_path / 'f'), read_only=True).latest_step() == 1
+  assert os.listdir(tmp_path / 'f' / 'checkpoints') == ['1']
   # A resume with another learning rate is recorded in the checkpoint's metadata.
   train.train_and_evaluate(dataclasses.replace(config, stop_after_step=2), str(tmp_path / 'c'))
   train.train_and_evaluate(dataclasses.replace(config, learning_rate=0.01), str(tmp_path / 'c'))
