@@ -80,7 +80,7 @@ def test_darts_mode():
   """--method=darts runs with Z = softmax(α) (no sample: every key gives the
   same Z), learns α and derives the top-2 edges per node. At the step level
   on one cell (the loop is the SNAS one, tested through the CLI above)."""
-  cfg = search.SearchConfig(channels=4, layers=1, batch_size=4, epochs=1, impl='lax',
+  cfg = search.SearchConfig(channels=4, layers=1, batch_size=4, epochs=1, backend='reference',
                             method='darts', resource_eta=1e-3, resource_estimator='exact',
                             alpha_lr=0.05)
   net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=3)
