@@ -1,4 +1,4 @@
-"""Retrains a derived cell from scratch on CIFAR-10 (SPEC §7) and reports its test error.
+"""Retrains a derived cell from scratch on CIFAR-10 (docs/algorithm.md §7) and reports its test error.
 
   python experiments/train_cifar.py --flagfile=experiments/configs/train_cifar_paper.flags \
       --arch=SNAS_moderate --workdir=/tmp/snas_moderate

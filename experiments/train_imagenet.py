@@ -1,4 +1,4 @@
-"""Retrains a derived cell on ImageNet, mobile setting (SPEC §7); reports top-1 / top-5 error.
+"""Retrains a derived cell on ImageNet, mobile setting (docs/algorithm.md §7); reports top-1 / top-5 error.
 
   python experiments/train_imagenet.py --flagfile=experiments/configs/train_imagenet_paper.flags \
       --arch=SNAS_moderate --workdir=/tmp/snas_moderate_imagenet

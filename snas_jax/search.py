@@ -2,7 +2,7 @@
 
 Read top to bottom: Config, Model & Optimizer, Update Step, Evals, Checkpoint,
 Train Loop, Hand-off. One pure step updates w and α from the same backward
-pass on the same batch (single-level, SPEC §3): a Gumbel-softmax sample Z per
+pass on the same batch (single-level, docs/algorithm.md §3): a Gumbel-softmax sample Z per
 cell type (one per step, shared by the batch and all cells of that type),
 cross-entropy plus η·resource penalty, one optax transformation partitioned
 into SGD for w and Adam for α.
@@ -67,7 +67,7 @@ class SearchConfig:
   resource_kinds: str = field('params,flops,mac', 'Comma-separated costs in the penalty.')
   resource_transform: str = field('log', 'Each cost enters as its log (clamped at 1) or as is.',
                                   choices=('log', 'linear'))
-  # Optimisation (SPEC §5).
+  # Optimisation (docs/algorithm.md §5).
   batch_size: int = field(64, 'Global batch size (split over all devices of all hosts).')
   epochs: int = field(150, 'Search epochs; τ and the w learning rate follow this count.')
   w_lr: float = field(0.025, 'SGD learning rate of the weights w (cosine-annealed per epoch).')

@@ -1,4 +1,4 @@
-"""Retraining a derived cell from scratch: CIFAR-10 and ImageNet (SPEC §7).
+"""Retraining a derived cell from scratch: CIFAR-10 and ImageNet (docs/algorithm.md §7).
 
 Read top to bottom: Config, Architecture, Model size, Input, Model &
 Optimizer, Update steps, Checkpoint, Train loop, Summary.
@@ -44,7 +44,7 @@ from snas_jax.config import BACKEND_HELP, field
 
 NUM_CLASSES = {'cifar10': 10, 'imagenet': 1000}
 CIFAR_IMAGE_SIZE = 32
-MOBILE_MULTIPLY_ADDS = 600e6  # the ImageNet mobile setting's limit (SPEC §7)
+MOBILE_MULTIPLY_ADDS = 600e6  # the ImageNet mobile setting's limit (docs/algorithm.md §7)
 FINAL_FILE = 'final.json'
 MIN_LAYERS = 3  # the smallest network with a normal cell (reductions at L//3, 2L//3)
 IMAGENET_SIZE_MULTIPLE = 32
@@ -56,7 +56,7 @@ IMAGENET_SIZE_MULTIPLE = 32
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Retraining flags. Defaults: CIFAR-10, SPEC §7 / App. G.2 (IMAGENET_DEFAULTS for ImageNet)."""
+  """Retraining flags. Defaults: CIFAR-10, docs/algorithm.md §7 / App. G.2 (IMAGENET_DEFAULTS for ImageNet)."""
   # Architecture: exactly one of the three sources.
   search_workdir: str = field('', 'Workdir of a finished search: its derived genotype is trained '
                               '(restored through Orbax). One of --search_workdir, --genotype_json, '
@@ -150,7 +150,7 @@ class TrainConfig:
     arch_source(self)
 
 
-# train_imagenet.py's defaults (SPEC §7, App. G.3 and the reference's
+# train_imagenet.py's defaults (docs/algorithm.md §7, App. G.3 and the reference's
 # train_imagenet.py: drop-path 0, no cutout, grad clip 5).
 IMAGENET_DEFAULTS = dict(dataset='imagenet', channels=48, layers=14, batch_size=128, epochs=250,
                          learning_rate=0.1, lr_schedule='exponential', lr_decay=0.97,

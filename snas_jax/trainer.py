@@ -55,12 +55,14 @@ def per_epoch(schedule: optax.Schedule, steps_per_epoch: int, epochs: int) -> op
 
 
 def all_finite(*trees) -> jax.Array:
-  """bool scalar: every floating-point leaf of ``trees`` is finite (one fused
-  reduction per leaf, inside the jitted step)."""
+  """bool scalar: every floating-point leaf of ``trees`` is finite, inside the
+  jitted step. One reduction over all leaves concatenated: a reduction per
+  leaf made XLA:CPU compile ~2,400 more kernels for the paper's search step
+  (compile 43 -> 28 s; the copy is ~20 MB a step)."""
   leaves = [x for x in jax.tree.leaves(trees) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
   if not leaves:
     return jnp.array(True)
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+  return jnp.isfinite(jnp.concatenate([jnp.ravel(x) for x in leaves])).all()
 
 
 class NonFiniteError(FloatingPointError):

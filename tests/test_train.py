@@ -118,7 +118,7 @@ def test_checkpoint_of_another_network_is_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Sizes: an independent multiply-add count from SPEC's op definitions (the
+# Sizes: an independent multiply-add count from docs/algorithm.md's op definitions (the
 # parameter count's twin is in test_child_model.py). Convolutions and the
 # classifier only; pools, BN and sums are not multiply-adds.
 

@@ -15,15 +15,16 @@ one implementation of each op serves search and evaluation.
 Why the edge axis leads: a per-edge 1x1 conv is then a batched matmul over a
 leading batch axis and a BN a reduction over the middle axes, with no
 transposes; with the edge axis next to the channels XLA:CPU spent about a third
-of a search step transposing operands for its matmuls (README "Performance").
+of a search step transposing operands for its matmuls (docs/cpu_backend.md).
 
-The depthwise convolution and max pool have three implementations, picked
-per backend (``impl``): ``'lax'`` (XLA's convolution / reduce_window; fine on
-GPU/TPU), ``'shift'`` (a sum/max over K² shifted views; on XLA:CPU 4–26x
-faster, PERF_NOTES.md) and ``'native'`` (hand-written C++ custom calls,
-``snas_jax/native``: the depthwise conv, and in training the whole DilConv
-and each search cell's pool with its BN; other pools as 'shift'). ``'auto'``
-picks ``'native'`` on a single CPU device, ``'shift'`` on several.
+The depthwise convolution and max pool have three implementations
+(``impl``): ``'native'`` (hand-written C++ custom calls, ``native/``: the
+depthwise conv, and in training the whole DilConv and each search cell's
+pool with its BN; other pools as 'shift'), ``'shift'`` (a sum/max over K²
+shifted views in XLA; what several devices run, since XLA's partitioner
+cannot split a custom call) and ``'lax'`` (XLA's convolution / reduce_window:
+the compact form that this backend's init and its tests compare against).
+The backend picks 'native' on one device, 'shift' on several (``default_impl``).
 """
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ BN_EPSILON = 1e-5
 
 
 def resolve_impl(impl: str) -> str:
-  """'auto': 'native' on a CPU-only single-device run whose kernels build,
-  'shift' on other CPU runs, 'lax' elsewhere.
+  """Checks ``impl``; 'auto': 'native' on a CPU-only single-device run whose
+  kernels build, 'shift' on other CPU runs, 'lax' elsewhere.
 
   Why 'native' needs one device: XLA's SPMD partitioner cannot split a custom
   call, so on a mesh of several devices it would gather the whole batch to
@@ -114,11 +115,8 @@ def init_with_one_draw(init_fn, key):
   kernel per output, so the paper network's jitted init (~410 draws) spent
   16-25 s compiling. Here the drawn parameters are NumPy arrays, constants of
   the jitted init (which compiles in a second: the forward pass that Flax's
-  init traces is dead code), and the network is traced once. Until the ninth
-  session the numbers came from one ``jax.random.uniform`` of a size counted
-  by a first trace, then cut by a second one: a third of the paper network's
-  init was that second trace. Still a seeded U(±bound) per parameter, not
-  Flax's per-path keys.
+  init traces is dead code), and the network is traced once. Still a seeded
+  U(±bound) per parameter, not Flax's per-path keys.
   """
   _UNIFORM_POOLS.append(_UniformPool(key))
   try:
@@ -300,7 +298,7 @@ def _depthwise_kernel_grad(x, g, k, stride, dilation):
   search step 15.6 -> 12.6 s, 7.6 -> 6.0 GB of XLA temporaries). Over the
   taps (a loop, not unrolled): XLA:CPU compiles two kernels per unrolled tap,
   816 of a search cell's 1678; looped, two per kernel gradient. Same speed,
-  a cell's compile ~40% shorter (README "Performance").
+  a cell's compile ~40% shorter (docs/cpu_backend.md).
   """
   pad, out_h, out_w = _depthwise_geometry(x, k, stride, dilation)
   span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
@@ -771,7 +769,7 @@ def relu_conv_bn(x, dw, pw, scale, bias, stride, dilation, remat=False, impl='sh
   the BN statistics, recomputes the 1x1 conv (a cheap dot), and makes the
   rest of the backward pass wait for the weight gradients. Paper search
   step, back-to-back runs: 12.4 -> 10.5 s, XLA temporaries 6.0 -> 3.7 GB
-  (remat: 14.3 s, 2.4 GB); README "Performance".
+  (remat: 14.3 s, 2.4 GB); docs/cpu_backend.md.
 
   A recomputation must not read the same operands as the forward pass:
   XLA's common-subexpression elimination would merge the two and the kept

@@ -8,7 +8,7 @@ pass in two calls, or one when the consumer hands over BN's cotangents), the
 training-mode 3x3 pools with their BN's statistics, and the cell mixer's
 backward pass for the DilConv outputs it normalises itself, each looping
 over one image at a time on XLA's intra-op threads. On XLA:CPU a DilConv's ~34 fused kernels become three calls
-and a few elementwise kernels (README "Performance").
+and a few elementwise kernels (docs/cpu_backend.md).
 
 The library is compiled from source with the machine's C++ compiler the first
 time it is needed (``-march=native``: it runs where it was built) and cached

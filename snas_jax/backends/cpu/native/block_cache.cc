@@ -6,7 +6,7 @@
 // search configuration) with malloc when the step starts and frees them when
 // it ends. glibc serves such blocks with mmap and returns them with munmap,
 // so the kernel maps and zeroes 2.6 GB again every step: ~10% of the step's
-// CPU time (README, Performance). glibc's own knobs cannot keep them: with
+// CPU time (docs/cpu_backend.md). glibc's own knobs cannot keep them: with
 // mmap off, the freed block is split by small allocations and the next step
 // maps a second one (peak memory x2, measured).
 //
