@@ -9,6 +9,7 @@ leaf's largest entry (measured ~3e-6).
 """
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -283,3 +284,43 @@ def test_lax_and_shift_networks_agree_in_loss_and_gradients():
   for impl in ('shift', 'native'):
     np.testing.assert_allclose(results[impl][0], v_lax, rtol=1e-5)
     _compare_grads(g_lax, results[impl][1])
+
+
+def test_checkpoint_crosses_backends(tmp_path):
+  """A search state checkpointed under one backend restores under the other
+  and continues: from the restored state, a step on either backend gives the
+  same loss and the same updated α (both directions, through Orbax)."""
+  from snas_jax import backends, checkpoint, costs, parallel, search
+  cfg = search.SearchConfig(channels=4, layers=3, batch_size=8, epochs=1, resource_eta=1e-3,
+                            drop_path=0.2)
+  net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=10)
+  mesh = parallel.make_mesh()
+  tables = costs.penalty_tables(cfg.channels, cfg.layers, HW)
+  steps = {name: search.make_train_step(cfg, backends.get(name).bind(net), tx, tables, mesh)
+           for name in ('reference', 'cpu')}
+  rng = np.random.default_rng(0)
+  batches = [parallel.to_global({'image': rng.normal(size=(8, HW, HW, 3)).astype(np.float32),
+                                 'label': rng.integers(0, 10, 8).astype(np.int32)}, mesh)
+             for _ in range(2)]
+  tau = np.float32(0.5)
+  abstract = checkpoint.abstract_like(search.abstract_state(cfg, net, tx, (HW, HW, 3)),
+                                      parallel.replicated(mesh))
+  copy = lambda state: jax.tree.map(jnp.copy, state)  # the steps donate their input
+  state = search.init_state(cfg, net, tx, (HW, HW, 3), parallel.replicated(mesh),
+                            backends.get('cpu'))
+  for i, (first, second) in enumerate((('cpu', 'reference'), ('reference', 'cpu'))):
+    state, _ = steps[first](copy(state), batches[0], tau)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / first))
+    ckpt.save(int(state.step), state, {'saved_by': first})
+    ckpt.close()
+    restored, meta = checkpoint.Checkpointer(str(tmp_path / first)).restore(abstract)
+    assert meta['saved_by'] == first
+    chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+    after = {name: jax.device_get(steps[name](copy(restored), batches[1], tau))
+             for name in (second, first)}
+    np.testing.assert_allclose(after[second][1]['loss'], after[first][1]['loss'], rtol=1e-5)
+    for cell in ('normal', 'reduce'):
+      np.testing.assert_allclose(after[second][0].params['alpha'][cell],
+                                 after[first][0].params['alpha'][cell], rtol=1e-5, atol=1e-7)
+    assert int(after[second][0].step) == int(state.step) + 1 == i + 2
+    state = restored
