@@ -5,9 +5,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from snas_jax.backends.cpu import native
+
+# The CPU backend runs on the CPU: skipped where JAX runs on another platform.
+pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu',
+                                reason='the CPU backend runs on the CPU only')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -77,6 +82,7 @@ libc.free(h5)
 # a step's temporaries just after the next step asks for its own); a young
 # twin (devices running at once) is not waited for, nor an old one forever.
 import threading, time
+
 w1 = libc.malloc(300 * MB)
 ctypes.memset(w1, 6, 300 * MB)
 time.sleep(0.3)

@@ -21,6 +21,10 @@ from snas_jax.backends.cpu import layout
 from snas_jax.backends.cpu import search_model as cpu_sm
 from snas_jax.genotypes import NUM_EDGES, NUM_OPS, PRIMITIVES
 
+# The CPU backend runs on the CPU: skipped where JAX runs on another platform.
+pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu',
+                                reason='the CPU backend runs on the CPU only')
+
 N, HW, C = 4, 8, 4
 TINY = dict(c=C, layers=2, num_classes=10)
 UNIFORM = jnp.full((NUM_EDGES, NUM_OPS), 1 / NUM_OPS, jnp.float32)

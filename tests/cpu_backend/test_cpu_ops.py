@@ -21,6 +21,10 @@ from jax import lax
 from snas_jax.backends.cpu import native, ops
 from snas_jax.genotypes import PRIMITIVES
 
+# The CPU backend runs on the CPU: skipped where JAX runs on another platform.
+pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu',
+                                reason='the CPU backend runs on the CPU only')
+
 
 def _assert_close(a, b, rel=1e-5):
   """Leaf by leaf, in numpy: |a − b| ≤ rel·|b| + rel·max|b|."""
