@@ -31,26 +31,6 @@ def run_script(script, *args, env=None, timeout=600):
                         cwd=ROOT)
 
 
-def primitive_counts(jaxpr, acc=None):
-  """How often each primitive appears in a jaxpr and its sub-jaxprs (loops,
-  custom VJPs, jits); convolutions split into _grouped and _dense."""
-  import collections
-  from jax.extend import core as jax_core
-  acc = collections.Counter() if acc is None else acc
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == 'conv_general_dilated':
-      name += '_grouped' if eqn.params['feature_group_count'] > 1 else '_dense'
-    acc[name] += 1
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (list, tuple)) else [v]:
-        if isinstance(sub, jax_core.ClosedJaxpr):
-          primitive_counts(sub.jaxpr, acc)
-        elif isinstance(sub, jax_core.Jaxpr):
-          primitive_counts(sub, acc)
-  return acc
-
-
 @pytest.fixture(scope='session')
 def cifar_dir():
   if not os.path.exists(os.path.join(CIFAR_DIR, 'train.npz')):
@@ -70,11 +50,11 @@ def write_imagenet_metadata(data_dir, examples_per_split: int):
   builder.info.write_to_directory(builder.data_dir)
 
 
-# A tiny search through the real CLI (train tests retrain its result). The
-# compact lax ops compile several times faster than the CPU 'shift' forms
-# (whose equality with lax is tested in test_ops / test_search_model), but
-# XLA:CPU runs their grouped convolutions slowly: 8x8 images (area-downsampled,
-# 8 -> 4 -> 2 through the reductions) make a step ~8x cheaper than 32x32.
+# A tiny search through the real CLI (train tests retrain its result), on the
+# reference backend (the CPU backend's equality with it is tested in
+# tests/cpu_backend). XLA:CPU runs the reference's grouped convolutions
+# slowly: 8x8 images (area-downsampled, 8 -> 4 -> 2 through the reductions)
+# make a step ~8x cheaper than 32x32.
 TINY_SEARCH = ['--channels=4', '--layers=3', '--image_size=8', '--num_train_images=128',
                '--num_eval_images=64', '--num_test_images=64',
                '--batch_size=32', '--eval_batch_size=64', '--epochs=2',
