@@ -173,7 +173,7 @@ def specs(cache_dir: str) -> list:
 
 def backend_name() -> str:
   from snas_jax import backends
-  return backends.resolve(FLAGS.backend, backends.host_platform())
+  return backends.resolve(FLAGS.backend)
 
 
 def run_child(spec: dict) -> dict:

@@ -24,12 +24,8 @@ from snas_jax import trainer  # noqa: E402
 FLAGS = flags.FLAGS
 
 
-class BackendError(RuntimeError):
-  """A backend cannot run here (e.g. the CPU kernels do not build)."""
-
-
 # Errors a user can fix from the command line: printed as one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, BackendError)
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
 def define_runtime_flags(summary: bool = False) -> None:
@@ -63,13 +59,10 @@ def start_backend(name: str) -> str:
   """Resolves --backend before JAX starts and applies the CPU backend's
   process settings where it runs (they are read when JAX starts its CPU
   client; memory tuning restarts the script once). Returns the backend's name."""
-  resolved = backends.resolve(name, backends.host_platform())
+  resolved = backends.resolve(name)
   if resolved == 'cpu':
-    from snas_jax.backends.cpu import native, process
-    try:
-      process.configure(FLAGS.tune_memory, FLAGS.cpu_devices)
-    except native.NativeBuildError as e:
-      raise BackendError(str(e)) from None
+    from snas_jax.backends.cpu import process
+    process.configure(FLAGS.tune_memory, FLAGS.cpu_devices)
   elif FLAGS.cpu_devices:
     raise ValueError('--cpu_devices splits the CPU for --backend=cpu; with the reference backend '
                      'set XLA_FLAGS=--xla_force_host_platform_device_count=N instead')

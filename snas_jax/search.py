@@ -395,7 +395,7 @@ def run(cfg: SearchConfig, workdir: str) -> dict:
   """
   config_lib.validate(cfg)
   trainer.check_workdir(workdir)
-  backend = backends.get(backends.resolve(cfg.backend, backends.host_platform()))
+  backend = backends.get(backends.resolve(cfg.backend))
   arrays = load_data(cfg)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(cfg.batch_size, mesh)

@@ -464,7 +464,7 @@ class _StepSpec:
 def make_steps(config: TrainConfig, genotype: genotypes.Genotype, mesh) -> Steps:
   spec = _StepSpec(genotype, config.dataset, config.channels, config.layers, image_size(config),
                    config.auxiliary_weight, config.label_smoothing, config.remat,
-                   backends.resolve(config.backend, backends.host_platform()), config.init,
+                   backends.resolve(config.backend), config.init,
                    config.grad_clip, config.weight_decay, config.momentum)
   return _make_steps(spec, mesh)
 

@@ -78,12 +78,9 @@ def checked_loss(metrics: dict, step: int, epoch: int, last_saved: int | None,
     return loss
   what = (f'loss is {loss}' if not math.isfinite(loss)
           else 'the update made parameters, optimiser state or BN statistics non-finite')
-  kept = (f'the checkpoint at step {last_saved} is kept' if last_saved is not None
-          else 'no checkpoint was written yet')
-  raise NonFiniteError(
-      f'{what} at step {step} (epoch {epoch + 1}); nothing of it is saved and {kept}: '
-      f'rerun the same command with a lower {lr_flags} (a resume may change the learning '
-      f'rates) or check the data')
+  raise NonFiniteError(f'{what} at step {step} (epoch {epoch + 1}); nothing of it is saved and '
+                       + _advice(last_saved, lr_flags))
+
 
 def check_eval_loss(losses: dict, step: int, epoch: int, last_saved: int | None,
                     lr_flags: str) -> None:
@@ -91,13 +88,18 @@ def check_eval_loss(losses: dict, step: int, epoch: int, last_saved: int | None,
   ``step`` is finite but overflows in a forward pass, so the epoch end is not saved."""
   bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
   if bad:
-    kept = (f'the checkpoint at step {last_saved} is kept' if last_saved is not None
-            else 'no checkpoint was written yet')
     raise NonFiniteError(
         f'the evaluation after step {step} (epoch {epoch + 1}) gives '
-        f'{", ".join(f"{k} {v}" for k, v in bad.items())}; this state is not saved and {kept}: '
-        f'rerun the same command with a lower {lr_flags} (a resume may change the learning '
-        f'rates) or check the data')
+        f'{", ".join(f"{k} {v}" for k, v in bad.items())}; this state is not saved and '
+        + _advice(last_saved, lr_flags))
+
+
+def _advice(last_saved: int | None, lr_flags: str) -> str:
+  """The end of a non-finite error: which checkpoint is kept, and what to do."""
+  kept = (f'the checkpoint at step {last_saved} is kept' if last_saved is not None
+          else 'no checkpoint was written yet')
+  return (f'{kept}: rerun the same command with a lower {lr_flags} (a resume may change the '
+          f'learning rates) or check the data')
 
 # ----------------------------------------------------------------------------
 # Resume: which flags a resumed run may change, and what it records.

@@ -36,8 +36,8 @@ class Backend(Protocol):
   name: str
 
   def bind(self, network):
-    """The network as this backend runs it: ``init`` / ``apply`` as Flax's,
-    variables in the reference layout."""
+    """The network as this backend runs it: ``apply`` as Flax's, variables
+    in the reference layout (``init_variables`` draws them)."""
 
   def init_variables(self, network, rngs, *args, **kwargs) -> dict:
     """``network.init(rngs, *args, **kwargs)`` (not for jit): the reference
@@ -54,12 +54,13 @@ def host_platform() -> str:
   return 'accelerator' if any(n.startswith(_ACCELERATOR_PLUGINS) for n in names) else 'cpu'
 
 
-def resolve(name: str, platform: str) -> str:
-  """'auto' -> 'cpu' on a CPU-only host, 'reference' elsewhere; other names as given."""
+def resolve(name: str, platform: str | None = None) -> str:
+  """'auto' -> 'cpu' on a CPU-only host, 'reference' elsewhere; other names as
+  given. ``platform``: 'cpu' or 'accelerator' (default: ``host_platform()``)."""
   if name not in NAMES:
     raise ValueError(f'unknown --backend={name!r}; choose one of {", ".join(NAMES)}')
   if name == 'auto':
-    return 'cpu' if platform == 'cpu' else 'reference'
+    return 'cpu' if (platform or host_platform()) == 'cpu' else 'reference'
   return name
 
 

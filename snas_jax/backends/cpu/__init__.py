@@ -37,8 +37,8 @@ def default_impl() -> str:
 
 
 class CpuModel:
-  """A reference network run by the CPU backend's modules: ``init`` and
-  ``apply`` take and return reference-layout variables."""
+  """A reference network run by the CPU backend's modules: ``apply`` takes
+  and returns reference-layout variables."""
 
   def __init__(self, network, cpu_network):
     self.network, self.cpu_network = network, cpu_network
@@ -48,11 +48,7 @@ class CpuModel:
     if not mutable:
       return out
     y, updates = out
-    return y, layout.to_reference(updates, {'params': variables.get('params', {}), **variables})
-
-  def init(self, rngs, *args, **kwargs):
-    like = jax.eval_shape(lambda: self.network.init(rngs, *args, **kwargs))
-    return layout.to_reference(self.cpu_network.init(rngs, *args, **kwargs), like)
+    return y, layout.to_reference(updates, variables)
 
 
 class CpuBackend:
