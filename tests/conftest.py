@@ -12,6 +12,9 @@ CACHE_DIR = os.path.join(tempfile.gettempdir(), 'snas_jax_test_xla_cache')
 
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', CACHE_DIR)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+# On a GPU, the test processes (the pytest workers and the scripts they start)
+# share the device: none may take 75% of its memory up front.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 
 def script_command(script, *args, env=None):

@@ -111,6 +111,9 @@ def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_
   assert run.last_line().endswith('rerun the same command to resume')
   assert 'Traceback' not in run.stderr
   assert _steps(workdir) == [1] and not _tmp_dirs(workdir)
+  assert not (workdir / 'genotype.json').exists()
+  with pytest.raises(checkpoint.CheckpointError, match='unfinished search'):
+    search.load_genotype(str(workdir))  # a retraining run refuses it
 
   # A save that fails (its files may not grow: EFBIG, as a full disk's
   # ENOSPC) stops the run with one line; step 1's checkpoint is intact.

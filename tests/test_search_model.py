@@ -6,7 +6,6 @@ from eval_shape with numpy, and compile each network function once per module.
 """
 import collections
 import math
-import os
 
 import jax
 import jax.numpy as jnp
