@@ -99,6 +99,11 @@ def test_report_numbers_come_from_the_metrics_files(replication):
     np.testing.assert_allclose(got['none_edges'][0], np.mean(nones))
     if method == 'darts':
       assert nones == [12, 12]  # top-2 per node
+    # τ only where Z is sampled at a temperature: SNAS.
+    tau_row = [line for line in md.splitlines() if line.startswith('| ' + {
+        'snas_none': 'SNAS, no constraint', 'darts': 'DARTS'}[method])][1]
+    expected = '— (no sampling)' if method == 'darts' else f'{finals[0]["tau"]:.3f}'
+    assert tau_row.endswith(f'| {expected} |'), tau_row
   # The comparison with the paper is computed: its gaps appear in the text.
   snas_gap = report['summary']['snas_none']['gap'][0]
   assert f'child − search = {100 * snas_gap:+.2f}' in md
