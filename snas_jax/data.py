@@ -483,8 +483,10 @@ def imagenet_datasets(tfds_data_dir: str | None, global_batch: int, *, seed: int
                       image_size: int = 224, process_index: int = 0, process_count: int = 1):
   """tfds 'imagenet2012' pipelines.
 
-  Returns (train_factory, eval_factory, num_train, num_eval); train_factory(epoch)
-  and eval_factory(epoch=0) give iterables of local batches {'image':
+  Returns (train_factory, eval_factory, num_train, num_eval); train_factory(epoch,
+  start_step=0) (batches start_step.. of the epoch: a resume skips the encoded
+  records, decoding none of them) and eval_factory(epoch=0) give iterables of
+  local batches {'image':
   float32[b, S, S, 3], 'label': int32[b], 'mask': bool[b]}, b = global_batch //
   process_count, S = image_size. Every process gets the same number of batches
   (train drops the remainder; eval pads with masked rows).
@@ -541,15 +543,17 @@ def imagenet_datasets(tfds_data_dir: str | None, global_batch: int, *, seed: int
     return {'image': normalize(image, **mean_std), 'label': tf.cast(ex['label'], tf.int32),
             'mask': tf.constant(True)}
 
-  def train_factory(epoch: int = 0):
+  def train_factory(epoch: int = 0, start_step: int = 0):
     ds = builder.as_dataset(split=train_split, decoders=skip, shuffle_files=True,
                             read_config=tfds.ReadConfig(shuffle_seed=seed + epoch))
     # On top of the file shuffle; 10k encoded JPEGs hold ~1 GB of host memory.
     ds = ds.shuffle(10_000, seed=seed + epoch).enumerate()
-    # Augmentation is a function of (seed, epoch, process, element index).
+    # Augmentation is a function of (seed, epoch, process, element index), so
+    # records skipped before decoding leave the later batches as they were.
+    ds = ds.skip(start_step * local)
     key = tf.constant([seed, epoch * process_count + process_index], tf.int64)
     ds = ds.map(lambda i, ex: train_example(key, i, ex), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local, drop_remainder=True).take(train_steps)
+    ds = ds.batch(local, drop_remainder=True).take(max(train_steps - start_step, 0))
     return tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE))
 
   def eval_factory(epoch: int = 0):

@@ -380,8 +380,7 @@ def make_data(config: TrainConfig) -> DataSource:
   if config.num_eval_images and config.num_eval_images < num_eval:
     num_eval = config.num_eval_images
     eval_batches = -(-num_eval // config.batch_size)
-  # tf.data cannot seek: a mid-epoch resume reads and drops the skipped batches.
-  train = lambda epoch, start: itertools.islice(train_factory(epoch), start, steps)
+  train = lambda epoch, start: itertools.islice(train_factory(epoch, start), max(steps - start, 0))
   evaluate = lambda: itertools.islice(eval_factory(0), eval_batches)
   return DataSource(train, evaluate, steps, steps * config.batch_size, num_eval)
 

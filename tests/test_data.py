@@ -318,7 +318,11 @@ def test_imagenet_mock(tmp_path):
     assert (num_train, num_eval) == (10, 10)
     train_batches = list(train(0))
     eval_batches = list(evaluate(0))
+    resumed = list(train(0, start_step=1))  # a mid-epoch resume: the same second batch
   assert len(train_batches) == 2  # 10 // 4
+  assert len(resumed) == 1
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(resumed[0][key], train_batches[1][key])
   # The mock serves all 10 examples: 2 full eval batches + 2 real rows, padded.
   assert len(eval_batches) == 3
   np.testing.assert_array_equal(eval_batches[-1]['mask'], [True, True, False, False])
