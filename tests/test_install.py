@@ -1,4 +1,5 @@
-"""The installed package: a wheel of the checkout, installed into a new
+"""The installed package: the checkout's source distribution, built into a
+wheel as `pip install snas_jax-*.tar.gz` builds it and installed into a new
 virtual environment that cannot see the checkout, holds every file the
 package reads at run time (the CPU backend's C++ sources, the flagfiles) and
 runs a one-step search through its console script on the native kernels.
@@ -86,8 +87,11 @@ def venv(tmp_path_factory):
   for folder in ('snas_jax', 'experiments'):
     shutil.copytree(Path(ROOT, folder), src / folder, symlinks=True,
                     ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+  run([sys.executable, '-c', 'import sys; from setuptools import build_meta; '
+       'build_meta.build_sdist(sys.argv[1])', tmp / 'sdist'], cwd=src)
+  sdist, = (tmp / 'sdist').glob('snas_jax-*.tar.gz')
   run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '--no-index',
-       '--wheel-dir', tmp / 'dist', src], cwd=tmp)
+       '--wheel-dir', tmp / 'dist', sdist], cwd=tmp)
   wheel, = (tmp / 'dist').glob('snas_jax-*.whl')
   run([sys.executable, '-m', 'venv', '--without-pip', '--system-site-packages', tmp / 'venv'],
       cwd=tmp)
@@ -105,7 +109,9 @@ files = {{p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdige
 print(json.dumps({{'package': str(root), 'version': snas_jax.__version__,
                   'dist_version': importlib.metadata.version('snas_jax'),
                   'backend': os.path.dirname(importlib.import_module('{backend}').__file__),
-                  'configs': snas_jax.scripts.config_names(), 'files': files}}))
+                  'configs': snas_jax.scripts.config_names(), 'files': files,
+                  'license': [f.name for f in importlib.metadata.files('snas_jax')
+                              if f.name.startswith('LICENSE')]}}))
 """
 
 
@@ -128,6 +134,7 @@ def test_wheel_installs_every_runtime_file(venv, tmp_path):
   checkout_backend = Path(importlib.import_module(backend_module()).__file__).parent
   assert sources and sources == sorted(p.name for p in checkout_backend.glob('*.cc'))
   assert got['version'] == got['dist_version'] == snas_jax.__version__
+  assert got['license'] == ['LICENSE']
   assert got['configs'] == sorted(p.stem for p in Path(ROOT, 'experiments', 'configs').glob('*.flags'))
   for script in ('snas-search', 'snas-train-cifar', 'snas-train-imagenet'):
     assert (venv / 'bin' / script).exists(), script
