@@ -9,7 +9,6 @@ SIGINT is tested in-process on the retraining loop (the same helpers).
 """
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -35,10 +34,10 @@ TIMEOUT = 300
 class Search:
   """The tiny search as a child process; its output lines are collected as they come."""
 
-  def __init__(self, workdir, data_dir, preexec_fn=None):
+  def __init__(self, workdir, data_dir, wrapper=()):
     argv, env = script_command('search_cifar.py', *search_args(workdir, data_dir))
-    self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=env, cwd=ROOT, preexec_fn=preexec_fn)
+    self.proc = subprocess.Popen([*wrapper, *argv], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     self.lines, self.err_lines = [], []
     self._readers = [threading.Thread(target=self._read, args=(f, out), daemon=True)
                      for f, out in ((self.proc.stdout, self.lines),
@@ -91,11 +90,15 @@ def _tmp_dirs(workdir):
   return [n for n in os.listdir(folder) if checkpoint.TMP_SUFFIX in n] if folder.is_dir() else []
 
 
-def _limit_file_size():
-  """In the child: files may not grow past 32 KB (a checkpoint's arrays do,
-  the metrics do not), and the write fails (EFBIG) instead of killing it."""
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, resource.RLIM_INFINITY))
+# Runs the command after it with files that may not grow past 32 KB (a
+# checkpoint's arrays do, the metrics do not): a write fails (EFBIG) instead
+# of killing the process. Both settings survive exec; no preexec_fn, which
+# forks a multithreaded (JAX) parent.
+LIMIT_FILE_SIZE = (sys.executable, '-c',
+                   'import os, resource, signal, sys; '
+                   'signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '
+                   'resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, resource.RLIM_INFINITY)); '
+                   'os.execv(sys.argv[1], sys.argv[1:])')
 
 
 def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_path, cifar_dir):
@@ -117,7 +120,7 @@ def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_
 
   # A save that fails (its files may not grow: EFBIG, as a full disk's
   # ENOSPC) stops the run with one line; step 1's checkpoint is intact.
-  run = Search(workdir, cifar_dir, preexec_fn=_limit_file_size)
+  run = Search(workdir, cifar_dir, wrapper=LIMIT_FILE_SIZE)
   assert run.finish() == 1
   last = run.last_line()
   assert last.startswith('error: saving the checkpoint of step 2 to ') and 'File too large' in last
