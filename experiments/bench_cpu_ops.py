@@ -54,6 +54,8 @@ os.environ['JAX_PLATFORMS'] = 'cpu'  # the figures are XLA:CPU's
 
 from absl import app, flags  # noqa: E402
 
+from experiments import benchmarking  # noqa: E402
+
 SECTIONS = ('bandwidth', 'depthwise', 'dilconv', 'pool', 'cell', 'init')
 
 flags.DEFINE_integer('batch_size', 64, 'N: images per batch.')
@@ -133,7 +135,7 @@ def measure(step, args, donate: bool = False, moved_bytes: int = 0) -> dict:
   step_s = statistics.median(times[FLAGS.warmup:])
   return {'compile_s': round(compile_s, 3), 'step_ms': round(1e3 * step_s, 3),
           **({'gb_s': round(moved_bytes / step_s / 1e9, 2)} if moved_bytes else {}),
-          'kernels': sum(' = ' in line and ' fusion(' in line for line in hlo),
+          'kernels': benchmarking.fused_kernels(compiled),
           'calls': sum(' custom-call(' in line for line in hlo),
           'temp_mb': round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1),
           'faults': round(faults / FLAGS.steps)}
@@ -331,13 +333,7 @@ def init_rows():
 def environment() -> dict:
   import jax
   from snas_jax.backends.cpu import native, process
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return {'machine': f'{cpu}, {os.cpu_count()} cores', 'jax': jax.__version__,
+  return {'machine': benchmarking.machine(), 'jax': jax.__version__,
           'python': platform.python_version(), 'memory': process.memory_tuning(),
           'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'native': native.fallback_reason() or 'built', 'command': ' '.join(sys.argv),
@@ -355,25 +351,11 @@ def main(argv):
   if FLAGS.child:
     print(json.dumps(measure_cell(json.loads(FLAGS.child))), flush=True)
     return
-  env = environment()
-  print(json.dumps(env))
   cols = ('section', 'op', 'variant', 'compile_s', 'step_ms', 'kernels', 'calls', 'temp_mb',
           'faults', 'gb_s', 'init_s')
-  print(' | '.join(cols))
-  results = []
-  for section in SECTIONS:
-    if section not in FLAGS.sections:
-      continue
-    for r in globals()[f'{section}_rows']():
-      r = {'section': section, **r}
-      results.append(r)
-      print(' | '.join(str(r.get(c, '-')) for c in cols) +
-            (f' | {r["error"]}' if 'error' in r else ''), flush=True)
-  for r in results:
-    print(json.dumps(r))
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, 'w') as f:
-      json.dump({'environment': env, 'results': results}, f, indent=1)
+  rows = ({'section': section, **r} for section in SECTIONS if section in FLAGS.sections
+          for r in globals()[f'{section}_rows']())
+  benchmarking.report(environment(), cols, rows, FLAGS.json_out)
 
 
 if __name__ == '__main__':

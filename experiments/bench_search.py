@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from experiments import benchmarking  # noqa: E402
+
 flags.DEFINE_integer('batch_size', 64, 'Global batch of the base configuration.')
 flags.DEFINE_integer('channels', 16, 'C of the base configuration.')
 flags.DEFINE_integer('layers', 8, 'Cells of the base configuration.')
@@ -117,7 +119,7 @@ def measure(spec: dict) -> dict:
           'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
           'rss_compiled_gb': round(rss_compiled, 2),
           'xla_temp_gb': round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 2),
-          'device_peak_gb': device_peak_gb(), 'kernels': fused_kernels(compiled)}
+          'device_peak_gb': device_peak_gb(), 'kernels': benchmarking.fused_kernels(compiled)}
 
 
 def device_peak_gb():
@@ -129,27 +131,11 @@ def device_peak_gb():
   return round(peak / 2**30, 2) if peak else '-'
 
 
-def fused_kernels(compiled) -> int | None:
-  """Fusions in the optimised program: what XLA:CPU emits a kernel for, the
-  driver of its compile time (~11 ms each here) and, unlike that time, not
-  moved by the machine's load."""
-  try:
-    return sum(' = ' in line and ' fusion(' in line for line in compiled.as_text().splitlines())
-  except Exception:  # an executable without its HLO text (some cache loads)
-    return None
-
-
 def environment() -> dict:
   import flax
   import jax
   import optax
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return {'machine': f'{cpu}, {os.cpu_count()} cores', 'backend': jax.default_backend(),
+  return {'machine': benchmarking.machine(), 'backend': jax.default_backend(),
           'device': str(jax.devices()[0].device_kind), 'jax': jax.__version__,
           'flax': flax.__version__, 'optax': optax.__version__, 'python': platform.python_version()}
 
@@ -196,26 +182,14 @@ def main(argv):
   if FLAGS.child:
     print(json.dumps(measure(json.loads(FLAGS.child))), flush=True)
     return
-  env = environment()
-  print(json.dumps(env))
   cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'backend', 'ops', 'memory',
           'remat', 'cache', 'build_s', 'init_s',
           'trace_s', 'compile_s', 'step_s', 'images_per_s', 'page_faults_per_step',
           'rss_compiled_gb', 'peak_rss_gb', 'xla_temp_gb', 'device_peak_gb', 'kernels')
-  print(' | '.join(cols))
-  results = []
   with tempfile.TemporaryDirectory(prefix='bench_xla_cache_') as cache_dir:
-    for spec in specs(cache_dir):
-      r = run_child(spec)
-      r.pop('cache_dir', None)
-      results.append(r)
-      print(' | '.join(str(r.get(c, '-')) for c in cols) +
-            (f' | {r["error"]}' if 'error' in r else ''), flush=True)
-  for r in results:
-    print(json.dumps(r))
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, 'w') as f:
-      json.dump({'environment': env, 'results': results}, f, indent=1)
+    rows = ({k: v for k, v in run_child(spec).items() if k != 'cache_dir'}
+            for spec in specs(cache_dir))
+    benchmarking.report(environment(), cols, rows, FLAGS.json_out)
 
 
 if __name__ == '__main__':

@@ -283,5 +283,6 @@ def main():
   save(GOLDEN, cases)
   print(f'wrote {os.path.relpath(GOLDEN, ROOT)}: {os.path.getsize(GOLDEN):,} bytes')
 
+
 if __name__ == '__main__':
   main()

@@ -486,9 +486,8 @@ def imagenet_datasets(tfds_data_dir: str | None, global_batch: int, *, seed: int
   Returns (train_factory, eval_factory, num_train, num_eval); train_factory(epoch,
   start_step=0) (batches start_step.. of the epoch: a resume skips the encoded
   records, decoding none of them) and eval_factory(epoch=0) give iterables of
-  local batches {'image':
-  float32[b, S, S, 3], 'label': int32[b], 'mask': bool[b]}, b = global_batch //
-  process_count, S = image_size. Every process gets the same number of batches
+  local batches {'image': float32[b, S, S, 3], 'label': int32[b], 'mask':
+  bool[b]}, b = global_batch // process_count, S = image_size. Every process gets the same number of batches
   (train drops the remainder; eval pads with masked rows).
   """
   tf, tfds = _import_tf()

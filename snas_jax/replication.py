@@ -67,17 +67,9 @@ METHODS = {
               'flags': {'method': 'darts', 'resource_eta': '0'}},
 }
 
-def _samples(method: str) -> bool:
-  """Whether the method samples Z at a temperature (DARTS mixes by softmax(α))."""
-  return METHODS[method]['flags']['method'] == 'snas'
-
-
-def _tau_cell(method: str, s: dict) -> str:
-  return f'{s["tau"][0]:.3f}' if _samples(method) else '— (no sampling)'
-
-
-def _final_tau(method: str, s: dict) -> str:
-  return f'final τ {s["tau"][0]:.3f}; ' if _samples(method) else ''
+def _final_tau(method: str, s: dict) -> str | None:
+  """The final τ, formatted; None for DARTS, which mixes by softmax(α) and samples nothing."""
+  return f'{s["tau"][0]:.3f}' if METHODS[method]['flags']['method'] == 'snas' else None
 
 
 # Table 1 of the paper: search validation accuracy -> child accuracy without
@@ -460,8 +452,9 @@ def _verdicts(summary: dict) -> list[str]:
            'The ordering agrees with the paper, within twice its standard error.' if diff > 0 else
            'The ordering **disagrees** with the paper.'))
   for method, s in summary.items():
+    tau = _final_tau(method, s)
     lines.append(
-        f'- Premises, {METHODS[method]["label"]}: {_final_tau(method, s)}α entropy '
+        f'- Premises, {METHODS[method]["label"]}: {f"final τ {tau}; " if tau else ""}α entropy '
         f'{math.log(8):.3f} (uniform) at the start, {s["alpha_entropy_normal"][0]:.3f} (normal) and '
         f'{s["alpha_entropy_reduce"][0]:.3f} (reduce) at the end: '
         + ('α moved.' if min(s['alpha_entropy_normal'][0], s['alpha_entropy_reduce'][0])
@@ -553,7 +546,7 @@ def write_report(workdir: str, docs_dir: str = str(ROOT / 'docs')) -> dict:
           '| method | α entropy normal | α entropy reduce | final τ |', '|---|---|---|---|']
   for method, s in summary.items():
     out.append(f'| {METHODS[method]["label"]} | {_num(s["alpha_entropy_normal"], 3)} | '
-               f'{_num(s["alpha_entropy_reduce"], 3)} | {_tau_cell(method, s)} |')
+               f'{_num(s["alpha_entropy_reduce"], 3)} | {_final_tau(method, s) or "— (no sampling)"} |')
 
   out += ['', '## 2. Against the paper', '',
           f'Criteria: the child *keeps* the search accuracy when the mean gap is at least '
