@@ -23,9 +23,11 @@ import json
 import os
 import queue
 import re
+import socket
 import sys
 import tempfile
 import threading
+import urllib.parse
 from typing import Callable, Iterator
 
 import numpy as np
@@ -76,22 +78,69 @@ def normalize(images, mean=CIFAR_MEAN, std=CIFAR_STD):
 # CIFAR-10 loading.
 
 
-def load_cifar10(data_dir: str | None = None, tfds_data_dir: str | None = None,
-                 cache_dir: str | None = None) -> dict:
+# Where CIFAR-10 comes from when --data_dir=auto: an npz copy named by this
+# environment variable, else the one beside the repository's checkouts, else tfds.
+DATA_DIR_ENV = 'SNAS_JAX_DATA_DIR'
+AUTO = 'auto'
+_NO_DATA = ('pass --data_dir=<folder with train.npz, test.npz> (or set $SNAS_JAX_DATA_DIR), or '
+            'run with a network so that tensorflow-datasets can download CIFAR-10')
+
+
+def repository_cifar_dir() -> str | None:
+  """../shared/data/cifar10 beside the source checkout this package runs
+  from; None for an installed package (no checkout around it)."""
+  repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if not os.path.isfile(os.path.join(repository, 'setup.cfg')):
+    return None
+  return os.path.normpath(os.path.join(repository, '..', 'shared', 'data', 'cifar10'))
+
+
+def resolve_cifar10(data_dir: str | None) -> tuple[str | None, str]:
+  """(the npz folder to read, or None for tfds; why that source).
+
+  data_dir: a folder; None or '' for tfds; 'auto' for $SNAS_JAX_DATA_DIR, then
+  the repository's ../shared/data/cifar10, then tfds.
+  """
+  if data_dir != AUTO:
+    return (data_dir or None), ('--data_dir' if data_dir else 'asked for by --data_dir=')
+  env = os.environ.get(DATA_DIR_ENV)
+  if env:
+    if not os.path.isfile(os.path.join(env, 'train.npz')):
+      raise DataError(f'${DATA_DIR_ENV}={env} is not a folder with train.npz, test.npz; point it '
+                      f'at a CIFAR-10 copy or unset it')
+    return env, f'${DATA_DIR_ENV}'
+  beside = repository_cifar_dir()
+  if beside and os.path.isfile(os.path.join(beside, 'train.npz')):
+    return beside, 'the folder beside the repository'
+  return None, (f'${DATA_DIR_ENV} unset and no copy at {beside}' if beside
+                else f'${DATA_DIR_ENV} unset')
+
+
+def load_cifar10(data_dir: str | None = AUTO, tfds_data_dir: str | None = None,
+                 cache_dir: str | None = None, log: Callable[[str], None] | None = None) -> dict:
   """CIFAR-10 as uint8 arrays.
 
   Returns {'train_images': uint8[50000,32,32,3], 'train_labels': int32[50000],
   'test_images': uint8[10000,32,32,3], 'test_labels': int32[10000]}.
   data_dir: folder with train.npz / test.npz (+ MANIFEST.json), read in place;
   decoded arrays are cached in cache_dir (default ~/.cache/snas_jax) keyed by the
-  npz SHA-256. data_dir None: tfds 'cifar10', which must already be prepared.
+  npz SHA-256. None or '': tfds 'cifar10', downloaded and prepared into
+  tfds_data_dir on first use. 'auto': see ``resolve_cifar10``. ``log`` gets one
+  line saying which source is read, and where.
   """
-  if data_dir is None:
-    return _load_cifar10_tfds(tfds_data_dir)
+  folder, why = resolve_cifar10(data_dir)
+  if folder is None:
+    return _load_cifar10_tfds(tfds_data_dir, why, log)
+  if log:
+    log(f'CIFAR-10: npz copy in {os.path.abspath(folder)} ({why})')
+  return _load_cifar10_npz(folder, cache_dir)
+
+
+def _load_cifar10_npz(data_dir: str, cache_dir: str | None) -> dict:
   cache_dir = os.path.expanduser(cache_dir or os.path.join('~', '.cache', 'snas_jax'))
   if not os.path.isdir(data_dir):
     raise DataError(f'CIFAR-10 folder {data_dir} does not exist; pass --data_dir=<folder with '
-                    f'train.npz, test.npz>, e.g. ../shared/data/cifar10')
+                    f'train.npz, test.npz>, or --data_dir=auto to find a copy or download one')
   manifest = _read_manifest(data_dir)  # {split: {'images': n, 'sha256': hex}}
   shas = {}
   for split in _CIFAR_SPLITS:
@@ -201,20 +250,41 @@ def _decode_npz(path: str, count: int) -> tuple[np.ndarray, np.ndarray]:
   return images, labels.astype(np.int32)
 
 
-def _load_cifar10_tfds(tfds_data_dir: str | None) -> dict:
-  """CIFAR-10 from an already prepared tfds 'cifar10' (no download: no internet)."""
+def _load_cifar10_tfds(tfds_data_dir: str | None, why: str,
+                       log: Callable[[str], None] | None) -> dict:
+  """CIFAR-10 from tfds 'cifar10', downloaded and prepared on first use."""
   _, tfds = _import_tf()
   builder = tfds.builder('cifar10', data_dir=tfds_data_dir)
   if not builder.is_prepared():
-    raise DataError(f'tfds cifar10 is not prepared in {builder.data_dir}; pass '
-                    f'--data_dir=../shared/data/cifar10 (local npz copy) or '
-                    f'--tfds_data_dir=<folder with a prepared cifar10>')
+    if log:
+      log(f'CIFAR-10: tensorflow-datasets, downloading into {builder.data_dir} ({why})')
+    # tfds retries an unreachable host for minutes: ask once, quickly.
+    host = urllib.parse.urlparse(builder.info.homepage).hostname  # the download's host too
+    if not _reachable(host):
+      raise DataError(f'CIFAR-10 is not prepared in {builder.data_dir} and {host} cannot be '
+                      f'reached to download it ({why}); {_NO_DATA}')
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # network, disk and archive errors alike: nothing to resume
+      raise DataError(f'tensorflow-datasets could not download and prepare CIFAR-10 into '
+                      f'{builder.data_dir} ({type(e).__name__}: {e}); {_NO_DATA}') from None
+  elif log:
+    log(f'CIFAR-10: tensorflow-datasets, prepared in {builder.data_dir} ({why})')
   out = {}
   for split in _CIFAR_SPLITS:
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
     out[f'{split}_images'] = data['image'].astype(np.uint8)
     out[f'{split}_labels'] = data['label'].astype(np.int32)
   return out
+
+
+def _reachable(host: str, timeout: float = 10.0) -> bool:
+  """Whether a TCP connection to ``host``'s HTTPS port opens within ``timeout`` seconds."""
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
 
 
 # ----------------------------------------------------------------------------

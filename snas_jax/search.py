@@ -33,9 +33,12 @@ from snas_jax.search_model import SearchNetwork
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
   # Data.
-  data_dir: str = field('', 'Folder with the CIFAR-10 npz copy (e.g. ../shared/data/cifar10), '
-                        'read in place. Empty: tensorflow-datasets cifar10.')
-  tfds_data_dir: str = field('', 'tensorflow-datasets data dir for cifar10 when --data_dir is empty.')
+  data_dir: str = field('auto', 'Folder with the CIFAR-10 npz copy (train.npz, test.npz), read '
+                        'in place. auto: $SNAS_JAX_DATA_DIR, else ../shared/data/cifar10 beside '
+                        'the repository, else tensorflow-datasets (downloaded on first use). '
+                        'Empty: tensorflow-datasets.')
+  tfds_data_dir: str = field('', 'tensorflow-datasets data dir for cifar10 when it is read '
+                             'through tfds; empty: the tfds default.')
   num_train_images: int = field(0, 'Search on this many training images (class-balanced '
                                 'subset); 0 = all 50,000 (or all but the held-out ones).')
   heldout_images: int = field(0, 'Hold out this many training images for search validation; '
@@ -367,7 +370,8 @@ def load_genotype(search_workdir: str, rule: str = 'snas') -> genotypes.Genotype
 
 def load_data(cfg: SearchConfig) -> dict:
   """Train / validation / test arrays; fails (one line) before anything compiles."""
-  cifar = data.load_cifar10(cfg.data_dir or None, cfg.tfds_data_dir or None)
+  cifar = data.load_cifar10(cfg.data_dir, cfg.tfds_data_dir or None,
+                            log=print if jax.process_index() == 0 else None)
   train = (data.downsample(cifar['train_images'], cfg.image_size), cifar['train_labels'])
   test = (data.downsample(cifar['test_images'], cfg.image_size), cifar['test_labels'])
   val = test

@@ -104,8 +104,10 @@ class TrainConfig:
   grad_clip: float = field(5.0, 'Clip the gradient\'s global norm to this; 0 disables clipping.')
   label_smoothing: float = field(0.0, 'Label smoothing of the training loss (0.1 on ImageNet).')
   # Data.
-  data_dir: str = field('', 'CIFAR-10: folder with train.npz / test.npz (e.g. '
-                        '../shared/data/cifar10); empty: tfds cifar10 from --tfds_data_dir.')
+  data_dir: str = field('auto', 'CIFAR-10: folder with train.npz / test.npz, read in place. '
+                        'auto: $SNAS_JAX_DATA_DIR, else ../shared/data/cifar10 beside the '
+                        'repository, else tensorflow-datasets (downloaded on first use). Empty: '
+                        'tensorflow-datasets.')
   tfds_data_dir: str = field('', 'tfds data folder (ImageNet: imagenet2012, prepared from the '
                              'manual download); empty: the tfds default.')
   cutout: int = field(16, 'CIFAR-10: side of the cutout square (0 = off).')
@@ -363,7 +365,8 @@ def cifar_iterators(config: TrainConfig, arrays: dict):
 
 def make_data(config: TrainConfig) -> DataSource:
   if config.dataset == 'cifar10':
-    arrays = data.load_cifar10(config.data_dir or None, config.tfds_data_dir or None)
+    arrays = data.load_cifar10(config.data_dir, config.tfds_data_dir or None,
+                               log=print if jax.process_index() == 0 else None)
     train_it, test_it = cifar_iterators(config, arrays)
     return DataSource(train_it.epoch, lambda: test_it.epoch(0), train_it.steps_per_epoch,
                       len(train_it.labels), len(test_it.labels))

@@ -41,16 +41,21 @@ def cifar_dir():
   return CIFAR_DIR
 
 
-def write_imagenet_metadata(data_dir, examples_per_split: int):
-  """What a prepared tfds imagenet2012 has, minus the records: lets
-  tfds.testing.mock_data serve it."""
+def write_tfds_metadata(name: str, data_dir, splits: dict):
+  """What a prepared tfds data set has, minus the records ({split: examples}):
+  lets tfds.testing.mock_data serve it."""
   import tensorflow_datasets as tfds
-  builder = tfds.builder('imagenet2012', data_dir=str(data_dir))
+  builder = tfds.builder(name, data_dir=str(data_dir))
   builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=name, shard_lengths=[examples_per_split], num_bytes=0)
-      for name in ('train', 'validation')]))
+      tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0)
+      for split, n in splits.items()]))
   os.makedirs(builder.data_dir)
   builder.info.write_to_directory(builder.data_dir)
+
+
+def write_imagenet_metadata(data_dir, examples_per_split: int):
+  write_tfds_metadata('imagenet2012', data_dir,
+                      {'train': examples_per_split, 'validation': examples_per_split})
 
 
 # A tiny search through the real CLI (train tests retrain its result), on the

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import write_imagenet_metadata
+from conftest import write_imagenet_metadata, write_tfds_metadata
 
 from snas_jax import data
 
@@ -122,10 +122,85 @@ def test_load_cifar10_errors_name_the_flag(tmp_path, make):
   assert '--data_dir' in str(err.value) and '\n' not in str(err.value)
 
 
-def test_tfds_cifar10_absent(tmp_path):
-  with pytest.raises(data.DataError, match='--data_dir=../shared/data/cifar10') as err:
-    data.load_cifar10(None, tfds_data_dir=str(tmp_path))
-  assert '--tfds_data_dir' in str(err.value) and '\n' not in str(err.value)
+# ----------------------------------------------------------------------------
+# Where CIFAR-10 comes from: --data_dir=auto (the default), a folder, or tfds.
+
+
+@pytest.fixture
+def no_local_copy(monkeypatch, tmp_path):
+  """Neither $SNAS_JAX_DATA_DIR nor a copy beside the repository."""
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  monkeypatch.setattr(data, 'repository_cifar_dir', lambda: str(tmp_path / 'no_copy_here'))
+
+
+def test_auto_reads_the_folder_named_by_the_environment(tmp_path, monkeypatch):
+  folder = str(tmp_path / 'c')
+  _write_fake(folder, [_jpeg(10), _jpeg(30)], [_jpeg(20)])
+  monkeypatch.setenv(data.DATA_DIR_ENV, folder)
+  lines = []
+  arrays = data.load_cifar10('auto', cache_dir=str(tmp_path / 'cache'), log=lines.append)
+  assert arrays['train_images'].shape == (2, 32, 32, 3) and arrays['test_labels'].tolist() == [0]
+  assert lines == [f'CIFAR-10: npz copy in {folder} ($SNAS_JAX_DATA_DIR)']
+
+
+def test_auto_refuses_an_environment_variable_without_a_copy(tmp_path, monkeypatch):
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+  with pytest.raises(data.DataError, match=r'\$SNAS_JAX_DATA_DIR=.* unset it') as err:
+    data.load_cifar10('auto')
+  assert '\n' not in str(err.value)
+
+
+def test_auto_finds_the_copy_beside_the_repository(monkeypatch, tmp_path):
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  if not os.path.isfile(os.path.join(CIFAR_DIR, 'train.npz')):
+    pytest.skip('no copy beside this checkout')
+  monkeypatch.chdir(tmp_path)  # found beside the package, from any folder
+  folder, why = data.resolve_cifar10('auto')
+  assert os.path.samefile(folder, CIFAR_DIR) and why == 'the folder beside the repository'
+  assert data.resolve_cifar10('') == (None, 'asked for by --data_dir=')
+  assert data.resolve_cifar10('/x') == ('/x', '--data_dir')
+
+
+def test_auto_without_a_copy_takes_tfds(tmp_path, no_local_copy):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  write_tfds_metadata('cifar10', tmp_path, {'train': 12, 'test': 4})
+  lines = []
+  with tfds.testing.mock_data(num_examples=12, data_dir=str(tmp_path)):
+    arrays = data.load_cifar10('auto', tfds_data_dir=str(tmp_path), log=lines.append)
+  assert arrays['train_images'].shape == (12, 32, 32, 3)
+  assert arrays['train_images'].dtype == np.uint8 and arrays['train_labels'].dtype == np.int32
+  [line] = lines
+  assert line.startswith('CIFAR-10: tensorflow-datasets, prepared in ' + str(tmp_path))
+  assert '$SNAS_JAX_DATA_DIR unset and no copy at' in line
+
+
+def _assert_both_ways_out(err):
+  message = str(err.value)
+  assert '\n' not in message
+  assert '--data_dir=<folder with train.npz, test.npz>' in message and 'network' in message
+
+
+def test_no_copy_and_no_network_is_one_line(tmp_path, monkeypatch, no_local_copy):
+  def refuse(*args, **kwargs):
+    raise OSError('Name or service not known')
+  monkeypatch.setattr(data.socket, 'create_connection', refuse)
+  start = time.perf_counter()
+  with pytest.raises(data.DataError, match='www.cs.toronto.edu cannot be reached') as err:
+    data.load_cifar10('auto', tfds_data_dir=str(tmp_path / 'tfds'))
+  assert time.perf_counter() - start < 30  # no minutes of download retries
+  _assert_both_ways_out(err)
+
+
+def test_failed_download_is_one_line(tmp_path, monkeypatch, no_local_copy):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  monkeypatch.setattr(data, '_reachable', lambda host: True)
+
+  def fail(self, *args, **kwargs):
+    raise ConnectionError('connection reset\nby peer')
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', fail)
+  with pytest.raises(data.DataError, match='could not download and prepare CIFAR-10') as err:
+    data.load_cifar10('', tfds_data_dir=str(tmp_path / 'tfds'))
+  _assert_both_ways_out(err)
 
 
 # ----------------------------------------------------------------------------
@@ -345,3 +420,22 @@ def test_imagenet_absent(tmp_path):
 def test_crop_pad_scales_with_the_image():
   """App. G.1's pad 4 at 32x32; the same relative shift on downsampled images."""
   assert [data.crop_pad(h) for h in (32, 24, 16, 8, 4)] == [4, 3, 2, 1, 1]
+
+
+def test_search_runs_on_tfds_cifar10_without_a_local_copy(tmp_path, capsys, no_local_copy):
+  """The default --data_dir=auto with no npz copy anywhere: the search reads
+  tensorflow-datasets (here its mock) and says so first."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  from snas_jax import search
+  write_tfds_metadata('cifar10', tmp_path / 'tfds', {'train': 128, 'test': 64})
+  cfg = search.SearchConfig(  # conftest.TINY_SEARCH
+      tfds_data_dir=str(tmp_path / 'tfds'), channels=4, layers=3, image_size=8,
+      num_train_images=128, num_eval_images=64, num_test_images=64, batch_size=32,
+      eval_batch_size=64, epochs=2, checkpoint_every_steps=2, resource_eta=1e-3,
+      backend='reference', stop_after_step=2)
+  assert cfg.data_dir == 'auto'
+  with tfds.testing.mock_data(num_examples=128, data_dir=str(tmp_path / 'tfds')):
+    search.run(cfg, str(tmp_path / 'work'))
+  out = capsys.readouterr().out
+  assert out.startswith('CIFAR-10: tensorflow-datasets, prepared in ' + str(tmp_path / 'tfds'))
+  assert (tmp_path / 'work' / 'checkpoints' / '2').is_dir()  # two steps ran and were saved
