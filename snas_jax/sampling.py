@@ -34,6 +34,12 @@ def sample_arch_weights(key: jax.Array, alpha: jax.Array, tau):
   return relaxed_sample(alpha, noise, tau), hard_sample(alpha, noise), noise
 
 
+def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
+  """The value of ``hard`` with the gradient of ``soft`` (GDAS's sample).
+  soft - soft is exactly 0, so the forward value is exactly one-hot."""
+  return hard + (soft - jax.lax.stop_gradient(soft))
+
+
 def concrete_log_density(z: jax.Array, alpha: jax.Array, tau) -> jax.Array:
   """log p_α,τ(Z) of a Concrete sample, per row (Maddison et al. 2017):
 
