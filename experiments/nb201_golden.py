@@ -11,6 +11,7 @@ format (its ``save``/``load``). Cases:
   blocks), 16×16 images, batch 4: TinyNetworkDarts' stem, cells, head and
   mixture Σ_k Z_k·op_k(x) with a given soft Z [6, 5] in place of softmax(α)
   (non-affine BN in the cells, running statistics tracked);
+* 'search_untracked': the same with ``track_running_stats=False`` in the cells;
 * 'child': TinyNetwork with ``CHILD_ARCH`` (every op), C = 4, N = 1, 16×16, batch 4;
 
 each with its inputs, 'params' and 'batch_stats' in the Flax layout
@@ -141,7 +142,7 @@ def to_flax(state_dict) -> dict:
 # The cases.
 
 
-def _supernet(c: int, n: int):
+def _supernet(c: int, n: int, track_running_stats: bool):
   """TinyNetworkDarts' modules, run with a given Z [6, 5] in place of softmax(α)."""
   import torch
   from xautodl.models.cell_searchs.search_cells import NAS201SearchCell
@@ -151,7 +152,7 @@ def _supernet(c: int, n: int):
     def __init__(self):
       super().__init__()
       darts = TinyNetworkDarts(c, n, nb201.NUM_NODES + 1, CLASSES, list(nb201.OP_NAMES),
-                               affine=False, track_running_stats=True)
+                               affine=False, track_running_stats=track_running_stats)
       # TinyNetworkDarts' modules but not its α (arch_parameters): Z is an input here.
       self.stem, self.cells, self.lastact = darts.stem, darts.cells, darts.lastact
       self.global_pooling, self.classifier = darts.global_pooling, darts.classifier
@@ -197,10 +198,10 @@ def _run(net, case: dict, forward, z=None) -> dict:
   return case
 
 
-def search_case(rng: np.random.Generator) -> dict:
+def search_case(rng: np.random.Generator, track_running_stats: bool = True) -> dict:
   import torch
   cfg = SEARCH
-  net = _supernet(cfg['c'], cfg['n'])
+  net = _supernet(cfg['c'], cfg['n'], track_running_stats)
   with torch.no_grad():
     pytorch_golden._randomize(net, rng)
   case = pytorch_golden._inputs(rng, cfg['batch'], cfg['image_size'])
@@ -238,13 +239,15 @@ def count_case() -> dict:
 
 
 def generate() -> dict:
-  """Every case, computed now by PyTorch and xautodl: {'search', 'child', 'counts'}."""
+  """Every case, computed now by PyTorch and xautodl: {'search', 'search_untracked', 'child',
+  'counts'}."""
   import torch
   threads = torch.get_num_threads()
   torch.set_num_threads(1)  # tiny networks; leave the cores to XLA in a process that runs both
   try:
     rng = np.random.default_rng(SEED)
-    return {'search': search_case(rng), 'child': child_case(rng), 'counts': count_case()}
+    return {'search': search_case(rng), 'search_untracked': search_case(rng, False),
+            'child': child_case(rng), 'counts': count_case()}
   finally:
     torch.set_num_threads(threads)
 

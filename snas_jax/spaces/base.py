@@ -46,8 +46,9 @@ CELL_OUTPUTS = ('concat', 'last')
 class Op:
   """One candidate operation of a space.
 
-  ``module(c, stride, *, affine, name)``: the reference Flax module on an
-  edge with ``c`` channels, or None for the zero op (never computed).
+  ``module(c, stride, *, affine, name, **space options)``: the reference
+  Flax module on an edge with ``c`` channels, or None for the zero op (never
+  computed).
   ``cost(c, y_out, stride)``: (params, FLOPs, MAC). ``cpu_form``: the CPU
   backend's faster form of the op, or None (the reference op runs).
   """

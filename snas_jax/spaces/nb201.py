@@ -32,7 +32,8 @@ The block: ReLU-conv3x3/2-BN, ReLU-conv3x3-BN, plus a shortcut 2x2 average
 pool /2 -> 1x1 conv (no BN). The stem, the blocks and the head keep affine
 BN in the supernet too. Every BatchNorm is ``ops.BatchNorm`` (PyTorch's:
 momentum 0.1, running variance from the unbiased batch variance), that is
-``track_running_stats=True``.
+``track_running_stats=True``, except the supernet's cell BNs with
+``track_running_stats=False`` (``SearchNetwork``).
 
 **The supernet** (TinyNetworkDarts with Z given): every cell edge is
 Σ_k Z[e, k]·op_k(x), one Z [6, 5] for all cells (cell type 'cell').
@@ -60,6 +61,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -82,12 +84,30 @@ EXAMPLE = '|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_
 # Ops.
 
 
+class BatchStatNorm(nn.Module):
+  """torch.nn.BatchNorm2d(track_running_stats=False), not affine: normalises with the batch's
+  mean and biased variance over every axis but the last, in training and in evaluation alike;
+  no variables."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    return (x - mean) * jax.lax.rsqrt(jnp.square(x - mean).mean(axes) + ops.BN_EPSILON)
+
+
 class ReLUConvBN(nn.Module):
-  """ReLU -> KxK conv (pad K//2, bias iff BN is not affine) -> BN. x [N,H,W,C_in] -> [N,H',W',c_out]."""
+  """ReLU -> KxK conv (pad K//2, bias iff BN is not affine) -> BN. x [N,H,W,C_in] -> [N,H',W',c_out].
+
+  ``track_running_stats=False`` (only with ``affine=False``, as AutoDL's search
+  scripts use it): ``BatchStatNorm`` in place of ``ops.BatchNorm``.
+  """
   c_out: int
   kernel: int
   stride: int = 1
   affine: bool = True
+  track_running_stats: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -96,6 +116,10 @@ class ReLUConvBN(nn.Module):
     y = nn.Conv(self.c_out, (k, k), (self.stride, self.stride), padding=((pad, pad), (pad, pad)),
                 use_bias=not self.affine, kernel_init=ops.torch_weight_init,
                 bias_init=ops.torch_bias_init(fan_in), name='conv')(nn.relu(x))
+    if not self.track_running_stats:
+      if self.affine:
+        raise ValueError('an affine BN without running statistics is not an NB201 module')
+      return BatchStatNorm(name='bn')(y, train)
     return ops.BatchNorm(self.affine, name='bn')(y, train)
 
 
@@ -115,27 +139,30 @@ def _check_stride(stride: int) -> None:
     raise ValueError(f'NB201 cell edges keep the resolution (stride 1), got stride {stride}')
 
 
-def _none(c, stride, *, affine=True, name=None):
-  del c, affine, name
+# Op factories: (c, stride, *, affine, name, track_running_stats) -> module or None.
+
+
+def _none(c, stride, *, affine=True, name=None, track_running_stats=True):
+  del c, affine, name, track_running_stats
   _check_stride(stride)
   return None
 
 
-def _skip(c, stride, *, affine=True, name=None):
-  del c, affine
+def _skip(c, stride, *, affine=True, name=None, track_running_stats=True):
+  del c, affine, track_running_stats
   _check_stride(stride)
   return ops.Identity(name=name)
 
 
 def _relu_conv_bn(kernel: int):
-  def make(c, stride, *, affine=True, name=None):
+  def make(c, stride, *, affine=True, name=None, track_running_stats=True):
     _check_stride(stride)
-    return ReLUConvBN(c, kernel, stride, affine, name=name)
+    return ReLUConvBN(c, kernel, stride, affine, track_running_stats, name=name)
   return make
 
 
-def _avg_pool(c, stride, *, affine=True, name=None):
-  del c, affine
+def _avg_pool(c, stride, *, affine=True, name=None, track_running_stats=True):
+  del c, affine, track_running_stats
   _check_stride(stride)
   return AvgPool(stride, name=name)
 
@@ -216,12 +243,14 @@ class MixedOp(nn.Module):
   """One supernet edge: Σ_k z[k]·op_k(x), BN not affine. x [N,H,W,C], z [5] -> [N,H,W,C]."""
   c: int
   train: bool
+  track_running_stats: bool = True
 
   @nn.compact
   def __call__(self, x, z):
     out = 0.0
     for k, name in enumerate(OP_NAMES):
-      op = OPS[name].module(self.c, 1, affine=False, name=name)
+      op = OPS[name].module(self.c, 1, affine=False, name=name,
+                            track_running_stats=self.track_running_stats)
       if op is not None:  # 'none' adds z·0
         out = out + z[k] * op(x, self.train)
     return out
@@ -240,6 +269,7 @@ class SearchCell(nn.Module):
   """
   c: int
   train: bool
+  track_running_stats: bool = True
 
   @nn.compact
   def __call__(self, x, z):
@@ -247,7 +277,8 @@ class SearchCell(nn.Module):
     nodes = [0.0] * NUM_NODES
     for b, (sources, dests, rows) in enumerate(EDGE_BATCHES):
       xs = jnp.stack([states[s] for s in sources] * len(dests))  # edge g reads sources[g % S]
-      y = EdgeBatch(self.c, self.train, name=edge_batch_name(sources))(xs, z[jnp.array(rows)])
+      y = EdgeBatch(self.c, self.train, self.track_running_stats, name=edge_batch_name(sources))(
+          xs, z[jnp.array(rows)])
       for i, d in enumerate(dests):
         nodes[d] = nodes[d] + y[i * len(sources):(i + 1) * len(sources)].sum(0)
       states.append(nodes[b])  # intermediate node b has all its inputs after batch b
@@ -269,11 +300,15 @@ class SearchNetwork(nn.Module):
 
   ``n``: cells per stage. Variables: ``stem_*``, ``cell_<i>`` for the 3N + 2
   positions of the stack (cells and blocks, numbered as AutoDL's
-  ``cells``), ``lastact_bn``, ``classifier``.
+  ``cells``), ``lastact_bn``, ``classifier``. ``track_running_stats``: of
+  the cells' BNs (AutoDL's ``--track_running_stats``; its NB201 search
+  scripts take it as an argument, their example runs 0): False normalises
+  them with the batch's statistics in evaluation too, and they keep none.
   """
   c: int = SEARCH_C
   n: int = SEARCH_N
   num_classes: int = 10
+  track_running_stats: bool = True
 
   @nn.compact
   def __call__(self, images, z, train: bool):
@@ -283,7 +318,8 @@ class SearchNetwork(nn.Module):
       if block:
         x = ResNetBasicBlock(channels, name=f'cell_{i}')(x, train)
       else:
-        x = SearchCell(channels, train, name=f'cell_{i}')(x, jnp.asarray(z[CELL_TYPE]))
+        x = SearchCell(channels, train, self.track_running_stats, name=f'cell_{i}')(
+            x, jnp.asarray(z[CELL_TYPE]))
     return _head(self.num_classes, x, train)
 
 
@@ -335,9 +371,11 @@ class ChildNetwork(nn.Module):
     return _head(self.num_classes, x, train), None
 
 
-def build_search_network(c: int, layers: int, num_classes: int) -> SearchNetwork:
+def build_search_network(c: int, layers: int, num_classes: int,
+                         track_running_stats: bool = True) -> SearchNetwork:
   """The supernet with C channels and ``layers`` = N cells per stage."""
-  return SearchNetwork(c=c, n=layers, num_classes=num_classes)
+  return SearchNetwork(c=c, n=layers, num_classes=num_classes,
+                       track_running_stats=track_running_stats)
 
 
 def build_child_network(arch: 'Arch', c: int, layers: int, num_classes: int) -> ChildNetwork:
