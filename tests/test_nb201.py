@@ -3,9 +3,10 @@
 tests/data/nb201_golden.npz holds xautodl's numbers (experiments/nb201_golden.py
 writes it): a tiny supernet (cell BNs with and without running statistics) and
 a tiny TinyNetwork with copied weights (logits, loss, every gradient, dL/dZ, BN
-running statistics, evaluation logits), and TinyNetwork's parameter and FLOP counts at NB201's C = 16, N = 5. The golden
-tests need no torch; where torch and xautodl are importable, they are also
-compared live. Then arch strings, derivation, costs and the space value.
+running statistics, evaluation logits), and TinyNetwork's parameter and FLOP
+counts at NB201's C = 16, N = 5. The golden tests need no torch; where torch
+and xautodl are importable, they are also compared live. Then arch strings,
+derivation, costs and the space value.
 """
 import functools
 import importlib.util
