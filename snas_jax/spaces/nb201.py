@@ -98,7 +98,9 @@ class BatchStatNorm(nn.Module):
 
 
 class ReLUConvBN(nn.Module):
-  """ReLU -> KxK conv (pad K//2, bias iff BN is not affine) -> BN. x [N,H,W,C_in] -> [N,H',W',c_out].
+  """ReLU -> KxK conv (pad K//2, bias iff BN is not affine) -> BN.
+
+  x [N,H,W,C_in] -> [N,H',W',c_out].
 
   ``track_running_stats=False`` (only with ``affine=False``, as AutoDL's search
   scripts use it): ``BatchStatNorm`` in place of ``ops.BatchNorm``.
@@ -431,7 +433,8 @@ def parse_arch_string(text) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
-  """An NB201 cell: the op of each of the 6 edges, in row order (1←0, 2←0, 2←1, 3←0, 3←1, 3←2).
+  """An NB201 cell: the op of each of the 6 edges, in row order
+  (1←0, 2←0, 2←1, 3←0, 3←1, 3←2).
 
   ``str(arch)`` is the arch string, ``Arch.from_string`` parses one; the
   JSON form is ``{"arch": "<arch string>"}``.
@@ -473,7 +476,8 @@ class Arch:
     return z
 
   def disconnection(self) -> str | None:
-    """None if a path of non-``none`` edges leads from the input to node 3; else why not, in a line."""
+    """None if a path of non-``none`` edges leads from the input to node 3; else, in a line,
+    that none does and what follows."""
     reached = {0}
     for node, edges in enumerate(self.nodes, start=1):
       if any(op != 'none' and state in reached for op, state in edges):
@@ -504,7 +508,8 @@ class Arch:
 def _check_alpha(alpha) -> np.ndarray:
   alpha = np.asarray(alpha)
   if alpha.shape != (len(EDGES), len(OP_NAMES)):
-    raise ValueError(f'NB201 alpha must be [{len(EDGES)}, {len(OP_NAMES)}], got {list(alpha.shape)}')
+    raise ValueError(f'NB201 alpha must be [{len(EDGES)}, {len(OP_NAMES)}], '
+                     f'got {list(alpha.shape)}')
   return alpha
 
 
