@@ -20,8 +20,9 @@ import optax
 import pytest
 
 from conftest import ROOT
-from snas_jax import spaces, train
+from snas_jax import genotypes, spaces, train
 from snas_jax.spaces import nb201
+from snas_jax.spaces.base import dag_edge_batches, dag_edges
 from snas_jax.spaces.nb201 import Arch
 from test_pytorch_fidelity import _jit, mismatches
 
@@ -324,6 +325,8 @@ def test_space_value():
   assert SPACE.edge_batches == (((0,), (0, 1, 2), (0, 1, 3)), ((1,), (1, 2), (2, 4)),
                                 ((2,), (2,), (5,)))
   assert SPACE.cell_types == ('cell',) and SPACE.cell_output == 'last'
+  # The same DAG code gives the DARTS cell's edges and batches.
+  assert dag_edges(2, 4) == genotypes.EDGES and dag_edge_batches(2, 4) == genotypes.edge_batches()
   assert SPACE.genotype_type is Arch
   with pytest.raises(ValueError, match=r"z must map the cell types \['cell'\]"):
     SPACE.check_arch_weights({'normal': np.zeros((6, 5)), 'reduce': np.zeros((6, 5))})
