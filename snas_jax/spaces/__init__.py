@@ -1,0 +1,24 @@
+"""The search spaces, by name: ``get('nb201')`` is the NAS-Bench-201 space's ``SearchSpace``.
+
+Adding a space: its own module in this folder that builds a ``SearchSpace``
+(base.py says what each field holds), and one line in ``SPACES``
+(docs/spaces.md).
+"""
+from __future__ import annotations
+
+from snas_jax.spaces import nb201
+from snas_jax.spaces.base import Op, SearchSpace
+
+SPACES = {
+    'nb201': nb201.SPACE,
+}
+
+
+def get(name: str) -> SearchSpace:
+  """The space called ``name``; a one-line ValueError naming the known ones otherwise."""
+  if name not in SPACES:
+    raise ValueError(f'unknown search space {name!r}; choose one of {", ".join(SPACES)}')
+  return SPACES[name]
+
+
+__all__ = ['Op', 'SearchSpace', 'SPACES', 'get']

@@ -1,0 +1,599 @@
+"""NAS-Bench-201 (Dong & Yang, ICLR 2020), as AutoDL-Projects defines it.
+
+Followed: xautodl 1.0.0 (D-X-Y/AutoDL-Projects): ``models/cell_operations.py``
+(the ops), ``models/cell_infers/tiny_network.py`` and ``cells.py``
+(TinyNetwork, InferCell: the child), ``models/cell_searchs/search_model_darts.py``
+and ``search_cells.py`` (TinyNetworkDarts, NAS201SearchCell: the supernet),
+``models/cell_searchs/genotypes.py`` (Structure: the arch strings). Written
+here from those definitions; tests/test_nb201.py checks it against them.
+
+**The cell.** One input (node 0), intermediate nodes 1, 2, 3; node i is the
+sum of one edge from every earlier node; the cell's output is node 3. The
+6 edges, in the row order of α and Z (AutoDL's sorted ``'i<-j'`` keys):
+1←0, 2←0, 2←1, 3←0, 3←1, 3←2. Every edge keeps the channel count and the
+resolution. The 5 ops, in column order:
+
+| op           | module                                                      |
+|--------------|-------------------------------------------------------------|
+| none         | the zero op: not computed, it contributes Z·0                |
+| skip_connect | identity                                                     |
+| nor_conv_1x1 | ReLU -> 1x1 conv -> BN                                       |
+| nor_conv_3x3 | ReLU -> 3x3 conv (pad 1) -> BN                               |
+| avg_pool_3x3 | 3x3 average, pad 1 excluded from the count, stride 1; no BN   |
+
+A conv has a bias exactly when its BN is not affine (``bias=not affine``
+in AutoDL): the supernet's cell convs have one (non-affine BN), the
+child's do not.
+
+**The network** (C channels, N cells per stage): stem 3x3 conv 3→C + BN;
+N cells at C; a residual basic block (stride 2) to 2C; N cells at 2C; a
+block to 4C; N cells at 4C; BN + ReLU; global average pooling; linear.
+The block: ReLU-conv3x3/2-BN, ReLU-conv3x3-BN, plus a shortcut 2x2 average
+pool /2 -> 1x1 conv (no BN). The stem, the blocks and the head keep affine
+BN in the supernet too. Every BatchNorm is ``ops.BatchNorm`` (PyTorch's:
+momentum 0.1, running variance from the unbiased batch variance), that is
+``track_running_stats=True``, except the supernet's cell BNs with
+``track_running_stats=False`` (``SearchNetwork``).
+
+**The supernet** (TinyNetworkDarts with Z given): every cell edge is
+Σ_k Z[e, k]·op_k(x), one Z [6, 5] for all cells (cell type 'cell').
+NB201's search protocol: C = 16, N = 5.
+
+**Arch strings**, NB201's format, the 6 edges node by node:
+``|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|``.
+Every edge is listed (``none`` too), inputs in order: the form of the
+benchmark's 15,625 cells.
+
+**Derivation.** 'snas': per edge the argmax over all 5 ops, ``none``
+included (AutoDL's ``genotype()`` of every NB201 search model does the
+same). 'darts': per edge the argmax over the 4 ops other than ``none``, the
+DARTS paper's rule with every edge kept (an NB201 node keeps all its
+inputs). A derived cell may have no path from its input to node 3;
+``Arch.disconnection`` says so.
+
+**Costs** (docs/algorithm.md §4's conventions; y the side, C the channels,
+BN parameters not counted): none 0, 0, 0; skip 0, 0, 2·y²·C; nor_conv K
+size = K²·C², FLOPs size·y², MAC 2·y²·C + size; avg pool 0, 9·y²·C, 2·y²·C.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from snas_jax import ops
+from snas_jax.search_model import edge_batch_name
+from snas_jax.spaces.base import Op, SearchSpace, dag_edge_batches, dag_edges
+
+OP_NAMES = ('none', 'skip_connect', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x3')
+NUM_INPUT_STATES = 1
+NUM_NODES = 3  # intermediate nodes 1, 2, 3 (node 0 is the cell's input)
+EDGES = dag_edges(NUM_INPUT_STATES, NUM_NODES)  # (intermediate node, state): node i+1 <- state
+EDGE_BATCHES = dag_edge_batches(NUM_INPUT_STATES, NUM_NODES)
+CELL_TYPE = 'cell'  # the one cell type: α and Z are {'cell': [6, 5]}
+SEARCH_C, SEARCH_N = 16, 5  # NB201's search protocol
+EXAMPLE = '|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|'
+
+
+# ----------------------------------------------------------------------------
+# Ops.
+
+
+class BatchStatNorm(nn.Module):
+  """torch.nn.BatchNorm2d(track_running_stats=False), not affine: normalises with the batch's
+  mean and biased variance over every axis but the last, in training and in evaluation alike;
+  no variables."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    return (x - mean) * jax.lax.rsqrt(jnp.square(x - mean).mean(axes) + ops.BN_EPSILON)
+
+
+class ReLUConvBN(nn.Module):
+  """ReLU -> KxK conv (pad K//2, bias iff BN is not affine) -> BN.
+
+  x [N,H,W,C_in] -> [N,H',W',c_out].
+
+  ``track_running_stats=False`` (only with ``affine=False``, as AutoDL's search
+  scripts use it): ``BatchStatNorm`` in place of ``ops.BatchNorm``.
+  """
+  c_out: int
+  kernel: int
+  stride: int = 1
+  affine: bool = True
+  track_running_stats: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    k, pad = self.kernel, self.kernel // 2
+    fan_in = x.shape[-1] * k * k
+    y = nn.Conv(self.c_out, (k, k), (self.stride, self.stride), padding=((pad, pad), (pad, pad)),
+                use_bias=not self.affine, kernel_init=ops.torch_weight_init,
+                bias_init=ops.torch_bias_init(fan_in), name='conv')(nn.relu(x))
+    if not self.track_running_stats:
+      if self.affine:
+        raise ValueError('an affine BN without running statistics is not an NB201 module')
+      return BatchStatNorm(name='bn')(y, train)
+    return ops.BatchNorm(self.affine, name='bn')(y, train)
+
+
+class AvgPool(nn.Module):
+  """3x3 average pool, pad 1 excluded from the count (PyTorch's count_include_pad=False); no BN."""
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    return nn.avg_pool(x, (3, 3), (self.stride, self.stride), ((1, 1), (1, 1)),
+                       count_include_pad=False)
+
+
+def _check_stride(stride: int) -> None:
+  if stride != 1:
+    raise ValueError(f'NB201 cell edges keep the resolution (stride 1), got stride {stride}')
+
+
+# Op factories: (c, stride, *, affine, name, track_running_stats) -> module or None.
+
+
+def _none(c, stride, *, affine=True, name=None, track_running_stats=True):
+  del c, affine, name, track_running_stats
+  _check_stride(stride)
+  return None
+
+
+def _skip(c, stride, *, affine=True, name=None, track_running_stats=True):
+  del c, affine, track_running_stats
+  _check_stride(stride)
+  return ops.Identity(name=name)
+
+
+def _relu_conv_bn(kernel: int):
+  def make(c, stride, *, affine=True, name=None, track_running_stats=True):
+    _check_stride(stride)
+    return ReLUConvBN(c, kernel, stride, affine, track_running_stats, name=name)
+  return make
+
+
+def _avg_pool(c, stride, *, affine=True, name=None, track_running_stats=True):
+  del c, affine, track_running_stats
+  _check_stride(stride)
+  return AvgPool(stride, name=name)
+
+
+def op_cost(name: str, c: int, y: int, stride: int = 1) -> tuple:
+  """(params, FLOPs, MAC) of op ``name`` with C channels and output side y (module docstring)."""
+  _check_stride(stride)
+  area = y * y
+  if name == 'none':
+    return 0, 0, 0
+  if name == 'skip_connect':
+    return 0, 0, 2 * area * c
+  if name in ('nor_conv_1x1', 'nor_conv_3x3'):
+    k = 1 if name == 'nor_conv_1x1' else 3
+    size = k * k * c * c
+    return size, size * area, 2 * area * c + size
+  if name == 'avg_pool_3x3':
+    return 0, 9 * area * c, 2 * area * c
+  raise ValueError(f'unknown NB201 op {name!r}; choose one of {", ".join(OP_NAMES)}')
+
+
+def _cost(name: str):
+  return lambda c, y, stride=1: op_cost(name, c, y, stride)
+
+
+OPS = {
+    'none': Op(_none, _cost('none')),
+    'skip_connect': Op(_skip, _cost('skip_connect')),
+    'nor_conv_1x1': Op(_relu_conv_bn(1), _cost('nor_conv_1x1')),
+    'nor_conv_3x3': Op(_relu_conv_bn(3), _cost('nor_conv_3x3')),
+    'avg_pool_3x3': Op(_avg_pool, _cost('avg_pool_3x3')),
+}
+assert tuple(OPS) == OP_NAMES
+
+
+def stage_layout(c: int, n: int) -> tuple:
+  """(channels, is the residual block) of every position of the cell stack: N cells at C,
+  a block to 2C, N cells at 2C, a block to 4C, N cells at 4C (3N + 2 positions)."""
+  layout = []
+  for stage in range(3):
+    if stage:
+      layout.append((c << stage, True))
+    layout += [(c << stage, False)] * n
+  return tuple(layout)
+
+
+def network_cost_tables(c: int, layers: int, image_size: int) -> dict:
+  """{'cell': [3N, 6, 5, 3]}: (params, FLOPs, MAC) of every op on every edge of every cell."""
+  cells, y = [], image_size
+  for channels, block in stage_layout(c, layers):
+    if block:
+      y //= 2
+      continue
+    table = np.array([[op_cost(name, channels, y) for name in OP_NAMES] for _ in EDGES],
+                     np.float64)
+    cells.append(table)
+  return {CELL_TYPE: np.stack(cells)}
+
+
+# ----------------------------------------------------------------------------
+# Networks.
+
+
+class ResNetBasicBlock(nn.Module):
+  """The block between stages: ReLU-conv3x3/2-BN -> ReLU-conv3x3-BN, plus the shortcut
+  2x2 average pool /2 -> 1x1 conv (no BN). x [N,H,W,C_in] -> [N,H/2,W/2,c_out]."""
+  c_out: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = ReLUConvBN(self.c_out, 3, 2, name='conv_a')(x, train)
+    y = ReLUConvBN(self.c_out, 3, 1, name='conv_b')(y, train)
+    shortcut = nn.avg_pool(x, (2, 2), (2, 2), 'VALID')
+    return ops.conv(self.c_out, 1, name='downsample')(shortcut) + y
+
+
+class MixedOp(nn.Module):
+  """One supernet edge: Σ_k z[k]·op_k(x), BN not affine. x [N,H,W,C], z [5] -> [N,H,W,C]."""
+  c: int
+  train: bool
+  track_running_stats: bool = True
+
+  @nn.compact
+  def __call__(self, x, z):
+    out = 0.0
+    for k, name in enumerate(OP_NAMES):
+      op = OPS[name].module(self.c, 1, affine=False, name=name,
+                            track_running_stats=self.track_running_stats)
+      if op is not None:  # 'none' adds z·0
+        out = out + z[k] * op(x, self.train)
+    return out
+
+
+# A batch of edges: x [G,N,H,W,C], z [G,5] -> [G,N,H,W,C], every variable with a leading G axis.
+EdgeBatch = nn.vmap(MixedOp, in_axes=(0, 0), out_axes=0,
+                    variable_axes={'params': 0, 'batch_stats': 0}, split_rngs={'params': True})
+
+
+class SearchCell(nn.Module):
+  """NAS201SearchCell given Z: x [N,H,W,C], z [6, 5] -> node 3 [N,H,W,C].
+
+  The edges leaving the same node run as one ``EdgeBatch`` (names
+  ``edges_from_0``, ``_1``, ``_2``): 3 batches instead of 6 edges.
+  """
+  c: int
+  train: bool
+  track_running_stats: bool = True
+
+  @nn.compact
+  def __call__(self, x, z):
+    states = [x]
+    nodes = [0.0] * NUM_NODES
+    for b, (sources, dests, rows) in enumerate(EDGE_BATCHES):
+      xs = jnp.stack([states[s] for s in sources] * len(dests))  # edge g reads sources[g % S]
+      y = EdgeBatch(self.c, self.train, self.track_running_stats, name=edge_batch_name(sources))(
+          xs, z[jnp.array(rows)])
+      for i, d in enumerate(dests):
+        nodes[d] = nodes[d] + y[i * len(sources):(i + 1) * len(sources)].sum(0)
+      states.append(nodes[b])  # intermediate node b has all its inputs after batch b
+    return nodes[-1]
+
+
+def _stem(c: int, images, train: bool):
+  return ops.BatchNorm(name='stem_bn')(ops.conv(c, 3, name='stem_conv')(images), train)
+
+
+def _head(num_classes: int, x, train: bool):
+  x = nn.relu(ops.BatchNorm(name='lastact_bn')(x, train))
+  x = jnp.mean(x, axis=(1, 2))
+  return ops.dense(num_classes, x.shape[-1], name='classifier')(x)
+
+
+class SearchNetwork(nn.Module):
+  """The NB201 supernet: ``(images [N,H,W,3], z {'cell': [6, 5]}, train)`` -> logits [N, classes].
+
+  ``n``: cells per stage. Variables: ``stem_*``, ``cell_<i>`` for the 3N + 2
+  positions of the stack (cells and blocks, numbered as AutoDL's
+  ``cells``), ``lastact_bn``, ``classifier``. ``track_running_stats``: of
+  the cells' BNs (AutoDL's ``--track_running_stats``; its NB201 search
+  scripts take it as an argument, their example runs 0): False normalises
+  them with the batch's statistics in evaluation too, and they keep none.
+  """
+  c: int = SEARCH_C
+  n: int = SEARCH_N
+  num_classes: int = 10
+  track_running_stats: bool = True
+
+  @nn.compact
+  def __call__(self, images, z, train: bool):
+    SPACE.check_arch_weights(z)
+    x = _stem(self.c, images, train)
+    for i, (channels, block) in enumerate(stage_layout(self.c, self.n)):
+      if block:
+        x = ResNetBasicBlock(channels, name=f'cell_{i}')(x, train)
+      else:
+        x = SearchCell(channels, train, self.track_running_stats, name=f'cell_{i}')(
+            x, jnp.asarray(z[CELL_TYPE]))
+    return _head(self.num_classes, x, train)
+
+
+class ChildCell(nn.Module):
+  """InferCell: the derived cell's edges, affine BN. x [N,H,W,C] -> node 3 [N,H,W,C].
+
+  Edge i←j is named ``edge_<i>_<j>``; a ``none`` edge is not computed, and a
+  node whose edges are all ``none`` is zeros (AutoDL sums zero tensors).
+  """
+  arch: 'Arch'
+  c: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    states = [x]
+    for node, edges in enumerate(self.arch.nodes):
+      total = None
+      for name, state in edges:
+        op = OPS[name].module(self.c, 1, affine=True, name=f'edge_{node + 1}_{state}')
+        if op is None:
+          continue
+        y = op(states[state], train)
+        total = y if total is None else total + y
+      states.append(jnp.zeros_like(x) if total is None else total)
+    return states[-1]
+
+
+class ChildNetwork(nn.Module):
+  """TinyNetwork with a derived cell: ``(images [N,H,W,3], drop_rate, train)`` -> (logits, None).
+
+  The call matches the DARTS space's child networks (``child_model``), so one
+  training loop runs both; NB201's protocol has no drop-path and no
+  auxiliary head: ``drop_rate`` is not used and the second output is None.
+  """
+  arch: 'Arch'
+  c: int = SEARCH_C
+  n: int = SEARCH_N
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, images, drop_rate, train: bool):
+    del drop_rate
+    x = _stem(self.c, images, train)
+    for i, (channels, block) in enumerate(stage_layout(self.c, self.n)):
+      if block:
+        x = ResNetBasicBlock(channels, name=f'cell_{i}')(x, train)
+      else:
+        x = ChildCell(self.arch, channels, name=f'cell_{i}')(x, train)
+    return _head(self.num_classes, x, train), None
+
+
+def build_search_network(c: int, layers: int, num_classes: int,
+                         track_running_stats: bool = True) -> SearchNetwork:
+  """The supernet with C channels and ``layers`` = N cells per stage."""
+  return SearchNetwork(c=c, n=layers, num_classes=num_classes,
+                       track_running_stats=track_running_stats)
+
+
+def build_child_network(arch: 'Arch', c: int, layers: int, num_classes: int) -> ChildNetwork:
+  """TinyNetwork with ``arch`` in every cell, C channels, ``layers`` = N cells per stage."""
+  return ChildNetwork(arch=arch, c=c, n=layers, num_classes=num_classes)
+
+
+# ----------------------------------------------------------------------------
+# Arch strings and derivation.
+
+
+def _malformed(text: str, pos: int, what: str) -> ValueError:
+  return ValueError(f'malformed NB201 arch string {text!r} at position {pos}: {what}; write the '
+                    f'6 edges node by node, e.g. {EXAMPLE}')
+
+
+def parse_arch_string(text) -> tuple:
+  """The 6 op names, in row order, of an arch string (one-line ValueError naming the position)."""
+  if not isinstance(text, str):
+    raise ValueError(f'an NB201 arch string must be a str, got {type(text).__name__}')
+
+  def expect(pos: int, char: str, why: str) -> int:
+    if pos >= len(text) or text[pos] != char:
+      found = repr(text[pos]) if pos < len(text) else 'the end'
+      raise _malformed(text, pos, f'expected {char!r} {why}, found {found}')
+    return pos + 1
+
+  ops_in_rows, pos = [], 0
+  for node in range(1, NUM_NODES + 1):
+    if node > 1:
+      pos = expect(pos, '+', f'between node {node - 1} and node {node}')
+    pos = expect(pos, '|', f'opening node {node}')
+    for state in range(node):
+      ends = [i for i in (text.find('|', pos), text.find('+', pos)) if i >= 0]
+      end = min(ends) if ends else len(text)
+      token = text[pos:end]
+      op, tilde, index = token.rpartition('~')
+      if not tilde:
+        raise _malformed(text, pos, f'expected <op>~{state} for the edge {node}<-{state}, '
+                                    f'found {token!r}')
+      if op not in OP_NAMES:
+        raise _malformed(text, pos, f'unknown op {op!r}; the ops are {", ".join(OP_NAMES)}')
+      if index != str(state):
+        raise _malformed(text, pos + len(op) + 1,
+                         f'expected input {state} (node {node} lists its inputs '
+                         f'0..{node - 1} in order), found {index!r}')
+      ops_in_rows.append(op)
+      pos = expect(end, '|', f'closing the edge {node}<-{state}')
+  if pos != len(text):
+    raise _malformed(text, pos, f'expected the end after node {NUM_NODES}, found {text[pos]!r}')
+  return tuple(ops_in_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """An NB201 cell: the op of each of the 6 edges, in row order
+  (1←0, 2←0, 2←1, 3←0, 3←1, 3←2).
+
+  ``str(arch)`` is the arch string, ``Arch.from_string`` parses one; the
+  JSON form is ``{"arch": "<arch string>"}``.
+  """
+  ops: tuple
+
+  def __post_init__(self):
+    ops_ = tuple(self.ops) if isinstance(self.ops, (list, tuple)) else None
+    if ops_ is None or len(ops_) != len(EDGES):
+      raise ValueError(f'an NB201 cell has {len(EDGES)} edges (1<-0, 2<-0, 2<-1, 3<-0, 3<-1, '
+                       f'3<-2): give one op per edge, got {self.ops!r}')
+    for row, op in enumerate(ops_):
+      if op not in OP_NAMES:
+        node, state = EDGES[row]
+        raise ValueError(f'NB201 edge {node + 1}<-{state}: unknown op {op!r}; choose one of '
+                         f'{", ".join(OP_NAMES)}')
+    object.__setattr__(self, 'ops', tuple(str(op) for op in ops_))
+
+  @classmethod
+  def from_string(cls, text: str) -> 'Arch':
+    return cls(parse_arch_string(text))
+
+  def __str__(self) -> str:
+    return '+'.join('|' + ''.join(f'{op}~{state}|' for op, state in edges)
+                    for edges in self.nodes)
+
+  @property
+  def nodes(self) -> tuple:
+    """Per intermediate node 1, 2, 3: ((op, input node), ...), inputs in order."""
+    out = [[] for _ in range(NUM_NODES)]
+    for (node, state), op in zip(EDGES, self.ops):
+      out[node].append((op, state))
+    return tuple(tuple(edges) for edges in out)
+
+  def one_hot(self) -> np.ndarray:
+    """The cell as a one-hot Z [6, 5]."""
+    z = np.zeros((len(EDGES), len(OP_NAMES)), np.float32)
+    z[np.arange(len(EDGES)), [OP_NAMES.index(op) for op in self.ops]] = 1.0
+    return z
+
+  def disconnection(self) -> str | None:
+    """None if a path of non-``none`` edges leads from the input to node 3; else, in a line,
+    that none does and what follows."""
+    reached = {0}
+    for node, edges in enumerate(self.nodes, start=1):
+      if any(op != 'none' and state in reached for op, state in edges):
+        reached.add(node)
+    if NUM_NODES in reached:
+      return None
+    return (f'the cell {self} has no path from its input (node 0) to its output (node 3): every '
+            f'path crosses a none edge, so each cell outputs zeros and the network\'s prediction '
+            f'does not depend on the image')
+
+  def to_dict(self) -> dict:
+    return {'arch': str(self)}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> 'Arch':
+    if not isinstance(d, dict) or 'arch' not in d:
+      raise ValueError(f'an NB201 genotype in JSON is {{"arch": "<arch string>"}}, got {d!r}')
+    return cls.from_string(d['arch'])
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict())
+
+  @classmethod
+  def from_json(cls, text: str) -> 'Arch':
+    return cls.from_dict(json.loads(text))
+
+
+def _check_alpha(alpha) -> np.ndarray:
+  alpha = np.asarray(alpha)
+  if alpha.shape != (len(EDGES), len(OP_NAMES)):
+    raise ValueError(f'NB201 alpha must be [{len(EDGES)}, {len(OP_NAMES)}], '
+                     f'got {list(alpha.shape)}')
+  return alpha
+
+
+def derive_snas(alpha) -> Arch:
+  """Per edge the argmax over all 5 ops of α [6, 5], ``none`` included (ties: the first op)."""
+  alpha = _check_alpha(alpha)
+  return Arch(tuple(OP_NAMES[int(k)] for k in np.argmax(alpha, axis=-1)))
+
+
+def derive_darts(alpha) -> Arch:
+  """Per edge the argmax over the 4 ops other than ``none`` of α [6, 5] (ties: the first op)."""
+  alpha = _check_alpha(alpha)
+  return Arch(tuple(OP_NAMES[1 + int(k)] for k in np.argmax(alpha[:, 1:], axis=-1)))
+
+
+DERIVE_RULES = {'snas': lambda alpha: derive_snas(alpha[CELL_TYPE]),
+                'darts': lambda alpha: derive_darts(alpha[CELL_TYPE])}
+
+
+# ----------------------------------------------------------------------------
+# Drawing.
+
+
+def draw_arch(arch: Arch, path: str, title: str = '') -> str:
+  """Draws the cell to a PNG at ``path``: nodes 0 (input) .. 3 (output) on a line, edges from
+  the input below it, the others above; ``none`` edges are not drawn, a node no edge feeds is
+  dashed, and a cell with no path from input to output says so. Returns ``path``."""
+  from matplotlib.figure import Figure
+  from matplotlib.patches import Circle, FancyArrowPatch
+  from matplotlib.path import Path
+  from snas_jax import reporting
+
+  radius, step, rise = reporting._NODE_RADIUS, reporting._X_STEP, reporting._ARC_HEIGHT
+  edges = [(op, state, node + 1) for (node, state), op in zip(EDGES, arch.ops) if op != 'none']
+  fed = {node for _, _, node in edges}
+  x_low, x_high = -0.8, step * NUM_NODES + 0.8
+  y_low, y_high = -(rise * NUM_NODES + 0.6), rise * (NUM_NODES - 1) + 0.6 + (0.7 if title else 0)
+  fig = Figure(figsize=(8.0, 8.0 * (y_high - y_low) / (x_high - x_low)), dpi=120)
+  ax = fig.add_axes([0.0, 0.0, 1.0, 1.0])
+  ax.set_aspect('equal')
+  ax.axis('off')
+  ax.set_xlim(x_low, x_high)
+  ax.set_ylim(y_low, y_high)
+  if title:
+    ax.text(step * NUM_NODES / 2, y_high - 0.35, title, ha='center', va='center', fontsize=9)
+  for state in range(NUM_NODES + 1):
+    face = ('#c1ffc1' if state == 0 else '#eee8aa' if state == NUM_NODES else '#add8e6')
+    dashed = state > 0 and state not in fed
+    ax.add_patch(Circle((step * state, 0.0), radius, facecolor='#eeeeee' if dashed else face,
+                        edgecolor='black', linewidth=1.5, linestyle='--' if dashed else '-',
+                        zorder=3))
+    ax.text(step * state, 0.0, str(state), ha='center', va='center', fontsize=12, zorder=4)
+  for op, state, node in edges:
+    height = (-1.0 if state == 0 else 1.0) * rise * (node - state)
+    start, ctrl, end = reporting._arc(step * state, step * node, height)
+    curve = Path([start, ctrl, end], [Path.MOVETO, Path.CURVE3, Path.CURVE3])
+    ax.add_patch(FancyArrowPatch(path=curve, arrowstyle='-|>', mutation_scale=14, color='0.1',
+                                 linewidth=1.4, zorder=2))
+    lx, ly = reporting._bezier(start, ctrl, end, 0.5)
+    ax.text(lx, ly, op, ha='center', va='center', fontsize=8.5, zorder=5,
+            bbox=dict(boxstyle='round,pad=0.15', facecolor='white', edgecolor='none', alpha=0.9))
+  note = 'node 0: the cell input; node 3: its output'
+  if arch.disconnection():
+    note += ';  NO PATH from input to output: the cell outputs zeros'
+  ax.text(x_low + 0.2, y_low + 0.15, note, ha='left', va='bottom', fontsize=8, color='0.3')
+  return reporting._save_figure(fig, path)
+
+
+def draw(arch: Arch, folder: str, tag: str) -> list:
+  """The space's drawing: ``<folder>/cell_<tag>.png``, titled with the arch string."""
+  return [draw_arch(arch, os.path.join(folder, f'{CELL_TYPE}_{tag}.png'), title=str(arch))]
+
+
+SPACE = SearchSpace(
+    name='nb201',
+    ops=OPS,
+    num_input_states=NUM_INPUT_STATES,
+    num_nodes=NUM_NODES,
+    cell_output='last',
+    cell_types=(CELL_TYPE,),
+    genotype_type=Arch,
+    search_network=build_search_network,
+    child_network=build_child_network,
+    derive_rules=DERIVE_RULES,
+    cost_tables=network_cost_tables,
+    draw=draw,
+)
