@@ -178,3 +178,17 @@ def test_config_names_a_shipped_flagfile(tmp_path):
                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1].startswith('error: --config works on the command line only')
+
+
+def test_installed_replication_reads_the_package_files(venv, tmp_path):
+  """The replication driver from the installed package: the η levels from the
+  shipped flagfiles, the settings flagfile and the search's console script."""
+  from snas_jax import replication
+  code = ('import json; from snas_jax import replication as r; print(json.dumps({"checkout": '
+          'r.IN_CHECKOUT, "etas": [r.eta(m) for m in r.METHODS], "settings": '
+          'r.default_settings().read_text(), "entry": r.search_entry()}))')
+  got = json.loads(run([venv / 'bin' / 'python', '-c', code], cwd=tmp_path).stdout.splitlines()[-1])
+  assert got['checkout'] is False
+  assert got['etas'] == [replication.eta(m) for m in replication.METHODS]
+  assert got['settings'] == replication.default_settings().read_text()
+  assert got['entry'] == [str(venv / 'bin' / 'snas-search')]
