@@ -11,9 +11,18 @@ waits for the previous one. A failed save raises CheckpointSaveError: one line
 naming the folder and the cause, the previous checkpoint left as it was.
 Orbax's own error logs (tracebacks from its threads) are dropped; the error
 reaches the caller instead.
+
+Three checkpoints are kept, so that two complete ones remain while the newest
+is written or rewritten. ``restore_latest`` resumes from the newest one that
+reads cleanly: one that cannot be read (a truncated or missing file,
+unreadable metadata) is renamed ``<step>.damaged`` (never deleted) with a
+one-line warning; one that reads but holds another tree or shapes stops the
+run with one line.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import glob
 import logging
 import os
@@ -27,6 +36,7 @@ import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
+DAMAGED_SUFFIX = '.damaged'
 
 
 class CheckpointError(ValueError):
@@ -97,15 +107,17 @@ def _cause(error: BaseException) -> str:
 class Checkpointer:
   """Saves and restores (state, meta) pairs under ``<workdir>/checkpoints``."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, read_only: bool = False):
+  def __init__(self, workdir: str, max_to_keep: int = 3, read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     _quiet_background_errors()
     # A save cut short (kill -9) leaves a tmp folder: removed on start.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                            read_only=read_only,
                                            cleanup_tmp_directories=not read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'meta'))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
     self._pending = None  # the step of a save not yet confirmed
     self._failed = False
 
@@ -178,6 +190,64 @@ class Checkpointer:
           f'Orbax: {cause[:300]}') from e
     return restored['state'], restored['meta']
 
+  def restore_latest(self, abstract_state, check_meta=None):
+    """(state, meta) of the newest checkpoint that reads cleanly, or None if
+    there is none. ``check_meta(meta)`` runs first on its metadata (e.g. a
+    one-line CheckpointError for another configuration). A checkpoint that
+    cannot be read is set aside (``<step>.damaged``) with a one-line warning
+    and the next older one is tried; one that reads but does not fit
+    ``abstract_state`` raises CheckpointError."""
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      with _quiet_failed_reads():
+        try:
+          meta = self.restore_meta(step)
+          stored = self._manager.item_metadata(step)['state']
+          if stored is None:
+            raise FileNotFoundError('no array metadata')
+        except Exception as e:  # pylint: disable=broad-except
+          self._set_aside(step, e)
+          continue
+        if check_meta is not None:
+          check_meta(meta)
+        self._check_fits(step, stored.tree, abstract_state)
+        try:
+          restored = self._manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state)))
+        except Exception as e:  # pylint: disable=broad-except
+          self._set_aside(step, e)
+          continue
+      return restored['state'], meta
+    return None
+
+  def _check_fits(self, step: int, stored_tree, abstract_state) -> None:
+    """One-line CheckpointError unless the stored arrays have the paths,
+    shapes and dtypes of ``abstract_state``."""
+    stored, wanted = _leaf_specs(stored_tree), _leaf_specs(abstract_state)
+    if stored == wanted:
+      return
+    differ = sorted(set(stored) ^ set(wanted)) or sorted(
+        p for p in wanted if stored[p] != wanted[p])
+    first = differ[0]
+    raise CheckpointError(
+        f'the checkpoint at step {step} in {self.directory} does not fit this network '
+        f'({len(differ)} arrays differ, e.g. {first}: {stored.get(first, "absent")} there, '
+        f'{wanted.get(first, "absent")} now; written by another configuration or version of '
+        f'snas_jax?); start a new --workdir')
+
+  def _set_aside(self, step: int, error: BaseException) -> None:
+    """Renames an unreadable checkpoint to ``<step>.damaged`` (process 0) and warns."""
+    source = os.path.join(self.directory, str(step))
+    target = source + DAMAGED_SUFFIX
+    n = 1
+    while os.path.exists(target):
+      target, n = f'{source}{DAMAGED_SUFFIX}.{n}', n + 1
+    if jax.process_index() == 0:
+      os.rename(source, target)
+      cause = re.split(r' See full| \[tensorstore_spec', _cause(error))[0][:160]
+      print(f'warning: the checkpoint at step {step} cannot be read ({cause}); moved '
+            f'to {target}; trying the previous checkpoint', file=sys.stderr, flush=True)
+    self._manager.reload()
+
   def _step(self, step):
     step = self.latest_step() if step is None else step
     if step is None:
@@ -198,6 +268,38 @@ class Checkpointer:
           raise
       if self._failed:
         self._remove_tmp()
+
+
+def _leaf_specs(tree) -> dict:
+  """{'a/b/0': 'float32[3, 4]'} over the array leaves of ``tree`` (a state, its
+  ShapeDtypeStructs or Orbax's stored metadata: attribute, key and index paths alike)."""
+  def name(entry):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  return {'/'.join(name(e) for e in path): f'{jax.numpy.dtype(leaf.dtype).name}{list(leaf.shape)}'
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """A failed read leaves Orbax's other reads of that restore to fail unawaited;
+  their 'Exception ignored in <coroutine>' reports are dropped (the caller
+  reports the damage in one line)."""
+  previous_hook = sys.unraisablehook
+
+  def drop_orbax_coroutines(unraisable) -> None:
+    if f'{os.sep}orbax{os.sep}' not in ''.join(
+        str(getattr(getattr(unraisable.object, 'cr_code', None), 'co_filename', ''))):
+      previous_hook(unraisable)
+
+  sys.unraisablehook = drop_orbax_coroutines
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous_hook
 
 
 def abstract_like(tree, sharding=None):

@@ -8,8 +8,9 @@ gives sparser, cheaper cells.
 
 ``run_all`` searches every (method, seed) pair of ``METHODS`` in its own
 folder ``<workdir>/runs/<method>/seed<k>``, each in its own process
-(``experiments/search_cifar.py`` with the settings flagfile, default
-``experiments/configs/replication.flags``, plus the method's flags). A
+(``experiments/search_cifar.py`` in a checkout, the ``snas-search`` console
+script of an installed package, with the settings flagfile, default the
+shipped ``replication.flags``, plus the method's flags). A
 finished run (its ``summary.json`` exists) is skipped; an unfinished one
 resumes from its checkpoint, so rerunning the command continues where it
 stopped. ``<workdir>/replication.json`` records the commit, the machine and
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -34,42 +36,58 @@ from pathlib import Path
 
 import numpy as np
 
+# The checkout's root when the package runs from one (docs/ and experiments/
+# beside it); an installed package uses its console script and the current folder.
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_SCRIPT = ROOT / 'experiments' / 'search_cifar.py'
-DEFAULT_SETTINGS = ROOT / 'experiments' / 'configs' / 'replication.flags'
+IN_CHECKOUT = SEARCH_SCRIPT.is_file()
+DOCS_DIR = ROOT / 'docs' if IN_CHECKOUT else Path('docs')
 STATE_FILE = 'replication.json'
 REPORT_JSON = 'report.json'
 PREFIX = 'replication'  # file names in the docs folder: replication.md, replication_*.png
 
 
+def default_settings() -> Path:
+  """The shipped flagfile of the replication's search setting (links resolved)."""
+  from snas_jax import scripts
+  return scripts.config_path('replication').resolve()
+
+
 def _flagfile_value(name: str, flag: str) -> str:
-  """The value of ``--flag`` in the shipped flagfile ``name`` (experiments/configs)."""
-  path = ROOT / 'experiments' / 'configs' / f'{name}.flags'
+  """The value of ``--flag`` in the shipped flagfile ``name`` (snas_jax/configs)."""
+  from snas_jax import scripts
+  path = scripts.config_path(name)
   for line in path.read_text().splitlines():
     if line.startswith(f'--{flag}='):
       return line.split('=', 1)[1].strip()
   raise ValueError(f'{path} sets no --{flag}')
 
 
-# Each method: its search flags and a label. The η levels are the shipped
-# flagfiles' (docs/algorithm.md §4); DARTS is the single-level baseline,
-# Z = softmax(α), DARTS derivation (docs/algorithm.md §2, §6).
+# Each method: its search method, a label and its η: the shipped flagfile it
+# is read from (docs/algorithm.md §4), or a value; DARTS is the single-level
+# baseline, Z = softmax(α), DARTS derivation (docs/algorithm.md §2, §6).
 METHODS = {
-    'snas_none': {'label': 'SNAS, no constraint',
-                  'flags': {'method': 'snas', 'resource_eta': _flagfile_value('snas_none', 'resource_eta')}},
-    'snas_moderate': {'label': 'SNAS, moderate constraint',
-                      'flags': {'method': 'snas',
-                                'resource_eta': _flagfile_value('snas_moderate', 'resource_eta')}},
-    'snas_aggressive': {'label': 'SNAS, aggressive constraint',
-                        'flags': {'method': 'snas',
-                                  'resource_eta': _flagfile_value('snas_aggressive', 'resource_eta')}},
-    'darts': {'label': 'DARTS (single-level, softmax mixture)',
-              'flags': {'method': 'darts', 'resource_eta': '0'}},
+    'snas_none': {'label': 'SNAS, no constraint', 'method': 'snas', 'eta_flagfile': 'snas_none'},
+    'snas_moderate': {'label': 'SNAS, moderate constraint', 'method': 'snas',
+                      'eta_flagfile': 'snas_moderate'},
+    'snas_aggressive': {'label': 'SNAS, aggressive constraint', 'method': 'snas',
+                        'eta_flagfile': 'snas_aggressive'},
+    'darts': {'label': 'DARTS (single-level, softmax mixture)', 'method': 'darts', 'eta': '0'},
 }
+
+
+def eta(method: str) -> str:
+  """The resource_eta of ``method``, as its flagfile writes it (read when first needed)."""
+  spec = METHODS[method]
+  return spec['eta'] if 'eta' in spec else _flagfile_value(spec['eta_flagfile'], 'resource_eta')
+
+
+def method_flags(method: str) -> dict:
+  return {'method': METHODS[method]['method'], 'resource_eta': eta(method)}
 
 def _final_tau(method: str, s: dict) -> str | None:
   """The final τ, formatted; None for DARTS, which mixes by softmax(α) and samples nothing."""
-  return f'{s["tau"][0]:.3f}' if METHODS[method]['flags']['method'] == 'snas' else None
+  return f'{s["tau"][0]:.3f}' if METHODS[method]['method'] == 'snas' else None
 
 
 # Table 1 of the paper: search validation accuracy -> child accuracy without
@@ -95,6 +113,9 @@ def is_finished(path: str) -> bool:
 
 def git_commit() -> str:
   """HEAD of the checkout, with '+dirty' when tracked files differ from it."""
+  if not IN_CHECKOUT:
+    from snas_jax import __version__
+    return f'unknown (installed package snas_jax {__version__})'
   try:
     head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -143,21 +164,36 @@ def _write_json(path: str, value) -> None:
 def search_command(settings: str, method: str, seed: int, workdir: str, backend: str,
                    extra: list[str]) -> list[str]:
   """The search of one (method, seed): settings flagfile, method flags, then ``extra``."""
-  flags = METHODS[method]['flags']
-  return [sys.executable, str(SEARCH_SCRIPT), f'--flagfile={settings}',
+  flags = method_flags(method)
+  return [*search_entry(), f'--flagfile={settings}',
           *(f'--{k}={v}' for k, v in flags.items()), f'--seed={seed}',
           f'--workdir={run_dir(workdir, method, seed)}', f'--backend={backend}', *extra]
 
 
-def run_all(workdir: str, methods: list[str], seeds: list[int], settings: str = str(DEFAULT_SETTINGS),
+def search_entry() -> list[str]:
+  """The command that runs a search: the checkout's script, else the
+  installed package's console script."""
+  if IN_CHECKOUT:
+    return [sys.executable, str(SEARCH_SCRIPT)]
+  script = shutil.which('snas-search', path=os.path.dirname(sys.executable)) or shutil.which(
+      'snas-search')
+  if script is None:
+    raise FileNotFoundError('the snas-search console script is not installed beside '
+                            f'{sys.executable} nor on PATH; reinstall snas_jax')
+  return [script]
+
+
+def run_all(workdir: str, methods: list[str], seeds: list[int], settings: str | None = None,
             backend: str = 'auto', extra: list[str] = (), log=print) -> dict:
-  """Runs (or resumes, or skips when finished) every (method, seed) search; returns the state."""
+  """Runs (or resumes, or skips when finished) every (method, seed) search; returns the state.
+  ``settings``: a flagfile (default: the shipped replication.flags)."""
+  settings = settings or str(default_settings())
   unknown = set(methods) - set(METHODS)
   if unknown:
     raise ValueError(f'unknown --methods {sorted(unknown)}; choose from {", ".join(METHODS)}')
   if not os.path.isfile(settings):
     raise FileNotFoundError(f'--settings={settings}: no such flagfile')
-  workdir, settings = os.path.abspath(workdir), os.path.abspath(settings)  # the runs' cwd is ROOT
+  workdir, settings = os.path.abspath(workdir), os.path.abspath(settings)  # the runs' cwd differs
   os.makedirs(workdir, exist_ok=True)
   state_path = os.path.join(workdir, STATE_FILE)
   state = _read_json(state_path, {'runs': {}, 'invocations': []})
@@ -189,7 +225,8 @@ def run_all(workdir: str, methods: list[str], seeds: list[int], settings: str = 
     with open(os.path.join(path, 'log.txt'), 'a') as out:
       out.write('$ ' + ' '.join(cmd) + '\n')
       out.flush()
-      proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+      proc = subprocess.run(cmd, cwd=ROOT if IN_CHECKOUT else None, stdout=out,
+                            stderr=subprocess.STDOUT)
     wall = time.time() - t0
     entry = state['runs'].setdefault(key, {'wall_s': 0.0, 'commits': []})
     entry['wall_s'] += wall
@@ -460,14 +497,14 @@ def _verdicts(summary: dict) -> list[str]:
         + ('α moved.' if min(s['alpha_entropy_normal'][0], s['alpha_entropy_reduce'][0])
            < math.log(8) - 0.1 else '**α barely moved**, so the child is close to arbitrary.'))
   snas = sorted((m for m in summary if m.startswith('snas_')),
-                key=lambda m: float(_ETAS.get(m, 0.0)))
+                key=lambda m: float(eta(m)))
   if len(snas) > 1:
     params = [summary[m]['child_params'][0] for m in snas]
     nones = [summary[m]['none_edges'][0] for m in snas]
     dec = all(x >= y for x, y in zip(params, params[1:]))
     inc = all(x <= y for x, y in zip(nones, nones[1:]))
     lines.append(
-        f'- Constraint, η = {", ".join(_ETAS[m] for m in snas)}: mean child cell parameters '
+        f'- Constraint, η = {", ".join(eta(m) for m in snas)}: mean child cell parameters '
         f'{" → ".join(f"{p:,.0f}" for p in params)}, mean `none` edges '
         f'{" → ".join(f"{x:.1f}" for x in nones)}. '
         + ('Stronger constraints give sparser, cheaper cells, as the paper says.' if dec and inc else
@@ -478,10 +515,7 @@ def _verdicts(summary: dict) -> list[str]:
   return lines
 
 
-_ETAS = {m: v['flags']['resource_eta'] for m, v in METHODS.items()}
-
-
-def write_report(workdir: str, docs_dir: str = str(ROOT / 'docs')) -> dict:
+def write_report(workdir: str, docs_dir: str = str(DOCS_DIR)) -> dict:
   """Rebuilds ``<docs_dir>/replication.md`` and its PNGs from ``workdir``'s
   finished runs; returns the numbers (also written to ``<workdir>/report.json``)."""
   from snas_jax import reporting
@@ -538,7 +572,7 @@ def write_report(workdir: str, docs_dir: str = str(ROOT / 'docs')) -> dict:
           '| child cell params | child cell FLOPs | `none` edges |',
           '|---|---|---|---|---|---|---|---|---|']
   for method, s in summary.items():
-    out.append(f'| {METHODS[method]["label"]} (η = {_ETAS[method]}) | '
+    out.append(f'| {METHODS[method]["label"]} (η = {eta(method)}) | '
                f'{",".join(map(str, s["seeds"]))} | {_pct(s["search_val_acc"])} | '
                f'{_pct(s["child_val_acc"])} | {_pct(s["child_test_acc"])} | {_pp(s["gap"])} | '
                f'{_num(s["child_params"])} | {_num(s["child_flops"])} | {_num(s["none_edges"], 1)} |')
@@ -571,7 +605,7 @@ def write_report(workdir: str, docs_dir: str = str(ROOT / 'docs')) -> dict:
 
   out += ['## 4. The reduced setting', '',
           f'Shared by every run (read from the first run\'s checkpoint; settings flagfile '
-          f'`{os.path.relpath(state.get("settings", str(DEFAULT_SETTINGS)), ROOT)}`). '
+          f'`{os.path.relpath(state.get("settings", str(default_settings())), ROOT)}`). '
           'The paper\'s values are `SearchConfig`\'s defaults (docs/algorithm.md §5).', '',
           '| flag | here | paper | why |', '|---|---|---|---|']
   for name, value in cfg.items():
@@ -627,12 +661,12 @@ def define_flags() -> None:
                       'replication.json.')
   flags.DEFINE_list('methods', list(METHODS), f'Which of {", ".join(METHODS)} to run.')
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of every method.')
-  flags.DEFINE_string('settings', str(DEFAULT_SETTINGS), 'Flagfile of the search setting every '
+  flags.DEFINE_string('settings', str(default_settings()), 'Flagfile of the search setting every '
                       'run shares; search flags after "--" on the command line override it.')
   flags.DEFINE_string('backend', 'auto', 'The searches\' --backend (auto: the CPU backend on a '
                       'CPU-only host).')
   flags.DEFINE_bool('report', False, 'Only rebuild the report from the finished runs.')
-  flags.DEFINE_string('docs_dir', str(ROOT / 'docs'), 'Where replication.md and its PNGs go.')
+  flags.DEFINE_string('docs_dir', str(DOCS_DIR), 'Where replication.md and its PNGs go.')
 
 
 def main(argv: list[str]) -> None:

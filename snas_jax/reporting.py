@@ -574,6 +574,14 @@ def plot_curves(records: Sequence[dict], path: str,
 # The end-of-search report.
 
 
+def search_report_files(rules: Sequence[str]) -> list[str]:
+  """The names write_search_report writes for derivation rules ``rules``."""
+  cells = ('normal', 'reduce')
+  return (['genotype.json'] + [f'alpha_{c}.npy' for c in cells]
+          + [f'{c}_{rule}.png' for rule in rules for c in cells]
+          + [f'alpha_{c}.png' for c in cells] + ['curves.png'])
+
+
 def write_search_report(workdir: str, genotypes: Mapping[str, Genotype],
                         alphas: Mapping[str, Any], records: Sequence[dict]) -> list[str]:
   """Writes everything a finished search leaves besides checkpoints; returns the paths.

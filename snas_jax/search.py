@@ -413,45 +413,71 @@ def run(cfg: SearchConfig, workdir: str) -> dict:
 
   net = make_network(cfg)
   tx = make_optimizer(cfg, train_iter.steps_per_epoch)
-  trainer.make_workdir(workdir)
-  with trainer.StopRequests() as stops:
-    ckpt = checkpoint.Checkpointer(workdir)
-    writer = None
-    try:
-      meta = {'config': config_lib.to_dict(cfg), 'epoch': 0, 'epoch_sums': None, 'records': [],
-              'finished': False, 'elapsed_s': 0.0, 'device_count': jax.device_count()}
-      if ckpt.latest_step() is not None:
-        check_resume_config(ckpt.restore_meta()['config'], cfg, workdir)
-        abstract = abstract_state(cfg, net, tx, image_shape)
-        state, meta = ckpt.restore(checkpoint.abstract_like(abstract, parallel.replicated(mesh)))
-        if meta['finished']:
-          print(f'search in {workdir} already finished; outputs are in place')
-          return meta
-        if pid == 0:
-          print(f'resuming {workdir} from step {int(state.step)}', flush=True)
-        trainer.record_resume(meta, config_lib.to_dict(cfg), LR_FIELDS, int(state.step), workdir)
-      else:
-        state = init_state(cfg, net, tx, image_shape, parallel.replicated(mesh), backend)
-      writer = reporting.MetricsWriter(workdir, resume_step=int(state.step))
-      state, meta = _search_loop(cfg, backend.bind(net), tx, state, meta, train_iter, eval_iter,
-                                 mesh, ckpt, writer, stops, workdir)
-    finally:
-      if writer is not None:
-        writer.close()
-      ckpt.close()
-  if not meta['finished']:
-    return meta  # stopped after --stop_after_step
-  final = derive_genotypes(state.params['alpha'])
-  alpha_np = {k: np.asarray(v) for k, v in state.params['alpha'].items()}
-  if pid == 0:
-    reporting.write_search_report(workdir, final, alpha_np, meta['records'])
-    trainer.write_json(os.path.join(workdir, 'summary.json'), {
-        'child_test_acc': meta['child_test_acc'], 'elapsed_s': meta['elapsed_s'],
-        'method': cfg.method, 'genotype': final[cfg.method].to_dict(),
-        'last_epoch': meta['records'][-1] if meta['records'] else None})
+  with trainer.make_workdir(workdir):
+    with trainer.StopRequests() as stops:
+      ckpt = checkpoint.Checkpointer(workdir)
+      writer = None
+      try:
+        meta = {'config': config_lib.to_dict(cfg), 'epoch': 0, 'epoch_sums': None, 'records': [],
+                'finished': False, 'elapsed_s': 0.0, 'device_count': jax.device_count()}
+        abstract = checkpoint.abstract_like(abstract_state(cfg, net, tx, image_shape),
+                                            parallel.replicated(mesh))
+        restored = ckpt.restore_latest(
+            abstract, lambda saved: check_resume_config(saved['config'], cfg, workdir))
+        if restored is None:
+          state = init_state(cfg, net, tx, image_shape, parallel.replicated(mesh), backend)
+        else:
+          state, meta = restored
+          if not meta['finished']:
+            if pid == 0:
+              print(f'resuming {workdir} from step {int(state.step)}', flush=True)
+            trainer.record_resume(meta, config_lib.to_dict(cfg), LR_FIELDS, int(state.step),
+                                  workdir)
+        if not meta['finished']:
+          writer = reporting.MetricsWriter(workdir, resume_step=int(state.step))
+          state, meta = _search_loop(cfg, backend.bind(net), tx, state, meta, train_iter,
+                                     eval_iter, mesh, ckpt, writer, stops, workdir)
+          if not meta['finished']:
+            return meta  # stopped after --stop_after_step
+          already = False
+        else:
+          already = True
+      finally:
+        if writer is not None:
+          writer.close()
+        ckpt.close()
+    if pid == 0:
+      rebuilt = write_outputs(cfg, workdir, state, meta, only_missing=already)
+  if already:
+    print(f'search in {workdir} already finished; outputs are in place'
+          + (f' ({rebuilt} rebuilt from its checkpoint)' if pid == 0 and rebuilt else ''))
+    return meta
   print(f'search finished: child test accuracy {meta["child_test_acc"]:.4f}; genotype in '
         f'{os.path.join(workdir, "genotype.json")}')
   return meta
+
+
+def output_files(cfg: SearchConfig) -> list[str]:
+  """The files a finished search leaves in its workdir (besides checkpoints and metrics)."""
+  return reporting.search_report_files(('snas', 'darts')) + ['summary.json']
+
+
+def write_outputs(cfg: SearchConfig, workdir: str, state: SearchState, meta: dict,
+                  only_missing: bool = False) -> int:
+  """Writes the finished search's outputs from its final state and metadata,
+  each atomically; with ``only_missing``, only if one is absent (then all are
+  rewritten: the same bytes). Returns how many were missing."""
+  missing = [f for f in output_files(cfg) if not os.path.exists(os.path.join(workdir, f))]
+  if only_missing and not missing:
+    return 0
+  final = derive_genotypes(state.params['alpha'])
+  alpha_np = {k: np.asarray(v) for k, v in state.params['alpha'].items()}
+  reporting.write_search_report(workdir, final, alpha_np, meta['records'])
+  trainer.write_json(os.path.join(workdir, 'summary.json'), {
+      'child_test_acc': meta['child_test_acc'], 'elapsed_s': meta['elapsed_s'],
+      'method': cfg.method, 'genotype': final[cfg.method].to_dict(),
+      'last_epoch': meta['records'][-1] if meta['records'] else None})
+  return len(missing)
 
 
 def _search_loop(cfg, model, tx, state, meta, train_iter, eval_iter, mesh, ckpt, writer, stops,

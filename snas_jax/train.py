@@ -608,49 +608,51 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
   if is_writer:
     print(format_summary(summary), flush=True)
 
-  trainer.make_workdir(workdir)
-  with trainer.StopRequests() as stops:
-    ckpt = checkpoint.Checkpointer(workdir)
-    writer = None
-    try:
-      steps = make_steps(config, genotype, mesh)
-      latest = ckpt.latest_step()
-      if latest is None:
-        state = steps.init(config.seed)
-        meta = {'epoch': 0, 'step_in_epoch': 0, 'epoch_sums': {}, 'elapsed_s': 0.0,
-                'last_eval': None, 'finished': False, 'device_count': jax.device_count()}
-      else:
-        check_resumable(ckpt.restore_meta(latest), config, genotype, workdir)
+  with trainer.make_workdir(workdir):
+    with trainer.StopRequests() as stops:
+      ckpt = checkpoint.Checkpointer(workdir)
+      writer = None
+      try:
+        steps = make_steps(config, genotype, mesh)
         abstract = checkpoint.abstract_like(steps.abstract_state(), parallel.replicated(mesh))
-        state, meta = ckpt.restore(abstract, latest)
-        if is_writer and not meta['finished']:
-          print(f'resuming {workdir} from step {latest}', flush=True)
-        trainer.record_resume(meta, config_lib.to_dict(config), LR_FIELDS, latest, workdir)
-      meta.update(config=config_lib.to_dict(config), genotype=genotype.to_dict())
-      writer = reporting.MetricsWriter(workdir, resume_step=latest)
-      if not meta['finished']:
-        stopped_at = _train_loop(config, steps, state, meta, source, mesh, ckpt, writer, stops,
-                                 workdir)
-        if stopped_at is not None:
-          if is_writer:
-            print(f'stopped after step {stopped_at} as asked (--stop_after_step); rerun to resume')
-          return {'stopped_at_step': stopped_at}
-    finally:
-      if writer is not None:
-        writer.close()
-      ckpt.close()
-  last = meta['last_eval']
-  final = {'dataset': config.dataset, 'arch': describe_arch(config),
-           'genotype': genotype.to_dict(), 'epochs': config.epochs,
-           'test_error': round(100 * (1 - last['eval_acc']), 4),
-           'test_top5_error': round(100 * (1 - last['eval_top5']), 4),
-           'test_loss': last['eval_loss'], 'eval_images': last['eval_count'],
-           'params_M': summary['params_M'], 'multiply_adds_M': summary['multiply_adds_M'],
-           'elapsed_s': round(meta['elapsed_s'], 1)}
-  if is_writer:
-    trainer.write_json(os.path.join(workdir, FINAL_FILE), final)
-    print(f'test error {final["test_error"]:.2f}% on {final["eval_images"]} images; '
-          f'{os.path.join(workdir, FINAL_FILE)}', flush=True)
+        restored = ckpt.restore_latest(
+            abstract, lambda saved: check_resumable(saved, config, genotype, workdir))
+        if restored is None:
+          state = steps.init(config.seed)
+          meta = {'epoch': 0, 'step_in_epoch': 0, 'epoch_sums': {}, 'elapsed_s': 0.0,
+                  'last_eval': None, 'finished': False, 'device_count': jax.device_count()}
+        else:
+          state, meta = restored
+          latest = int(state.step)
+          if is_writer and not meta['finished']:
+            print(f'resuming {workdir} from step {latest}', flush=True)
+          trainer.record_resume(meta, config_lib.to_dict(config), LR_FIELDS, latest, workdir)
+        meta.update(config=config_lib.to_dict(config), genotype=genotype.to_dict())
+        if not meta['finished']:
+          writer = reporting.MetricsWriter(workdir, resume_step=int(state.step))
+          stopped_at = _train_loop(config, steps, state, meta, source, mesh, ckpt, writer, stops,
+                                   workdir)
+          if stopped_at is not None:
+            if is_writer:
+              print(f'stopped after step {stopped_at} as asked (--stop_after_step); rerun to '
+                    f'resume')
+            return {'stopped_at_step': stopped_at}
+      finally:
+        if writer is not None:
+          writer.close()
+        ckpt.close()
+    last = meta['last_eval']
+    final = {'dataset': config.dataset, 'arch': describe_arch(config),
+             'genotype': genotype.to_dict(), 'epochs': config.epochs,
+             'test_error': round(100 * (1 - last['eval_acc']), 4),
+             'test_top5_error': round(100 * (1 - last['eval_top5']), 4),
+             'test_loss': last['eval_loss'], 'eval_images': last['eval_count'],
+             'params_M': summary['params_M'], 'multiply_adds_M': summary['multiply_adds_M'],
+             'elapsed_s': round(meta['elapsed_s'], 1)}
+    if is_writer:
+      trainer.write_json(os.path.join(workdir, FINAL_FILE), final)
+      print(f'test error {final["test_error"]:.2f}% on {final["eval_images"]} images; '
+            f'{os.path.join(workdir, FINAL_FILE)}', flush=True)
   return final
 
 

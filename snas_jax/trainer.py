@@ -15,10 +15,13 @@ Stops. The guarantees they give together (docs/faults.md):
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import Callable, Iterable
@@ -188,17 +191,67 @@ def check_workdir(workdir: str) -> None:
                      f'(permissions)')
 
 
-def make_workdir(workdir: str) -> None:
-  """Creates ``workdir`` and proves it writable (a probe file), else a one-line ValueError."""
+LOCK_FILE = '.lock'
+
+
+class WorkdirBusy(ValueError):
+  """Another run holds the workdir's lock."""
+
+
+class WorkdirLock:
+  """An exclusive lock on ``<workdir>/.lock`` (fcntl.flock), held by process 0
+  for the whole run, with the holder's host and pid written in the file. The
+  kernel drops it when the holder's process ends, however it ends (kill -9
+  included), so a lock is never left stuck."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = None
+
+  def acquire(self) -> None:
+    """Takes the lock, or a one-line WorkdirBusy naming the holder."""
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 200).decode(errors='replace').strip() or 'another process'
+      os.close(fd)
+      workdir = os.path.dirname(self.path)
+      raise WorkdirBusy(f'--workdir={workdir} is in use by {holder}: wait for that run to end '
+                        f'(or stop it), or use another --workdir') from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f'the run of pid {os.getpid()} on {socket.gethostname()}\n'.encode())
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # the file stays: removing it would race with a new holder
+      self._fd = None
+
+
+
+@contextlib.contextmanager
+def make_workdir(workdir: str):
+  """Creates ``workdir``, holds its lock (process 0) until the block ends and
+  proves it writable (a probe file), else a one-line ValueError. Nothing in
+  the workdir is touched before the lock is held."""
   check_workdir(workdir)
+  lock = WorkdirLock(workdir)
   probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
   try:
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      lock.acquire()
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
+    lock.release()
     raise ValueError(f'--workdir={workdir} cannot be written ({e.strerror})') from None
+  try:
+    yield
+  finally:
+    lock.release()
 
 
 def write_json(path: str, value) -> None:

@@ -84,3 +84,19 @@ def tiny_search_workdir(tmp_path_factory, cifar_dir):
   proc = search_cli(workdir, cifar_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
+
+
+DAMAGE = ('truncated file', 'deleted file', 'garbage metadata')
+
+
+def damage_checkpoint(step_dir, kind):
+  """Damages one checkpoint folder as a disk fault or an interrupted copy would."""
+  arrays = [os.path.join(parent, name) for parent, _, names in os.walk(step_dir / 'state')
+            for name in names if os.sep + 'd' + os.sep in os.path.join(parent, name)]
+  largest = max(arrays, key=os.path.getsize)
+  if kind == 'truncated file':
+    os.truncate(largest, os.path.getsize(largest) // 2)
+  elif kind == 'deleted file':
+    os.remove(largest)
+  else:
+    (step_dir / 'meta' / 'metadata').write_text('{"epoch": 1, "conf')

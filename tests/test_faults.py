@@ -1,15 +1,19 @@
-"""Faults lose nothing: kills, signals, failed saves, non-finite steps and bad inputs.
+"""Faults lose nothing: kills, signals, failed saves, a damaged checkpoint, a
+second run on the same workdir, non-finite steps and bad inputs.
 
 The subprocess sequence runs once (each process start costs seconds): one
 tiny search is stopped by SIGTERM during its first compile, by a failed
-save, by SIGKILL during a compile and during the save after an evaluation,
-then finished, and must end bitwise equal to the uninterrupted run of
+save, by SIGKILL during a compile and during the save after an evaluation;
+its latest checkpoint is then damaged, a second run on its workdir is
+refused while it runs, it is killed while it writes its outputs, and the
+rerun must leave every output bitwise equal to the uninterrupted run of
 conftest.tiny_search_workdir.
 SIGINT is tested in-process on the retraining loop (the same helpers).
 """
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, script_command, search_args
+from conftest import DAMAGE, ROOT, damage_checkpoint, script_command, search_args
 from snas_jax import checkpoint, cli, config as config_lib, genotypes, reporting, search, train
 from snas_jax import trainer
 
@@ -101,6 +105,16 @@ LIMIT_FILE_SIZE = (sys.executable, '-c',
                    'os.execv(sys.argv[1], sys.argv[1:])')
 
 
+def _snapshot(folder):
+  """{path: (size, mtime)} of every file and folder under ``folder``."""
+  out = {}
+  for parent, dirs, files in os.walk(folder):
+    for name in dirs + files:
+      stat = os.stat(os.path.join(parent, name))
+      out[os.path.join(parent, name)] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
 def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_path, cifar_dir):
   workdir = tmp_path / 'faults'
 
@@ -128,11 +142,13 @@ def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_
   assert 'Traceback' not in run.stderr
   assert _steps(workdir) == [1] and not _tmp_dirs(workdir)
 
-  # SIGKILL while the resumed run loads and compiles its step.
+  # SIGKILL while the resumed run loads and compiles its step. The kill
+  # frees the workdir's lock (its file still names the killed run).
   run = Search(workdir, cifar_dir)
   run.wait_for(run.printed('resuming'), 'the resume')
   run.proc.kill()
   run.finish()
+  assert f'pid {run.proc.pid} ' in (workdir / trainer.LOCK_FILE).read_text()
 
   # SIGKILL once the first epoch's evaluation is done: its metrics are
   # written, the epoch-end checkpoint is being saved.
@@ -141,19 +157,77 @@ def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_
   run.proc.kill()
   run.finish()
 
-  # The rest: the same run, bit for bit.
+  # A truncated file in the latest checkpoint (a disk fault, a copy cut
+  # short): that checkpoint is set aside, the run resumes from the one before.
+  steps = _steps(workdir)
+  assert len(steps) >= 2, steps
+  damage_checkpoint(workdir / checkpoint.CHECKPOINT_DIR / str(steps[-1]), 'truncated file')
+
+  # A second run on the workdir while the first holds it (stopped, so that
+  # nothing changes): refused in one line naming the holder; it touches nothing.
+  run = Search(workdir, cifar_dir)
+  run.wait_for(run.printed('resuming'), 'the resume')
+  assert any(f'checkpoint at step {steps[-1]} cannot be read' in l for l in run.err_lines)
+  assert _steps(workdir) == steps[:-1] and (workdir / checkpoint.CHECKPOINT_DIR
+                                            / f'{steps[-1]}{checkpoint.DAMAGED_SUFFIX}').is_dir()
+  run.proc.send_signal(signal.SIGSTOP)
+  before = _snapshot(workdir)
+  argv, env = script_command('search_cifar.py', *search_args(workdir, cifar_dir))
+  second = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=TIMEOUT)
+  run.proc.send_signal(signal.SIGCONT)
+  assert second.returncode == 1 and second.stdout == '', second.stderr[-2000:]
+  assert second.stderr.strip() == (f'error: --workdir={workdir} is in use by the run of pid '
+                                   f'{run.proc.pid} on {socket.gethostname()}: wait for that run '
+                                   f'to end (or stop it), or use another --workdir')
+  assert _snapshot(workdir) == before
+
+  # SIGKILL while the finished run writes its report: the rerun rebuilds
+  # what is missing before it says the search is finished.
+  run.wait_for(lambda: (workdir / 'genotype.json').exists(), 'the report')
+  run.proc.kill()
+  assert run.finish() == -signal.SIGKILL
+  assert not (workdir / 'summary.json').exists()
   run = Search(workdir, cifar_dir)
   assert run.finish() == 0, run.stderr[-3000:]
+  assert run.lines[-1].startswith(f'search in {workdir} already finished; outputs are in place (')
+
+  # Every output equals the uninterrupted run's, bit for bit.
   assert not _tmp_dirs(workdir)  # the killed save's tmp folder is gone
-  for t in ('normal', 'reduce'):
-    np.testing.assert_array_equal(np.load(workdir / f'alpha_{t}.npy'),
-                                  np.load(tiny_search_workdir / f'alpha_{t}.npy'))
-  assert (workdir / 'genotype.json').read_text() == (tiny_search_workdir / 'genotype.json').read_text()
+  for name in search.output_files(search.SearchConfig()):
+    if name != 'summary.json':
+      assert (workdir / name).read_bytes() == (tiny_search_workdir / name).read_bytes(), name
   strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]
   assert strip(reporting.read_metrics(workdir)) == strip(reporting.read_metrics(tiny_search_workdir))
   summary = lambda w: {k: v for k, v in json.loads((w / 'summary.json').read_text()).items()
                        if k not in ('elapsed_s', 'last_epoch')}
   assert summary(workdir) == summary(tiny_search_workdir)
+
+
+@pytest.mark.parametrize('kind', DAMAGE)
+def test_damaged_latest_checkpoint_is_set_aside(tmp_path, kind, capsys):
+  tree = {'w': jax.numpy.arange(1000, dtype=np.float32), 'b': jax.numpy.ones((30, 30))}
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  for step in (1, 2):
+    ckpt.save(step, jax.tree.map(lambda x: x * step, tree), {'epoch': step})
+  ckpt.close()
+  folder = tmp_path / checkpoint.CHECKPOINT_DIR
+  damage_checkpoint(folder / '2', kind)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  state, meta = ckpt.restore_latest(checkpoint.abstract_like(tree))
+  ckpt.close()
+  assert meta == {'epoch': 1}
+  for name in tree:
+    np.testing.assert_array_equal(state[name], tree[name])
+  assert sorted(os.listdir(folder)) == ['1', '2' + checkpoint.DAMAGED_SUFFIX]
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('warning: the checkpoint at step 2 cannot be read (') and '\n' not in err
+  assert err.endswith(f'moved to {folder / "2.damaged"}; trying the previous checkpoint')
+  # The last one damaged too: nothing to resume from (the run starts over).
+  damage_checkpoint(folder / '1', kind)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert ckpt.restore_latest(checkpoint.abstract_like(tree)) is None
+  ckpt.close()
+  assert sorted(os.listdir(folder)) == ['1.damaged', '2.damaged']
 
 
 # ----------------------------------------------------------------------------

@@ -4,8 +4,9 @@ virtual environment that cannot see the checkout, holds every file the
 package reads at run time (the CPU backend's C++ sources, the flagfiles) and
 runs a one-step search through its console script on the native kernels.
 
-The virtual environment sees the system's site-packages (jax, flax, ...: no
-download) and the wheel installs with --no-deps from a wheel built with
+The virtual environment sees the running interpreter's packages (jax, flax,
+...: no download) through a .pth file, whether the tests run in a virtual
+environment or in the system's Python, and the wheel installs with --no-deps from a wheel built with
 --no-build-isolation and --no-index, so no step needs a package index. The
 kernels come from the shared cache (SNAS_JAX_NATIVE_DIR or its default),
 whose key is a hash of the source file's bytes: the installed package reads
@@ -71,7 +72,7 @@ def run(cmd, cwd, timeout=300, **env):
 @pytest.fixture(scope='module')
 def venv(tmp_path_factory):
   """The virtual environment's folder, with the wheel of the checkout installed."""
-  for module in ('pip', 'setuptools', 'wheel'):
+  for module in ('pip', 'setuptools'):
     if importlib.util.find_spec(module) is None:
       pytest.skip(f'cannot build a wheel: {module} is not installed in this Python '
                   '(the build runs without isolation so that it needs no package index)')
@@ -93,8 +94,13 @@ def venv(tmp_path_factory):
   run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '--no-index',
        '--wheel-dir', tmp / 'dist', sdist], cwd=tmp)
   wheel, = (tmp / 'dist').glob('snas_jax-*.whl')
-  run([sys.executable, '-m', 'venv', '--without-pip', '--system-site-packages', tmp / 'venv'],
-      cwd=tmp)
+  run([sys.executable, '-m', 'venv', '--without-pip', tmp / 'venv'], cwd=tmp)
+  # The running interpreter's package folders, after the venv's own (lines
+  # of a .pth file are appended to sys.path; the checkout is not among them).
+  purelib = run([tmp / 'venv' / 'bin' / 'python', '-c',
+                 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], cwd=tmp)
+  folders = [p for p in sys.path if os.path.basename(p) in ('site-packages', 'dist-packages')]
+  Path(purelib.stdout.strip(), 'running_interpreter.pth').write_text('\n'.join(folders) + '\n')
   run([sys.executable, '-m', 'pip', '--python', tmp / 'venv' / 'bin' / 'python', 'install',
        '--no-deps', '--no-index', wheel], cwd=tmp)
   return tmp / 'venv'
@@ -172,3 +178,17 @@ def test_config_names_a_shipped_flagfile(tmp_path):
                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1].startswith('error: --config works on the command line only')
+
+
+def test_installed_replication_reads_the_package_files(venv, tmp_path):
+  """The replication driver from the installed package: the η levels from the
+  shipped flagfiles, the settings flagfile and the search's console script."""
+  from snas_jax import replication
+  code = ('import json; from snas_jax import replication as r; print(json.dumps({"checkout": '
+          'r.IN_CHECKOUT, "etas": [r.eta(m) for m in r.METHODS], "settings": '
+          'r.default_settings().read_text(), "entry": r.search_entry()}))')
+  got = json.loads(run([venv / 'bin' / 'python', '-c', code], cwd=tmp_path).stdout.splitlines()[-1])
+  assert got['checkout'] is False
+  assert got['etas'] == [replication.eta(m) for m in replication.METHODS]
+  assert got['settings'] == replication.default_settings().read_text()
+  assert got['entry'] == [str(venv / 'bin' / 'snas-search')]

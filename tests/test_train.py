@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_script, write_imagenet_metadata
+from conftest import damage_checkpoint, run_script, write_imagenet_metadata
 from snas_jax import checkpoint, data, genotypes, parallel, train, trainer
 
 
@@ -110,6 +110,9 @@ def test_checkpoint_of_another_network_is_one_line(tmp_path):
                 {'w': {'kernel': jnp.ones(4)}}):  # reshaped
     with pytest.raises(checkpoint.CheckpointError, match='step 3 .* does not fit') as err:
       ckpt.restore(checkpoint.abstract_like(other))
+    assert 'new --workdir' in _one_line(err)
+    with pytest.raises(checkpoint.CheckpointError, match='step 3 .* does not fit') as err:
+      ckpt.restore_latest(checkpoint.abstract_like(other))  # not set aside: it reads
     assert 'new --workdir' in _one_line(err)
   state, meta = ckpt.restore(checkpoint.abstract_like({'w': {'kernel': jnp.zeros(3)}}))
   np.testing.assert_array_equal(state['w']['kernel'], 1.0)
@@ -368,6 +371,18 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
   assert not (tmp_path / 'e' / 'metrics.jsonl').read_text()  # epoch 1 not yet evaluated
   resumed = train.train_and_evaluate(config, str(tmp_path / 'e'))
   assert resumed['test_loss'] == final['test_loss']
+
+  # A damaged latest checkpoint (unreadable metadata) is set aside: the run
+  # resumes from the one before and ends the same, bit for bit.
+  train.train_and_evaluate(dataclasses.replace(config, stop_after_step=3), str(tmp_path / 'g'))
+  damage_checkpoint(tmp_path / 'g' / checkpoint.CHECKPOINT_DIR / '3', 'garbage metadata')
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'g'))
+  assert resumed['test_loss'] == final['test_loss']
+  assert '3.damaged' in os.listdir(tmp_path / 'g' / checkpoint.CHECKPOINT_DIR)
+  # final.json lost (a kill while it was written): the rerun writes it again.
+  os.remove(tmp_path / 'g' / train.FINAL_FILE)
+  assert train.train_and_evaluate(config, str(tmp_path / 'g')) == resumed
+  assert json.loads((tmp_path / 'g' / train.FINAL_FILE).read_text()) == resumed
 
   # Another configuration in the same workdir: a one-line error, before any compile.
   with pytest.raises(checkpoint.CheckpointError, match="--channels=4 there, --channels=6 now") as err:
