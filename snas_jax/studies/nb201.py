@@ -1,0 +1,220 @@
+"""SNAS, DARTS and GDAS on NAS-Bench-201 over seeds (docs/nb201.md).
+
+Three arms, ``--space=nb201 --method=<m>``, 3 seeds, the shipped
+``nb201_study.flags`` (a reduced NB201 search protocol; its header says why
+each flag differs):
+
+  python experiments/study.py --study=nb201 --workdir=workdirs/nb201
+
+The report gives, per method, mean ± sd over seeds of the search validation
+accuracy, the derived child's accuracy without finetuning, the final α
+entropy, the derived arch strings and their composition, and the NAS-Bench-201
+accuracies of the derived cells when the runs' summaries hold them (searches
+run with ``--benchmark_dir``).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from snas_jax import study as study_lib
+from snas_jax.study import Arm, Results, Study, num, pct
+
+METHODS = ('snas', 'darts', 'gdas')
+ARMS = tuple(Arm(m, label, {'space': 'nb201', 'method': m}, color) for m, label, color in (
+    ('snas', 'SNAS', 'tab:blue'),
+    ('darts', 'DARTS (single-level)', 'tab:red'),
+    ('gdas', 'GDAS', 'tab:orange')))
+LABELS = {a.name: a.label for a in ARMS}
+
+# The NB201 ops in the order the composition table counts them.
+OPS = ('nor_conv_3x3', 'nor_conv_1x1', 'skip_connect', 'avg_pool_3x3', 'none')
+NUM_EDGES = 6
+# The benchmark's accuracies of a derived cell (snas_jax/benchmark.py's record
+# keys) and their column titles; a column appears only when the runs hold it.
+BENCHMARK = {'bench_cifar10_valid_acc': 'CIFAR-10 valid',
+             'bench_cifar10_test_acc': 'CIFAR-10 test',
+             'bench_cifar100_test_acc': 'CIFAR-100 test',
+             'bench_imagenet16_120_test_acc': 'ImageNet16-120 test'}
+
+# NB201's search protocol (AutoDL-Projects' DARTS.config, DARTS-V1.sh): the
+# reference column of the setting table.
+PROTOCOL = {'channels': 16, 'layers': 5, 'image_size': 32, 'heldout_images': 25000,
+            'num_train_images': 0, 'num_eval_images': 0, 'num_test_images': 0,
+            'batch_size': 64, 'epochs': 50, 'w_lr': 0.025, 'w_lr_min': 0.001,
+            'w_momentum': 0.9, 'w_weight_decay': 5e-4, 'grad_clip': 5.0, 'alpha_lr': 3e-4,
+            'alpha_beta1': 0.5, 'alpha_beta2': 0.999, 'alpha_weight_decay': 1e-3,
+            'drop_path': 0.0, 'resource_eta': 0.0}
+REASONS = {
+    'channels': 'compute: C = 8',
+    'layers': 'compute: N = 2 cells per stage, 6 search cells instead of 15',
+    'image_size': 'compute: area-downsampled CIFAR-10 images, the same 10 classes',
+    'num_train_images': 'compute: a class-balanced subset of the search half',
+    'num_eval_images': 'compute: the per-epoch evaluations',
+    'num_test_images': 'compute: the final test',
+    'epochs': 'compute; the same budget for every method (GDAS: 240 in NB201)',
+    'w_lr': 'w trains with far fewer steps than in NB201',
+    'alpha_lr': 'at 3e-4, α stays at its initial entropy in a short search',
+    'batch_size': 'compute',
+}
+# Fields that are not part of the shared setting (τ: each method's own schedule).
+PER_RUN_FIELDS = {'space', 'method', 'seed', 'data_dir', 'tfds_data_dir', 'backend',
+                  'checkpoint_every_steps', 'stop_after_step', 'eval_batch_size', 'remat',
+                  'benchmark_dir', 'tau0', 'tau_min'}
+
+
+def arch_string(genotype) -> str:
+  """The arch string of a derived NB201 cell (its JSON form ``{"arch": ...}`` or the string)."""
+  return genotype['arch'] if isinstance(genotype, dict) else str(genotype)
+
+
+def composition(arch: str) -> dict:
+  """{op: how many of the 6 edges hold it}, for every op of ``OPS``."""
+  from snas_jax.spaces import nb201
+  ops = nb201.Arch.from_string(arch).ops
+  return {op: sum(o == op for o in ops) for op in OPS}
+
+
+def alpha_entropy(record: dict) -> float:
+  """The record's α entropy (mean over edges), averaged over its cell types."""
+  values = [v for k, v in record.items() if re.fullmatch(r'alpha_entropy_[a-z0-9]+', k)]
+  return float(np.mean(values))
+
+
+def benchmark_record(run: dict) -> dict:
+  """The benchmark accuracies of the run's derived cell, wherever its summary
+  holds them (top level, a ``benchmark`` entry, the last epoch's record); {} if nowhere."""
+  summary = run['summary']
+  for place in (summary, summary.get('benchmark') or {}, summary.get('last_epoch') or {},
+                run['records'][-1]):
+    found = {k: place[k] for k in BENCHMARK if place.get(k) is not None}
+    if found:
+      return found
+  return {}
+
+
+def final_numbers(run: dict) -> dict:
+  """The comparison's numbers of one run (accuracies as fractions)."""
+  last = run['records'][-1]
+  arch = arch_string(run['genotype'])
+  return {'search_val_acc': last['search_val_acc'], 'child_val_acc': last['child_acc'],
+          'child_test_acc': run['summary']['child_test_acc'],
+          'alpha_entropy': alpha_entropy(last), 'epochs': len(run['records']),
+          **{f'edges_{op}': n for op, n in composition(arch).items()},
+          **benchmark_record(run)}
+
+
+def plot_curves(results: Results, path: str) -> str:
+  """Search validation, child validation and α entropy per epoch."""
+  return study_lib.plot_curves(results, [
+      ('search validation accuracy (%)', [(lambda r: 100 * r['search_val_acc'], '-', True)], None),
+      ('derived child, no finetuning: validation accuracy (%)',
+       [(lambda r: 100 * r['child_acc'], '-', True)], None),
+      ('α entropy (mean over edges; max ln 5)', [(alpha_entropy, '-', True)],
+       lambda ax: ax.axhline(math.log(5), color='0.5', linewidth=0.8, linestyle=':')),
+  ], path)
+
+
+def _collapse_lines(summary: dict, archs: dict) -> list[str]:
+  """Per method: how many edges of the derived cells are skip connections and
+  how many cells hold no convolution, from the numbers."""
+  from snas_jax.spaces import nb201
+  lines = []
+  for arm, s in summary.items():
+    skips = s['per_seed']['edges_skip_connect']
+    no_conv = sum(1 for a in archs[arm] if not any(
+        op.startswith('nor_conv') for op in nb201.Arch.from_string(a).ops))
+    lines.append(f'- {LABELS[arm]}: {num(s["edges_skip_connect"], 1)} of {NUM_EDGES} edges are '
+                 f'skip connections (per seed: {", ".join(str(k) for k in skips)}); '
+                 f'{no_conv} of {len(skips)} derived cells hold no convolution.')
+  return lines
+
+
+def report(results: Results) -> dict:
+  """docs/nb201.md: the per-method table, the derived cells and their
+  composition, the benchmark's accuracies when present, figures, the reduced
+  setting, provenance."""
+  from snas_jax.spaces import nb201
+  runs, doc, prefix = results.runs, results.doc, STUDY.output
+  summary = study_lib.summarize(runs, final_numbers)
+  archs = {arm: [arch_string(r['genotype']) for r in arm_runs] for arm, arm_runs in runs.items()}
+  figures = {'curves': plot_curves(results, doc(f'{prefix}_curves.png'))}
+  for arm, arm_runs in runs.items():
+    name = f'{prefix}_cell_{arm}.png'
+    figures[f'cell_{arm}'] = nb201.draw_arch(
+        nb201.Arch.from_string(archs[arm][0]), doc(name),
+        f'{LABELS[arm]}, seed {arm_runs[0]["seed"]}: {archs[arm][0]}')
+
+  first = results.first()
+  out = ['# NAS-Bench-201: SNAS, DARTS and GDAS over seeds', '',
+         f'Generated by `{results.command()}` from the run folders; every number below comes '
+         'from them.', '',
+         f'Each method searches the NAS-Bench-201 cell with {len(first["records"])} epochs and '
+         'the seeds listed below, in the reduced setting of section 4: the search trains on '
+         'one part of the training set and validates on held-out training images; the test '
+         'set is read once per run, for the final child.', '']
+
+  out += ['## 1. Per method', '',
+          'Mean ± sample standard deviation over seeds. Search validation: the supernet as '
+          'each method evaluates it (SNAS a Gumbel-softmax sample at the final τ, DARTS '
+          'softmax(α), GDAS a one-hot sample). Child: the derived cell as one-hot Z with the '
+          'supernet\'s weights, no finetuning. α entropy: mean over the 6 edges (ln 5 = 1.609 '
+          'is uniform).', '',
+          '| method | seeds | search val acc (%) | child val acc (%) | child test acc (%) '
+          '| α entropy |', '|---|---|---|---|---|---|']
+  for arm, s in summary.items():
+    out.append(f'| {LABELS[arm]} | {",".join(map(str, s["seeds"]))} | {pct(s["search_val_acc"])} '
+               f'| {pct(s["child_val_acc"])} | {pct(s["child_test_acc"])} '
+               f'| {num(s["alpha_entropy"], 3)} |')
+
+  out += ['', '## 2. Derived cells', '',
+          'Composition: of the 6 edges of the derived cell, how many hold each op (mean ± sd '
+          'over seeds).', '',
+          '| method | ' + ' | '.join(f'`{op}`' for op in OPS) + ' |',
+          '|---' * (len(OPS) + 1) + '|']
+  for arm, s in summary.items():
+    out.append(f'| {LABELS[arm]} | ' + ' | '.join(num(s[f'edges_{op}'], 1) for op in OPS) + ' |')
+  verdicts = _collapse_lines(summary, archs)
+  out += [''] + verdicts + ['', 'Arch strings, per seed:', '']
+  for arm, arm_runs in runs.items():
+    for run, arch in zip(arm_runs, archs[arm]):
+      out.append(f'- {LABELS[arm]}, seed {run["seed"]}: `{arch}`')
+
+  bench = [k for k in BENCHMARK if any(k in s for s in summary.values())]
+  if bench:
+    out += ['', '## 3. NAS-Bench-201 accuracies of the derived cells', '',
+            'The benchmark\'s 200-epoch records of each derived cell (mean ± sd over seeds; '
+            '— where a method\'s runs lack it).', '',
+            '| method | ' + ' | '.join(f'{BENCHMARK[k]} (%)' for k in bench) + ' |',
+            '|---' * (len(bench) + 1) + '|']
+    for arm, s in summary.items():
+      out.append(f'| {LABELS[arm]} | ' + ' | '.join(pct(s[k]) if k in s else '—' for k in bench)
+                 + ' |')
+  else:
+    out += ['', '## 3. NAS-Bench-201 accuracies of the derived cells', '',
+            'Not in these runs: search with `--benchmark_dir=<NATS-tss-v1_0-3ffb9-simple>` to '
+            'have them.']
+
+  out += ['', '## 4. Figures', '',
+          'Per-epoch curves: mean over seeds (line), min to max over seeds (band).', '',
+          f'![curves]({prefix}_curves.png)', '',
+          'Derived cells, the first seed of each method (`none` edges not drawn):', '']
+  for arm in runs:
+    out += [f'![{arm}]({prefix}_cell_{arm}.png)', '']
+
+  out += ['## 5. The reduced setting', '',
+          f'Shared by every run (read from the first run\'s checkpoint; settings flagfile '
+          f'`{study_lib.settings_shown(results)}`), against NB201\'s search protocol '
+          '(AutoDL-Projects\' DARTS configuration; τ follows each method\'s own schedule).', '',
+          '| flag | here | NB201 | why |', '|---|---|---|---|']
+  out += study_lib.setting_lines(results, PROTOCOL, REASONS, PER_RUN_FIELDS)
+
+  out += ['', '## 6. Provenance', '']
+  out += study_lib.provenance(results)[0]
+  return {'markdown': out, 'summary': summary, 'figures': figures, 'verdicts': verdicts}
+
+
+STUDY = Study(name='nb201', output='nb201', settings='nb201_study', arms=ARMS, seeds=(0, 1, 2),
+              report=report)
