@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 
-from snas_jax import study  # noqa: E402
+from snas_jax import studies  # noqa: E402
 
 if __name__ == '__main__':
-  study.define_flags()
-  app.run(study.main)
+  studies.define_flags()
+  app.run(studies.main)

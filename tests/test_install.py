@@ -180,15 +180,16 @@ def test_config_names_a_shipped_flagfile(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith('error: --config works on the command line only')
 
 
-def test_installed_replication_reads_the_package_files(venv, tmp_path):
-  """The replication driver from the installed package: the η levels from the
-  shipped flagfiles, the settings flagfile and the search's console script."""
-  from snas_jax import replication
-  code = ('import json; from snas_jax import replication as r; print(json.dumps({"checkout": '
-          'r.IN_CHECKOUT, "etas": [r.eta(m) for m in r.METHODS], "settings": '
-          'r.default_settings().read_text(), "entry": r.search_entry()}))')
+def test_installed_studies_read_the_package_files(venv, tmp_path):
+  """The study driver from the installed package: Table 1's η levels from the
+  shipped flagfiles, each study's settings flagfile and the search's console script."""
+  from snas_jax.studies import STUDIES, table1
+  code = ('import json; from snas_jax import study; from snas_jax.studies import STUDIES, table1; '
+          'print(json.dumps({"checkout": study.IN_CHECKOUT, "etas": [table1.eta(a.name) for a in '
+          'table1.ARMS], "settings": {n: s.default_settings().read_text() for n, s in '
+          'STUDIES.items()}, "entry": study.search_entry()}))')
   got = json.loads(run([venv / 'bin' / 'python', '-c', code], cwd=tmp_path).stdout.splitlines()[-1])
   assert got['checkout'] is False
-  assert got['etas'] == [replication.eta(m) for m in replication.METHODS]
-  assert got['settings'] == replication.default_settings().read_text()
+  assert got['etas'] == [table1.eta(a.name) for a in table1.ARMS]
+  assert got['settings'] == {n: s.default_settings().read_text() for n, s in STUDIES.items()}
   assert got['entry'] == [str(venv / 'bin' / 'snas-search')]

@@ -1,6 +1,6 @@
-"""The replication driver and its report end to end on a tiny setting: 2
-methods x 2 seeds, 2 epochs of 2 steps, and the report's numbers against the
-metrics files they came from."""
+"""The study driver and the Table 1 report end to end on a tiny setting: 2
+arms x 2 seeds, 2 epochs of 2 steps, a grid killed part-way and resumed, and
+the report's numbers against the metrics files they came from."""
 import json
 import os
 import subprocess
@@ -20,24 +20,32 @@ METHODS = ['snas_none', 'darts']
 SEEDS = [0, 1]
 
 
-def replicate(workdir, docs, settings, *extra):
+def replicate(workdir, docs, settings, *extra, seeds=SEEDS, search_flags=()):
   return subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'experiments', 'replicate.py'), f'--workdir={workdir}',
-       f'--docs_dir={docs}', f'--settings={settings}', f'--methods={",".join(METHODS)}',
-       f'--seeds={",".join(map(str, SEEDS))}', '--backend=reference', *extra,
-       '--', f'--compilation_cache_dir={CACHE_DIR}'],
+      [sys.executable, os.path.join(ROOT, 'experiments', 'study.py'), '--study=table1',
+       f'--workdir={workdir}', f'--docs_dir={docs}', f'--settings={settings}',
+       f'--arms={",".join(METHODS)}', f'--seeds={",".join(map(str, seeds))}',
+       '--backend=reference', *extra, '--', f'--compilation_cache_dir={CACHE_DIR}',
+       *search_flags],
       capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
 @pytest.fixture(scope='module')
 def replication(tmp_path_factory, cifar_dir):
+  """The grid run as a user whose machine stops part-way would: the seed-0
+  runs first; then the whole grid, whose first unfinished run stops after one
+  step (as if preempted: --stop_after_step), which stops the driver; then the
+  whole grid again, which skips the finished runs and resumes the stopped one."""
   root = tmp_path_factory.mktemp('replication')
   settings = root / 'tiny.flags'
   settings.write_text('\n'.join([f'--data_dir={cifar_dir}', *TINY_SETTINGS]) + '\n')
   workdir, docs = root / 'work', root / 'docs'
-  proc = replicate(workdir, docs, settings)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return workdir, docs, settings, proc
+  procs = [replicate(workdir, docs, settings, seeds=[0]),
+           replicate(workdir, docs, settings, search_flags=['--stop_after_step=1']),
+           replicate(workdir, docs, settings)]
+  for proc in (procs[0], procs[2]):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return workdir, docs, settings, procs
 
 
 def _final(run):
@@ -52,7 +60,7 @@ def _final(run):
 
 def test_every_run_finishes_on_a_heldout_split(replication):
   workdir, _, _, _ = replication
-  from snas_jax import replication as repl
+  from snas_jax import study as repl
   for method in METHODS:
     for seed in SEEDS:
       run = workdir / 'runs' / method / f'seed{seed}'
@@ -65,6 +73,25 @@ def test_every_run_finishes_on_a_heldout_split(replication):
   state = json.loads((workdir / 'replication.json').read_text())
   assert set(state['runs']) == {f'{m}/seed{s}' for m in METHODS for s in SEEDS}
   assert all(r['wall_s'] > 0 and r['commits'] for r in state['runs'].values())
+  assert state['study'] == 'table1' and len(state['invocations']) == 3
+
+
+def test_a_killed_grid_resumes(replication):
+  """The stopped driver says which run to resume; the next invocation skips
+  the finished runs, resumes the stopped one from its checkpoint and runs the rest."""
+  workdir, _, _, procs = replication
+  assert procs[0].stdout.count('searching') == 2
+  killed = procs[1]
+  assert killed.returncode != 0 and '[1/4] snas_none/seed0: finished, skipped' in killed.stdout
+  assert 'error: snas_none/seed1 failed (exit 0); rerun the command to resume it' in killed.stderr
+  assert 'darts' not in killed.stdout  # the driver stopped with the run
+  resumed = procs[2].stdout
+  for line in ('[1/4] snas_none/seed0: finished, skipped', '[2/4] snas_none/seed1: searching',
+               '[3/4] darts/seed0: finished, skipped', '[4/4] darts/seed1: searching'):
+    assert line in resumed, resumed
+  log = (workdir / 'runs' / 'snas_none' / 'seed1' / 'log.txt').read_text()
+  assert 'stopped after step 1' in log and 'from step 1' in log.split('stopped after step 1')[1]
+  assert log.count('$ ') == 2  # two search processes, one run
 
 
 def test_report_numbers_come_from_the_metrics_files(replication):
@@ -112,6 +139,19 @@ def test_report_numbers_come_from_the_metrics_files(replication):
                                             for c in ('normal', 'reduce')]:
     assert (docs / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name
     assert f']({name})' in md
+
+
+def test_report_regenerates_the_same_numbers_from_the_run_folders(replication, tmp_path):
+  workdir, docs, _, _ = replication
+  from snas_jax import study
+  from snas_jax.studies import table1
+  before = json.loads((workdir / 'report.json').read_text())
+  result = study.write_report(table1.STUDY, str(workdir), str(tmp_path))
+  assert (tmp_path / 'replication.md').read_bytes() == (docs / 'replication.md').read_bytes()
+  assert json.loads(json.dumps(result['summary'])) == before['summary']
+  for name in before['figures']:
+    png = os.path.basename(before['figures'][name])
+    assert (tmp_path / png).read_bytes() == (docs / png).read_bytes(), png
 
 
 def test_rerun_skips_finished_runs_and_report_only_rebuilds(replication):
