@@ -136,6 +136,7 @@ def report(results: Results) -> dict:
   """docs/nb201.md: the per-method table, the derived cells and their
   composition, the benchmark's accuracies when present, figures, the reduced
   setting, provenance."""
+  from snas_jax import methods
   from snas_jax.spaces import nb201
   runs, doc, prefix = results.runs, results.doc, STUDY.output
   summary = study_lib.summarize(runs, final_numbers)
@@ -157,11 +158,12 @@ def report(results: Results) -> dict:
          'set is read once per run, for the final child.', '']
 
   out += ['## 1. Per method', '',
-          'Mean ± sample standard deviation over seeds. Search validation: the supernet as '
-          'each method evaluates it (SNAS a Gumbel-softmax sample at the final τ, DARTS '
-          'softmax(α), GDAS a one-hot sample). Child: the derived cell as one-hot Z with the '
-          'supernet\'s weights, no finetuning. α entropy: mean over the 6 edges (ln 5 = 1.609 '
-          'is uniform).', '',
+          'Mean ± sample standard deviation over seeds. Search validation, at the last epoch: '
+          + '; '.join(f'{LABELS[arm]}, {methods.get(STUDY.arm(arm).flags["method"]).search_validation}'
+                      for arm in runs)
+          + '. Child: the cell derived by the method\'s own rule (docs/spaces.md) as one-hot Z '
+          'with the supernet\'s weights, no finetuning. α entropy: mean over the 6 edges '
+          '(ln 5 = 1.609 is uniform).', '',
           '| method | seeds | search val acc (%) | child val acc (%) | child test acc (%) '
           '| α entropy |', '|---|---|---|---|---|---|']
   for arm, s in summary.items():
