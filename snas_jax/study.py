@@ -406,7 +406,8 @@ def setting_lines(results: Results, reference: Mapping, reasons: Mapping,
   shared = lambda c: {k: v for k, v in c.items() if k not in per_run_fields}
   other = [a for a in results.runs for r in results.runs[a] if shared(r['config']) != shared(cfg)]
   if other:
-    out += ['', f'**Warning**: runs of {sorted(set(other))} used another setting than the first run.']
+    out += ['', f'**Warning**: runs of {sorted(set(other))} used another setting than the first '
+            'run.']
   return out
 
 

@@ -140,6 +140,8 @@ def report(results: Results) -> dict:
   from snas_jax.spaces import nb201
   runs, doc, prefix = results.runs, results.doc, STUDY.output
   summary = study_lib.summarize(runs, final_numbers)
+  search_validation = {arm: methods.get(STUDY.arm(arm).flags['method']).search_validation
+                       for arm in runs}
   archs = {arm: [arch_string(r['genotype']) for r in arm_runs] for arm, arm_runs in runs.items()}
   figures = {'curves': plot_curves(results, doc(f'{prefix}_curves.png'))}
   for arm, arm_runs in runs.items():
@@ -159,8 +161,7 @@ def report(results: Results) -> dict:
 
   out += ['## 1. Per method', '',
           'Mean ± sample standard deviation over seeds. Search validation, at the last epoch: '
-          + '; '.join(f'{LABELS[arm]}, {methods.get(STUDY.arm(arm).flags["method"]).search_validation}'
-                      for arm in runs)
+          + '; '.join(f'{LABELS[arm]}, {search_validation[arm]}' for arm in runs)
           + '. Child: the cell derived by the method\'s own rule (docs/spaces.md) as one-hot Z '
           'with the supernet\'s weights, no finetuning. α entropy: mean over the 6 edges '
           '(ln 5 = 1.609 is uniform).', '',
