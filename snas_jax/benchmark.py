@@ -88,6 +88,7 @@ class Benchmark:
   def __init__(self, api, path: str):
     self._api = api  # a nats_bench.NATStopology
     self.path = path
+    self._records = {}  # arch string -> record: each cell is read once
 
   def __len__(self) -> int:
     return len(self._api)
@@ -98,6 +99,11 @@ class Benchmark:
     ``bench_cifar100_test_acc``, ``bench_imagenet16_120_test_acc``
     (fractions; 200-epoch, mean over trials), ``bench_params_M`` and
     ``bench_flops_M`` (CIFAR-10 network)."""
+    if arch not in self._records:
+      self._records[arch] = self._read(arch)
+    return dict(self._records[arch])
+
+  def _read(self, arch: str) -> dict:
     index = self._api.query_index_by_arch(arch) if isinstance(arch, str) else -1
     if index < 0:
       raise ValueError(f'{arch!r} is not a cell of the NAS-Bench-201 benchmark at {self.path} '
@@ -113,6 +119,11 @@ class Benchmark:
                        f'is the benchmark complete? {_where_to_get()}') from None
     record['bench_params_M'] = float(costs['params'])
     record['bench_flops_M'] = float(costs['flops'])
+    if self._api.fast_mode:
+      # nats_bench keeps every cell it read from the folder (~9 MB of curves
+      # each); a long search would hold dozens. The record is all we need.
+      self._api.arch2infos_dict.pop(index, None)
+      self._api.evaluated_indexes.discard(index)
     return record
 
 

@@ -136,6 +136,22 @@ def test_record_of_a_known_arch(bench_paths, kind):
   assert bench.record(ARCHS[2])['bench_params_M'] == pytest.approx(1.1)
 
 
+def test_each_cell_is_read_once_and_not_kept(bench_paths, tmp_path):
+  """A search asks every epoch: a cell's file is read once, and nats_bench's
+  copy of its curves is dropped (the folder form reads cells on demand)."""
+  folder = tmp_path / 'NATS-tss-v1_0-3ffb9-simple'
+  folder.mkdir()
+  for name in ('meta', '000000', '000001'):
+    os.link(os.path.join(bench_paths['folder'], f'{name}.pickle.pbz2'),
+            folder / f'{name}.pickle.pbz2')
+  bench = benchmark.open_benchmark(str(folder))
+  first = bench.record(ARCHS[1])
+  assert not bench._api.arch2infos_dict
+  os.remove(folder / '000001.pickle.pbz2')
+  assert bench.record(ARCHS[1]) == first
+  assert bench.record(ARCHS[0]) == pytest.approx(expected_record(0), abs=1e-12)
+
+
 def test_record_reads_the_200_epoch_runs(bench_paths):
   """The API's default schedule is hp='12'; the record is the 200-epoch one."""
   api = nats_bench.create(bench_paths['folder'], 'topology', fast_mode=True, verbose=False)
