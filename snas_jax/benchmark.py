@@ -58,9 +58,8 @@ EXAMPLE_ARCH = ('|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~
 
 BENCHMARK_DIR_HELP = (
     f'NAS-Bench-201 (NATS-Bench topology) benchmark: the {FOLDER_NAME} folder (untarred from '
-    f'the NATS-Bench release, github.com/D-X-Y/NATS-Bench) or the {FILE_NAME} file. An NB201 '
-    'search then records the derived cell\'s 200-epoch benchmark accuracies every epoch. '
-    'Needs the nats_bench package. Empty = no lookups.')
+    f'the NATS-Bench release, github.com/D-X-Y/NATS-Bench) or the {FILE_NAME} file; needs the '
+    'nats_bench package.')
 
 # (record key, NATS-Bench dataset, evaluation set), as the module docstring says.
 ACCURACIES = (
