@@ -218,7 +218,8 @@ def test_command_line(bench_paths):
   proc = run(ARCHS[2], f'--benchmark_dir={bench_paths["folder"]}')
   assert proc.returncode == 0, proc.stderr
   assert f'NAS-Bench-201 cell 2: {ARCHS[2]}' in proc.stdout
-  for line in ('valid (cifar10-valid, x-valid)    82.00%', 'test (cifar10, ori-test)          92.00%',
+  for line in ('CIFAR-10 valid (cifar10-valid, x-valid)    82.00%',
+               'CIFAR-10 test (cifar10, ori-test)          92.00%',
                'CIFAR-100 test (x-test)                    60.00%',
                'ImageNet16-120 test (x-test)               39.00%',
                'params 1.100 M, FLOPs 90.00 M'):
