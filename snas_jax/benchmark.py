@@ -44,7 +44,8 @@ import os
 import pickle
 import re
 
-# The NB201 arch string: three nodes, node i sums i + 1 edges '<op>~<input>'.
+# What the topology benchmark's arch strings look like (the size space's read
+# '64:64:64:64:64'): three nodes, node i sums i + 1 edges '<op>~<input>'.
 _OP = r'(none|skip_connect|nor_conv_1x1|nor_conv_3x3|avg_pool_3x3)'
 TOPOLOGY_ARCH = re.compile(
     rf'\|{_OP}~0\|\+\|{_OP}~0\|{_OP}~1\|\+\|{_OP}~0\|{_OP}~1\|{_OP}~2\|')
@@ -53,8 +54,6 @@ FOLDER_NAME = 'NATS-tss-v1_0-3ffb9-simple'
 FILE_NAME = 'NATS-tss-v1_0-3ffb9.pickle.pbz2'
 META_FILE = 'meta.pickle.pbz2'
 HP = '200'  # the 200-epoch records
-EXAMPLE_ARCH = ('|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|'
-                'nor_conv_3x3~1|skip_connect~2|')
 
 BENCHMARK_DIR_HELP = (
     f'NAS-Bench-201 (NATS-Bench topology) benchmark: the {FOLDER_NAME} folder (untarred from '
@@ -97,7 +96,8 @@ class Benchmark:
     ``bench_cifar10_valid_acc``, ``bench_cifar10_test_acc``,
     ``bench_cifar100_test_acc``, ``bench_imagenet16_120_test_acc``
     (fractions; 200-epoch, mean over trials), ``bench_params_M`` and
-    ``bench_flops_M`` (CIFAR-10 network)."""
+    ``bench_flops_M`` (CIFAR-10 network). A one-line ValueError for a
+    malformed arch string (naming the position) or one not in the benchmark."""
     if arch not in self._records:
       self._records[arch] = self._read(arch)
     return dict(self._records[arch])
@@ -105,8 +105,13 @@ class Benchmark:
   def _read(self, arch: str) -> dict:
     index = self._api.query_index_by_arch(arch) if isinstance(arch, str) else -1
     if index < 0:
+      if not (isinstance(arch, str) and TOPOLOGY_ARCH.fullmatch(arch)):
+        # Malformed: the space's parser says where (it imports JAX, so only here).
+        from snas_jax.spaces import nb201
+        nb201.parse_arch_string(arch)
       raise ValueError(f'{arch!r} is not a cell of the NAS-Bench-201 benchmark at {self.path} '
-                       f'({len(self)} cells); arch strings read like {EXAMPLE_ARCH}')
+                       f'(it holds {len(self)} of NAS-Bench-201\'s 15,625 cells); '
+                       f'{_where_to_get()}')
     try:
       results = self._api.query_by_index(index, hp=HP)  # an ArchResults
       record = {'bench_index': int(index)}
@@ -187,8 +192,8 @@ def format_record(arch: str, record: dict) -> str:
 def _run(argv) -> None:
   from absl import flags
   if len(argv) != 2:
-    raise SystemExit(f'usage: python -m snas_jax.benchmark \'<arch string>\' '
-                     f'--benchmark_dir=<{FOLDER_NAME} folder>; e.g. \'{EXAMPLE_ARCH}\'')
+    raise SystemExit(f'usage: python -m snas_jax.benchmark \'<NB201 arch string>\' '
+                     f'--benchmark_dir=<{FOLDER_NAME} folder>')
   # One-line errors as snas_jax.cli.one_line_errors, without importing JAX.
   try:
     benchmark = open_benchmark(flags.FLAGS.benchmark_dir)

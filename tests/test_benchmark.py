@@ -190,7 +190,8 @@ def test_errors_are_one_line(bench_paths, tmp_path):
       ValueError, benchmark.open_benchmark, str(size_space))
 
   bench = benchmark.open_benchmark(bench_paths['folder'])
-  assert 'is not a cell' in _one_line_error(ValueError, bench.record, '|nor_conv_3x3~0|+')
+  assert 'malformed NB201 arch string' in _one_line_error(ValueError, bench.record,
+                                                          '|nor_conv_3x3~0|+')
   absent = ARCHS[0].replace('skip_connect~2', 'none~2')  # well-formed, not in the tiny benchmark
   assert 'is not a cell' in _one_line_error(ValueError, bench.record, absent)
   # A folder whose cell file is missing (a partly extracted archive).
@@ -209,6 +210,10 @@ def test_check_benchmark_flag(bench_paths):
   assert '--space=nb201' in message and 'drop --benchmark_dir' in message
   bench = benchmark.check_benchmark_flag('nb201', bench_paths['folder'])
   assert bench.record(ARCHS[0])['bench_index'] == 0
+  # The search space's own cells print as the benchmark's strings.
+  from snas_jax.spaces import nb201
+  cell = nb201.Arch(('nor_conv_1x1', 'none', 'none', 'none', 'none', 'skip_connect'))
+  assert bench.record(str(cell))['bench_index'] == 2
   _one_line_error(FileNotFoundError, benchmark.check_benchmark_flag, 'nb201', '/no/such/folder')
 
 
@@ -224,6 +229,7 @@ def test_command_line(bench_paths):
                'ImageNet16-120 test (x-test)               39.00%',
                'params 1.100 M, FLOPs 90.00 M'):
     assert line in proc.stdout, proc.stdout
-  proc = run('|none~0|', f'--benchmark_dir={bench_paths["folder"]}')
-  assert proc.returncode == 1
+  absent = ARCHS[0].replace('skip_connect~2', 'none~2')
+  proc = run(absent, f'--benchmark_dir={bench_paths["folder"]}')
+  assert proc.returncode == 1 and 'is not a cell' in proc.stderr
   assert proc.stderr.startswith('error: ') and proc.stderr.count('\n') == 1, proc.stderr
