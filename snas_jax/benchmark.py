@@ -182,7 +182,7 @@ def format_record(arch: str, record: dict) -> str:
            'bench_cifar100_test_acc': 'CIFAR-100 test (x-test)',
            'bench_imagenet16_120_test_acc': 'ImageNet16-120 test (x-test)'}
   lines = [f'NAS-Bench-201 cell {record["bench_index"]}: {arch}',
-           f'200-epoch accuracies, mean over the benchmark\'s trials:']
+           '200-epoch accuracies, mean over the benchmark\'s trials:']
   lines += [f'  {names[key]:42s} {100 * record[key]:.2f}%' for key, _, _ in ACCURACIES]
   lines.append(f'params {record["bench_params_M"]:.3f} M, FLOPs {record["bench_flops_M"]:.2f} M '
                '(CIFAR-10 network)')
