@@ -221,13 +221,13 @@ def test_nb201_report_from_run_folders(tmp_path):
          '2 of 2 derived cells hold no convolution.' in md
   # Benchmark: SNAS's from the summary's top level, DARTS's from its 'benchmark' entry, GDAS none.
   bench = md.split('## 3.')[1].split('## 4.')[0]
-  assert '| method | CIFAR-10 valid (%) | CIFAR-10 test (%) |' in bench
+  assert '| method | cifar10-valid x-valid (%) | cifar10 ori-test (%) |' in bench
   for arm in ('snas', 'darts'):
     values = [e['bench_cifar10_test_acc'] for e in expected[arm]]
     assert f'{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f} |' in _row(
         bench, nb201.LABELS[arm])
   assert _row(bench, 'GDAS') == '| GDAS | — | — |'
-  assert 'CIFAR-100' not in bench
+  assert 'cifar100' not in bench and 'ImageNet16' not in bench
   for name in ['nb201_curves.png'] + [f'nb201_cell_{a}.png' for a in ('snas', 'darts', 'gdas')]:
     assert (docs / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name
     assert f']({name})' in md
@@ -243,6 +243,6 @@ def test_nb201_report_without_benchmark_has_no_benchmark_columns(tmp_path):
   nb201_runs(workdir, with_benchmark=False)
   result = study.write_report(nb201.STUDY, str(workdir), str(docs))
   md = (docs / 'nb201.md').read_text()
-  assert 'CIFAR-10 valid' not in md and '--benchmark_dir' in md
+  assert 'x-valid' not in md and '--benchmark_dir' in md
   assert not any(k.startswith('bench_') for s in result['summary'].values() for k in s)
   assert math.isclose(result['summary']['gdas']['edges_none'][0], 0.0)

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from snas_jax import study as study_lib
+from snas_jax import benchmark, study as study_lib
 from snas_jax.study import Arm, Results, Study, num, pct
 
 METHODS = ('snas', 'darts', 'gdas')
@@ -33,11 +33,9 @@ LABELS = {a.name: a.label for a in ARMS}
 OPS = ('nor_conv_3x3', 'nor_conv_1x1', 'skip_connect', 'avg_pool_3x3', 'none')
 NUM_EDGES = 6
 # The benchmark's accuracies of a derived cell (snas_jax/benchmark.py's record
-# keys) and their column titles; a column appears only when the runs hold it.
-BENCHMARK = {'bench_cifar10_valid_acc': 'CIFAR-10 valid',
-             'bench_cifar10_test_acc': 'CIFAR-10 test',
-             'bench_cifar100_test_acc': 'CIFAR-100 test',
-             'bench_imagenet16_120_test_acc': 'ImageNet16-120 test'}
+# keys) and their column titles (data set, evaluation set); a column appears
+# only when the runs hold it.
+BENCHMARK = {key: f'{dataset} {eval_set}' for key, dataset, eval_set in benchmark.ACCURACIES}
 
 # NB201's search protocol (AutoDL-Projects' DARTS.config, DARTS-V1.sh): the
 # reference column of the setting table.
