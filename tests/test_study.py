@@ -12,7 +12,6 @@ import pytest
 from conftest import ROOT
 from snas_jax import checkpoint, config as config_lib, genotypes, study
 from snas_jax.search import SearchConfig
-from snas_jax.spaces import nb201 as nb201_space
 from snas_jax.studies import STUDIES, nb201, table1
 
 GOLDEN = Path(ROOT, 'tests', 'data', 'replication_report_golden.md')
