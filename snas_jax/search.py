@@ -1,9 +1,10 @@
 """SNAS search: the configuration, the jitted step, evaluation and its task.
 
 Read top to bottom: Config, Model & Optimizer, Update Step, Evals, Checkpoint,
-Task (what loop.run runs), Hand-off. One pure step updates w and α from the same backward
-pass on the same batch (single-level, docs/algorithm.md §3): a Gumbel-softmax sample Z per
-cell type (one per step, shared by the batch and all cells of that type),
+Task (what loop.run runs; the hand-off in its finish). One pure step updates
+w and α from the same backward pass on the same batch (single-level,
+docs/algorithm.md §3): a Gumbel-softmax sample Z per cell type (one per
+step, shared by the batch and all cells of that type),
 cross-entropy plus η·resource penalty, one optax transformation partitioned
 into SGD for w and Adam for α.
 """
@@ -148,7 +149,7 @@ def learning_rate_schedule(cfg: SearchConfig, steps_per_epoch: int):
   """Update count -> w's rate: cosine from w_lr to w_lr_min, stepped per epoch
   (PyTorch CosineAnnealingLR)."""
   return loop.per_epoch(loop.cosine_per_epoch(cfg.w_lr, cfg.w_lr_min, cfg.epochs),
-                           steps_per_epoch, cfg.epochs)
+                        steps_per_epoch, cfg.epochs)
 
 
 def make_optimizer(cfg: SearchConfig, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -389,7 +390,6 @@ class SearchTask(loop.Task):
 
   name = 'search'
   lr_fields = LR_FIELDS
-  resumable_fields = RESUMABLE_FIELDS
   lr_flags = '--w_lr / --alpha_lr'
   eval_losses = {'search_val_loss': 'search validation loss', 'child_loss': 'child loss'}
 
@@ -423,6 +423,9 @@ class SearchTask(loop.Task):
   def init_state(self):
     return init_state(self.cfg, self.net, self.tx, self.image_shape,
                       parallel.replicated(self.mesh), self.backend)
+
+  def check_meta(self, meta, workdir):
+    check_resume_config(meta['config'], self.cfg, workdir)
 
   def _compiled(self):
     """(train step, eval step), built when first needed (a finished rerun needs neither)."""

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from jax.extend import core as jax_core
 
-from snas_jax import backends, checkpoint, child_model, data, genotypes, parallel, reporting
+from snas_jax import backends, checkpoint, child_model, data, genotypes, parallel
 from snas_jax import loop
 from snas_jax import config as config_lib
 from snas_jax.config import BACKEND_HELP, field
@@ -597,7 +597,6 @@ class TrainTask(loop.Task):
 
   name = 'training run'
   lr_fields = LR_FIELDS
-  resumable_fields = RESUMABLE_FIELDS
   lr_flags = '--learning_rate'
   eval_losses = {'eval_loss': 'test loss'}
 

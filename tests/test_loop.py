@@ -31,7 +31,6 @@ def _toy_step(state, x, lr):
 class ToyTask(loop.Task):
   name = 'toy run'
   lr_fields = frozenset({'lr'})
-  resumable_fields = frozenset({'lr', 'stop_after_step'})
   lr_flags = '--lr'
   eval_losses = {'eval_loss': 'eval loss'}
   epochs, steps_per_epoch, checkpoint_every_steps, progress = 3, 4, 2, False
@@ -43,6 +42,10 @@ class ToyTask(loop.Task):
 
   def abstract_state(self):
     return checkpoint.abstract_like(self.init_state())
+
+  def check_meta(self, meta, workdir):
+    loop.check_resume_config(meta['config'], self.config, {'lr', 'stop_after_step'}, workdir,
+                             self.name)
 
   def init_state(self):
     return ToyState(step=jnp.zeros((), jnp.int32), w=jnp.zeros(()))
