@@ -19,7 +19,7 @@ from absl import flags, logging  # noqa: E402
 from snas_jax import backends  # noqa: E402
 from snas_jax import config as config_lib  # noqa: E402
 from snas_jax import parallel  # noqa: E402
-from snas_jax import trainer  # noqa: E402
+from snas_jax import loop  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -78,7 +78,7 @@ def one_line_errors():
     yield
   except USER_ERRORS as e:
     raise SystemExit(f'error: {e}') from None
-  except trainer.Interrupted as e:
+  except loop.Interrupted as e:
     print(e, file=sys.stderr, flush=True)
     raise SystemExit(e.code) from None
   except KeyboardInterrupt:

@@ -40,6 +40,10 @@ NUM_EDGES = len(EDGES)  # 14
 CONCAT = tuple(range(NUM_INPUT_STATES, NUM_INPUT_STATES + NUM_NODES))  # (2, 3, 4, 5)
 
 
+# The smallest network with a normal cell (reductions at L//3 and 2L//3).
+MIN_LAYERS = 3
+
+
 def reduction_layers(layers: int) -> tuple:
   """Indices of the reduction cells of an L-cell network: L//3 and 2L//3 (docs/algorithm.md §1)."""
   return tuple(sorted({layers // 3, 2 * layers // 3}))

@@ -85,7 +85,7 @@ def _write_atomic(path: str, write_fn, mode: str = 'w') -> str:
   return path
 
 
-# The project's one atomic writer (trainer.write_json uses it too).
+# The project's one atomic writer (loop.write_json uses it too).
 write_atomic = _write_atomic
 
 

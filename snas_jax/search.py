@@ -1,9 +1,10 @@
-"""SNAS search: the configuration, the jitted step, evaluation and the loop.
+"""SNAS search: the configuration, the jitted step, evaluation and its task.
 
 Read top to bottom: Config, Model & Optimizer, Update Step, Evals, Checkpoint,
-Train Loop, Hand-off. One pure step updates w and α from the same backward
-pass on the same batch (single-level, docs/algorithm.md §3): a Gumbel-softmax sample Z per
-cell type (one per step, shared by the batch and all cells of that type),
+Task (what loop.run runs; the hand-off in its finish). One pure step updates
+w and α from the same backward pass on the same batch (single-level,
+docs/algorithm.md §3): a Gumbel-softmax sample Z per cell type (one per
+step, shared by the batch and all cells of that type),
 cross-entropy plus η·resource penalty, one optax transformation partitioned
 into SGD for w and Adam for α.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import optax
 from flax import struct
 
 from snas_jax import checkpoint, config as config_lib, costs, data, genotypes, parallel
-from snas_jax import backends, reporting, sampling, trainer
+from snas_jax import backends, loop, reporting, sampling
 from snas_jax.config import BACKEND_HELP, field
 from snas_jax.search_model import SearchNetwork
 
@@ -92,10 +92,10 @@ class SearchConfig:
   def check(self):
     config_lib.positive(self, 'image_size', 'channels', 'layers', 'batch_size', 'epochs', 'eval_batch_size',
                         'tau0', 'tau_min', 'w_lr', 'alpha_lr', 'checkpoint_every_steps')
-    if self.layers < MIN_LAYERS:
+    if self.layers < genotypes.MIN_LAYERS:
       raise ValueError(f'--layers={self.layers} has no normal cell (reduction cells sit at L//3 '
                        f'and 2L//3), so α_normal would never be trained; use --layers >= '
-                       f'{MIN_LAYERS}')
+                       f'{genotypes.MIN_LAYERS}')
     reductions = len(genotypes.reduction_layers(self.layers))
     if self.image_size % 2 ** reductions:
       raise ValueError(f'--image_size={self.image_size} is too small or odd for the '
@@ -120,8 +120,6 @@ class SearchConfig:
     return kinds
 
 
-# The smallest network with a normal cell (reductions at L//3 and 2L//3).
-MIN_LAYERS = 3
 # Learning rates a resumed run may change (e.g. after a NaN); each change is
 # recorded in the checkpoint's metadata.
 LR_FIELDS = frozenset({'w_lr', 'w_lr_min', 'alpha_lr'})
@@ -153,28 +151,21 @@ def make_network(cfg: SearchConfig, num_classes: int = 10) -> SearchNetwork:
 def learning_rate_schedule(cfg: SearchConfig, steps_per_epoch: int):
   """Update count -> w's rate: cosine from w_lr to w_lr_min, stepped per epoch
   (PyTorch CosineAnnealingLR)."""
-  return trainer.per_epoch(trainer.cosine_per_epoch(cfg.w_lr, cfg.w_lr_min, cfg.epochs),
-                           steps_per_epoch, cfg.epochs)
+  return loop.per_epoch(loop.cosine_per_epoch(cfg.w_lr, cfg.w_lr_min, cfg.epochs),
+                        steps_per_epoch, cfg.epochs)
 
 
 def make_optimizer(cfg: SearchConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD for w, Adam for α, as one partitioned transformation. w's SGD keeps
-  the rate it applied in its state (inject_hyperparams): ``w_learning_rate``."""
+  """SGD for w (its rate a schedule of the update count), Adam for α, as one
+  partitioned transformation."""
   w_tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                      optax.add_decayed_weights(cfg.w_weight_decay),
-                     optax.inject_hyperparams(optax.sgd)(
-                         learning_rate=learning_rate_schedule(cfg, steps_per_epoch),
-                         momentum=cfg.w_momentum))
+                     optax.sgd(learning_rate_schedule(cfg, steps_per_epoch),
+                               momentum=cfg.w_momentum))
   alpha_tx = optax.chain(optax.add_decayed_weights(cfg.alpha_weight_decay),
                          optax.adam(cfg.alpha_lr, b1=cfg.alpha_beta1, b2=cfg.alpha_beta2))
   labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
   return optax.partition({'w': w_tx, 'alpha': alpha_tx}, labels)
-
-
-def w_learning_rate(state: 'SearchState') -> jax.Array:
-  """The rate w's SGD applied in the last update (read from the optimiser state)."""
-  sgd_state = state.opt_state.inner_states['w'].inner_state[2]
-  return sgd_state.hyperparams['learning_rate']
 
 
 def _init_args(image_shape) -> tuple:
@@ -268,7 +259,7 @@ def train_step_fn(cfg: SearchConfig, net: SearchNetwork, tx, penalty_tables: dic
     metrics = {'loss': ce,
                'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
                'grad_norm_w': optax.global_norm(grads['w']),
-               'finite': trainer.all_finite(ce, params, opt_state, batch_stats)}
+               'finite': loop.all_finite(ce, params, opt_state, batch_stats)}
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), metrics
 
@@ -302,8 +293,8 @@ def make_eval_step(net: SearchNetwork, mesh):
 
 def evaluate(eval_step, state, iterator, mesh, z_fn, stops=None) -> dict:
   """Accuracy and loss over one pass; ``z_fn(batch_index)`` -> (z_normal, z_reduce).
-  Raises trainer.EvalStopped once ``stops`` has a request."""
-  sums = trainer.eval_sums(
+  Raises loop.EvalStopped once ``stops`` has a request."""
+  sums = loop.eval_sums(
       lambda i, batch: eval_step(state, parallel.to_global(batch, mesh), *z_fn(i)),
       iterator.epoch(0), stops)
   count = max(sums.get('count', 0.0), 1)
@@ -345,7 +336,7 @@ def arch_summary(cfg: SearchConfig, alpha: dict, child_z, image_size: int) -> di
 def check_resume_config(saved: dict, cfg: SearchConfig, workdir: str) -> None:
   """A resume must not change anything that alters shapes or results, but
   the learning rates (LR_FIELDS)."""
-  trainer.check_resume_config(saved, config_lib.to_dict(cfg), RESUMABLE_FIELDS, workdir, 'search')
+  loop.check_resume_config(saved, config_lib.to_dict(cfg), RESUMABLE_FIELDS, workdir, 'search')
 
 
 def load_genotype(search_workdir: str, rule: str = 'snas') -> genotypes.Genotype:
@@ -364,7 +355,7 @@ def load_genotype(search_workdir: str, rule: str = 'snas') -> genotypes.Genotype
   return genotypes.Genotype.from_dict(meta['genotypes'][rule])
 
 # ----------------------------------------------------------------------------
-# Train Loop
+# Task
 # ----------------------------------------------------------------------------
 
 
@@ -388,191 +379,135 @@ def load_data(cfg: SearchConfig) -> dict:
   return {'train': train, 'val': val, 'test': test}
 
 
-def run(cfg: SearchConfig, workdir: str) -> dict:
-  """Searches (or resumes the search in ``workdir``) and writes every output.
-
-  Stops early, after saving, on --stop_after_step (returns the metadata) and
-  on SIGTERM / SIGINT (raises trainer.Interrupted); a non-finite step raises
-  trainer.NonFiniteError and a failed save checkpoint.CheckpointSaveError,
-  neither saving anything. Every exit finishes the save in flight and closes
-  the checkpointer.
-  """
-  config_lib.validate(cfg)
-  trainer.check_workdir(workdir)
-  backend = backends.get(backends.resolve(cfg.backend))
-  arrays = load_data(cfg)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(cfg.batch_size, mesh)
-  parallel.check_batch_size(cfg.eval_batch_size, mesh, '--eval_batch_size')
-  pid, nproc = jax.process_index(), jax.process_count()
-  train_iter = data.BatchIterator(*arrays['train'], cfg.batch_size, seed=cfg.seed, train=True,
-                                  process_index=pid, process_count=nproc)
-  eval_iter = lambda split: data.BatchIterator(*arrays[split], cfg.eval_batch_size, seed=cfg.seed,
-                                               train=False, process_index=pid, process_count=nproc)
-  image_shape = arrays['train'][0].shape[1:]
-
-  net = make_network(cfg)
-  tx = make_optimizer(cfg, train_iter.steps_per_epoch)
-  with trainer.make_workdir(workdir):
-    with trainer.StopRequests() as stops:
-      ckpt = checkpoint.Checkpointer(workdir)
-      writer = None
-      try:
-        meta = {'config': config_lib.to_dict(cfg), 'epoch': 0, 'epoch_sums': None, 'records': [],
-                'finished': False, 'elapsed_s': 0.0, 'device_count': jax.device_count()}
-        abstract = checkpoint.abstract_like(abstract_state(cfg, net, tx, image_shape),
-                                            parallel.replicated(mesh))
-        restored = ckpt.restore_latest(
-            abstract, lambda saved: check_resume_config(saved['config'], cfg, workdir))
-        if restored is None:
-          state = init_state(cfg, net, tx, image_shape, parallel.replicated(mesh), backend)
-        else:
-          state, meta = restored
-          if not meta['finished']:
-            if pid == 0:
-              print(f'resuming {workdir} from step {int(state.step)}', flush=True)
-            trainer.record_resume(meta, config_lib.to_dict(cfg), LR_FIELDS, int(state.step),
-                                  workdir)
-        if not meta['finished']:
-          writer = reporting.MetricsWriter(workdir, resume_step=int(state.step))
-          state, meta = _search_loop(cfg, backend.bind(net), tx, state, meta, train_iter,
-                                     eval_iter, mesh, ckpt, writer, stops, workdir)
-          if not meta['finished']:
-            return meta  # stopped after --stop_after_step
-          already = False
-        else:
-          already = True
-      finally:
-        if writer is not None:
-          writer.close()
-        ckpt.close()
-    if pid == 0:
-      rebuilt = write_outputs(cfg, workdir, state, meta, only_missing=already)
-  if already:
-    print(f'search in {workdir} already finished; outputs are in place'
-          + (f' ({rebuilt} rebuilt from its checkpoint)' if pid == 0 and rebuilt else ''))
-    return meta
-  print(f'search finished: child test accuracy {meta["child_test_acc"]:.4f}; genotype in '
-        f'{os.path.join(workdir, "genotype.json")}')
-  return meta
+SUMMARY_FILE = 'summary.json'
 
 
-def output_files(cfg: SearchConfig) -> list[str]:
+def output_files() -> list[str]:
   """The files a finished search leaves in its workdir (besides checkpoints and metrics)."""
-  return reporting.search_report_files(('snas', 'darts')) + ['summary.json']
+  return reporting.search_report_files(('snas', 'darts')) + [SUMMARY_FILE]
 
 
-def write_outputs(cfg: SearchConfig, workdir: str, state: SearchState, meta: dict,
-                  only_missing: bool = False) -> int:
-  """Writes the finished search's outputs from its final state and metadata,
-  each atomically; with ``only_missing``, only if one is absent (then all are
-  rewritten: the same bytes). Returns how many were missing."""
-  missing = [f for f in output_files(cfg) if not os.path.exists(os.path.join(workdir, f))]
-  if only_missing and not missing:
-    return 0
-  final = derive_genotypes(state.params['alpha'])
-  alpha_np = {k: np.asarray(v) for k, v in state.params['alpha'].items()}
-  reporting.write_search_report(workdir, final, alpha_np, meta['records'])
-  trainer.write_json(os.path.join(workdir, 'summary.json'), {
-      'child_test_acc': meta['child_test_acc'], 'elapsed_s': meta['elapsed_s'],
-      'method': cfg.method, 'genotype': final[cfg.method].to_dict(),
-      'last_epoch': meta['records'][-1] if meta['records'] else None})
-  return len(missing)
+class SearchTask(loop.Task):
+  """The search as loop.run runs it: w and α in one step per batch, the
+  search validation and the derived child evaluated after each epoch, the
+  genotypes handed off in the last checkpoint."""
 
+  name = 'search'
+  lr_fields = LR_FIELDS
+  lr_flags = '--w_lr / --alpha_lr'
+  eval_losses = {'search_val_loss': 'search validation loss', 'child_loss': 'child loss'}
 
-def _search_loop(cfg, model, tx, state, meta, train_iter, eval_iter, mesh, ckpt, writer, stops,
-                 workdir):
-  """The remaining epochs from ``state``: (state, meta) at the end or at
-  --stop_after_step. Saves every --checkpoint_every_steps, at each epoch end
-  and at a stop request (then raises trainer.Interrupted)."""
-  steps_per_epoch = train_iter.steps_per_epoch
-  image_size = int(train_iter.images.shape[1])
-  tables = costs.penalty_tables(cfg.channels, cfg.layers, image_size, cfg.kinds(),
-                                cfg.resource_transform)
-  train_step = make_train_step(cfg, model, tx, tables, mesh)
-  eval_step = make_eval_step(model, mesh)
-  val_iter = eval_iter('val')
-  step = int(state.step)
-  last_saved = ckpt.latest_step()
-  elapsed_before, t0 = meta['elapsed_s'], time.time()
+  def __init__(self, cfg: SearchConfig):
+    """Every check that needs no compile (data, batch sizes) happens here."""
+    self.cfg = cfg
+    self.backend = backends.get(backends.resolve(cfg.backend))
+    arrays = load_data(cfg)
+    self.mesh = parallel.make_mesh()
+    parallel.check_batch_size(cfg.batch_size, self.mesh)
+    parallel.check_batch_size(cfg.eval_batch_size, self.mesh, '--eval_batch_size')
+    procs = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    self.train_iter = data.BatchIterator(*arrays['train'], cfg.batch_size, seed=cfg.seed,
+                                         train=True, **procs)
+    self.eval_iters = {split: data.BatchIterator(*arrays[split], cfg.eval_batch_size,
+                                                 seed=cfg.seed, train=False, **procs)
+                       for split in ('val', 'test')}
+    self.image_shape = arrays['train'][0].shape[1:]
+    self.config = config_lib.to_dict(cfg)
+    self.epochs, self.steps_per_epoch = cfg.epochs, self.train_iter.steps_per_epoch
+    self.checkpoint_every_steps, self.stop_after_step = cfg.checkpoint_every_steps, cfg.stop_after_step
+    self.net = make_network(cfg)
+    self.tx = make_optimizer(cfg, self.steps_per_epoch)
+    self.lr_schedule = learning_rate_schedule(cfg, self.steps_per_epoch)
+    self._steps = None
 
-  def save(state, meta):
-    nonlocal last_saved
-    meta['elapsed_s'] = elapsed_before + time.time() - t0
-    ckpt.save(int(state.step), state, meta)
-    last_saved = int(state.step)
+  def abstract_state(self):
+    return checkpoint.abstract_like(abstract_state(self.cfg, self.net, self.tx, self.image_shape),
+                                    parallel.replicated(self.mesh))
 
-  def stop_now(epoch, sums):
-    """Saves the position inside ``epoch`` (eval not yet run) and stops."""
-    meta.update(epoch=epoch, epoch_sums=dict(sums))
-    save(state, meta)
-    ckpt.wait()
-    raise stops.interrupted(step, workdir)
+  def init_state(self):
+    return init_state(self.cfg, self.net, self.tx, self.image_shape,
+                      parallel.replicated(self.mesh), self.backend)
 
-  for epoch in range(meta['epoch'], cfg.epochs):  # meta['epoch']: epochs fully done
-    tau = sampling.temperature(epoch, cfg.epochs, cfg.tau0, cfg.tau_min)
-    start = step - epoch * steps_per_epoch
-    sums = meta['epoch_sums'] if (start and meta['epoch_sums']) else {'loss': 0.0, 'accuracy': 0.0, 'steps': 0}
-    epoch_t0 = time.time()
-    with reporting.ProgressBar(steps_per_epoch - start, desc=f'epoch {epoch + 1}/{cfg.epochs}') as bar:
-      for batch in train_iter.epoch(epoch, start_step=start):
-        state, metrics = train_step(state, parallel.to_global(batch, mesh), tau)
-        step += 1
-        loss = trainer.checked_loss(metrics, step, epoch, last_saved, '--w_lr / --alpha_lr')
-        sums['loss'] += loss
-        sums['accuracy'] += float(metrics['accuracy'])
-        sums['steps'] += 1
-        bar.update(1, loss=loss, acc=sums['accuracy'] / sums['steps'])
-        ckpt.confirm()  # a failed background save stops the run here
-        if stops.should_stop():
-          stop_now(epoch, sums)
-        epoch_end = step % steps_per_epoch == 0  # saved below, after the evals
-        if step == cfg.stop_after_step or (step % cfg.checkpoint_every_steps == 0 and not epoch_end):
-          meta.update(epoch=epoch, epoch_sums=dict(sums))
-          save(state, meta)
-        if step == cfg.stop_after_step:
-          ckpt.wait()
-          print(f'stopped after step {step} as asked (--stop_after_step); rerun to resume')
-          return state, meta
-    train_time = time.time() - epoch_t0
+  def check_meta(self, meta, workdir):
+    check_resume_config(meta['config'], self.cfg, workdir)
 
-    # Evals: stochastic samples at the current τ (the paper's "search
-    # validation"), and the derived child without finetuning (Table 1). A
-    # stop request abandons them: the resumed run evaluates again.
+  def _compiled(self):
+    """(train step, eval step), built when first needed (a finished rerun needs neither)."""
+    if self._steps is None:
+      model = self.backend.bind(self.net)
+      tables = costs.penalty_tables(self.cfg.channels, self.cfg.layers, self.cfg.image_size,
+                                    self.cfg.kinds(), self.cfg.resource_transform)
+      self._steps = (make_train_step(self.cfg, model, self.tx, tables, self.mesh),
+                     make_eval_step(model, self.mesh))
+    return self._steps
+
+  def epoch_inputs(self, epoch):
+    return (sampling.temperature(epoch, self.cfg.epochs, self.cfg.tau0, self.cfg.tau_min),)
+
+  def batches(self, epoch, start):
+    return (parallel.to_global(b, self.mesh) for b in self.train_iter.epoch(epoch, start_step=start))
+
+  def train_step(self, state, batch, tau):
+    return self._compiled()[0](state, batch, tau)
+
+  def evaluate(self, state, epoch, stops):
+    """Stochastic samples at the epoch's τ (the paper's "search validation")
+    and the derived child without finetuning (Table 1)."""
+    cfg, eval_step = self.cfg, self._compiled()[1]
+    tau, = self.epoch_inputs(epoch)
     alpha = state.params['alpha']
     eval_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), epoch)
     sample_z = lambda i: tuple(z[0] for z in arch_weights(cfg, alpha, jax.random.fold_in(eval_key, i),
                                                           tau).values())
     child_z = child_arch_weights(cfg, alpha)
-    try:
-      search_val = evaluate(eval_step, state, val_iter, mesh, sample_z, stops)
-      child = evaluate(eval_step, state, val_iter, mesh, lambda i: child_z, stops)
-    except trainer.EvalStopped:
-      stop_now(epoch, sums)
-    trainer.check_eval_loss({'search validation loss': search_val['loss'],
-                             'child loss': child['loss']}, step, epoch, last_saved,
-                            '--w_lr / --alpha_lr')
-    record = {'epoch': epoch + 1, 'step': step, 'tau': float(tau),
-              'lr': float(w_learning_rate(state)),
-              'train_loss': sums['loss'] / sums['steps'], 'train_acc': sums['accuracy'] / sums['steps'],
-              'search_val_loss': search_val['loss'], 'search_val_acc': search_val['accuracy'],
-              'child_loss': child['loss'], 'child_acc': child['accuracy'],
-              'epoch_time_s': train_time,
-              'images_per_s': (steps_per_epoch - start) * cfg.batch_size / max(train_time, 1e-9),
-              **arch_summary(cfg, alpha, child_z, image_size)}
-    writer.write(step, record, epoch=epoch + 1)
-    writer.flush()
-    print(f'epoch {epoch + 1}: train acc {record["train_acc"]:.4f}, search val acc '
-          f'{record["search_val_acc"]:.4f}, child acc {record["child_acc"]:.4f}, tau {float(tau):.3f}',
-          flush=True)
-    meta.update(epoch=epoch + 1, epoch_sums=None, records=meta['records'] + [record])
-    if epoch + 1 == cfg.epochs:
-      # Hand-off: the genotypes go into the checkpoint (train.py restores them).
-      test = evaluate(eval_step, state, eval_iter('test'), mesh, lambda i: child_z)
-      meta.update(finished=True, child_test_acc=test['accuracy'], genotypes={
-          k: g.to_dict() for k, g in derive_genotypes(alpha).items()})
-    save(state, meta)
-    if stops.should_stop() and not meta['finished']:
-      ckpt.wait()
-      raise stops.interrupted(step, workdir)
-  return state, meta
+    search_val = evaluate(eval_step, state, self.eval_iters['val'], self.mesh, sample_z, stops)
+    child = evaluate(eval_step, state, self.eval_iters['val'], self.mesh, lambda i: child_z, stops)
+    return {'tau': float(tau), 'search_val_loss': search_val['loss'],
+            'search_val_acc': search_val['accuracy'], 'child_loss': child['loss'],
+            'child_acc': child['accuracy'],
+            **arch_summary(cfg, alpha, child_z, self.cfg.image_size)}
+
+  def record(self, epoch, train, evals, epoch_time, steps_run):
+    return {'tau': evals['tau'], 'lr': float(self.lr_schedule(epoch * self.steps_per_epoch)),
+            'train_loss': train['loss'], 'train_acc': train['accuracy'],
+            **{k: v for k, v in evals.items() if k != 'tau'},
+            'epoch_time_s': epoch_time,
+            'images_per_s': steps_run * self.cfg.batch_size / max(epoch_time, 1e-9)}
+
+  def epoch_line(self, epoch, record):
+    return (f'epoch {epoch + 1}: train acc {record["train_acc"]:.4f}, search val acc '
+            f'{record["search_val_acc"]:.4f}, child acc {record["child_acc"]:.4f}, '
+            f'tau {record["tau"]:.3f}')
+
+  def finish(self, state):
+    """Hand-off: the genotypes go into the last checkpoint (train.py restores them)."""
+    alpha = state.params['alpha']
+    child_z = child_arch_weights(self.cfg, alpha)
+    test = evaluate(self._compiled()[1], state, self.eval_iters['test'], self.mesh,
+                    lambda i: child_z)
+    return {'child_test_acc': test['accuracy'],
+            'genotypes': {k: g.to_dict() for k, g in derive_genotypes(alpha).items()}}
+
+  def outputs(self):
+    return output_files()
+
+  def write_outputs(self, workdir, state, meta):
+    final = derive_genotypes(state.params['alpha'])
+    alpha_np = {k: np.asarray(v) for k, v in state.params['alpha'].items()}
+    reporting.write_search_report(workdir, final, alpha_np, meta['records'])
+    loop.write_json(os.path.join(workdir, SUMMARY_FILE), {
+        'child_test_acc': meta['child_test_acc'], 'elapsed_s': meta['elapsed_s'],
+        'method': self.cfg.method, 'genotype': final[self.cfg.method].to_dict(),
+        'last_epoch': meta['records'][-1] if meta['records'] else None})
+
+  def final_line(self, workdir, meta):
+    return (f'search finished: child test accuracy {meta["child_test_acc"]:.4f}; genotype in '
+            f'{os.path.join(workdir, "genotype.json")}')
+
+
+def run(cfg: SearchConfig, workdir: str) -> dict:
+  """Searches (or resumes the search in ``workdir``) and writes every output;
+  returns the checkpoint's metadata (loop.run: the stops and errors)."""
+  config_lib.validate(cfg)
+  loop.check_workdir(workdir)
+  return loop.run(SearchTask(cfg), workdir).meta

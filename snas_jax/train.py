@@ -1,7 +1,7 @@
 """Retraining a derived cell from scratch: CIFAR-10 and ImageNet (docs/algorithm.md §7).
 
 Read top to bottom: Config, Architecture, Model size, Input, Model &
-Optimizer, Update steps, Checkpoint, Train loop, Summary.
+Optimizer, Update steps, Checkpoint, Task (what loop.run runs), Summary.
 
 The architecture comes from exactly one of a finished search's workdir
 (``--search_workdir``, through ``search.load_genotype``), a genotype JSON file
@@ -11,8 +11,9 @@ The architecture comes from exactly one of a finished search's workdir
 Data parallelism: one 'data' mesh over every device of every host; the train
 state is replicated, each batch is split along its rows, and ``jax.jit``
 inserts the gradient all-reduce (BN statistics are those of the global
-batch). The learning rate and the drop-path rate enter the jitted step as
-arrays, so a new epoch never recompiles. A run resumes from its latest
+batch). The learning rate is a per-epoch schedule of the update count
+inside the optimizer and the drop-path rate enters the jitted step as an
+array, so a new epoch never recompiles. A run resumes from its latest
 checkpoint (every ``--checkpoint_every_steps`` and at each epoch end),
 mid-epoch exactly on CIFAR-10 (batches are a pure function of seed, epoch and
 index).
@@ -27,7 +28,6 @@ import functools
 import itertools
 import json
 import os
-import time
 from typing import Any, Callable, Iterable, NamedTuple
 
 import flax
@@ -37,8 +37,8 @@ import numpy as np
 import optax
 from jax.extend import core as jax_core
 
-from snas_jax import backends, checkpoint, child_model, data, genotypes, parallel, reporting
-from snas_jax import trainer
+from snas_jax import backends, checkpoint, child_model, data, genotypes, parallel
+from snas_jax import loop
 from snas_jax import config as config_lib
 from snas_jax.config import BACKEND_HELP, field
 
@@ -46,7 +46,6 @@ NUM_CLASSES = {'cifar10': 10, 'imagenet': 1000}
 CIFAR_IMAGE_SIZE = 32
 MOBILE_MULTIPLY_ADDS = 600e6  # the ImageNet mobile setting's limit (docs/algorithm.md §7)
 FINAL_FILE = 'final.json'
-MIN_LAYERS = 3  # the smallest network with a normal cell (reductions at L//3, 2L//3)
 IMAGENET_SIZE_MULTIPLE = 32
 
 
@@ -130,10 +129,10 @@ class TrainConfig:
                         'learning_rate')
     if self.channels % 2:
       raise ValueError(f'--channels={self.channels} must be even (FactorizedReduce halves it)')
-    if self.layers < MIN_LAYERS:
+    if self.layers < genotypes.MIN_LAYERS:
       raise ValueError(f'--layers={self.layers} has no normal cell (reduction cells sit at L//3 '
                        f'and 2L//3), so the genotype\'s normal cell would be unused; use '
-                       f'--layers >= {MIN_LAYERS}')
+                       f'--layers >= {genotypes.MIN_LAYERS}')
     if self.dataset == 'imagenet' and self.image_size % IMAGENET_SIZE_MULTIPLE:
       raise ValueError(f'--image_size={self.image_size} must be a multiple of '
                        f'{IMAGENET_SIZE_MULTIPLE}: the stems halve it 3 times and the '
@@ -170,12 +169,12 @@ def learning_rate_schedule(config: TrainConfig):
   """epoch (0-based) -> learning rate, constant within an epoch (ref): optax's
   cosine decay to --lr_min or staircase exponential decay by --lr_decay."""
   if config.lr_schedule == 'cosine':
-    return trainer.cosine_per_epoch(config.learning_rate, config.lr_min, config.epochs)
-  return trainer.exponential_per_epoch(config.learning_rate, config.lr_decay)
+    return loop.cosine_per_epoch(config.learning_rate, config.lr_min, config.epochs)
+  return loop.exponential_per_epoch(config.learning_rate, config.lr_decay)
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
-  """The learning rate of epoch ``epoch`` (0-based), as the float32 the step receives."""
+  """The learning rate of epoch ``epoch`` (0-based), as a float32 (the records' 'lr')."""
   return float(learning_rate_schedule(config)(epoch))
 
 
@@ -401,17 +400,18 @@ class TrainState:
   rng: jax.Array  # uint32[2] base key; step t uses fold_in(rng, t)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-  """Clip -> + wd·w -> momentum, as PyTorch's clip_grad_norm + SGD(weight_decay) do.
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Clip -> + wd·w -> SGD with momentum, as PyTorch's clip_grad_norm +
+  SGD(weight_decay) do; the rate a per-epoch schedule of the update count.
 
-  Reads config.grad_clip, weight_decay, momentum. The learning rate is
-  applied in the step (an array input), not here, so the schedule changes
-  nothing that is traced.
+  Reads config.grad_clip, weight_decay, momentum and the schedule's fields
+  (a TrainConfig or the steps' cache key, which has the same fields).
   """
+  schedule = loop.per_epoch(learning_rate_schedule(config), steps_per_epoch, config.epochs)
   return optax.chain(
       optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
       optax.add_decayed_weights(config.weight_decay),
-      optax.trace(decay=config.momentum))
+      optax.sgd(schedule, momentum=config.momentum))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
@@ -441,7 +441,7 @@ def training_loss(logits, aux_logits, labels, *, aux_weight: float, smoothing: f
 class Steps(NamedTuple):
   init: Callable  # (seed: int) -> TrainState, replicated (host-side, not for jit)
   abstract_state: Callable  # () -> ShapeDtypeStructs of a TrainState (for restoring)
-  train: Callable  # (state, batch, lr, drop_rate) -> (state, metrics); state donated
+  train: Callable  # (state, batch, drop_rate) -> (state, metrics); state donated
   evaluate: Callable  # (state, batch) -> sums {'loss', 'correct', 'correct_top5', 'count'}
 
 
@@ -461,13 +461,22 @@ class _StepSpec:
   grad_clip: float
   weight_decay: float
   momentum: float
+  learning_rate: float
+  lr_schedule: str
+  lr_min: float
+  lr_decay: float
+  epochs: int
+  steps_per_epoch: int
 
 
-def make_steps(config: TrainConfig, genotype: genotypes.Genotype, mesh) -> Steps:
+def make_steps(config: TrainConfig, genotype: genotypes.Genotype, mesh,
+               steps_per_epoch: int) -> Steps:
   spec = _StepSpec(genotype, config.dataset, config.channels, config.layers, image_size(config),
                    config.auxiliary_weight, config.label_smoothing, config.remat,
                    backends.resolve(config.backend), config.init,
-                   config.grad_clip, config.weight_decay, config.momentum)
+                   config.grad_clip, config.weight_decay, config.momentum, config.learning_rate,
+                   config.lr_schedule, config.lr_min, config.lr_decay, config.epochs,
+                   steps_per_epoch)
   return _make_steps(spec, mesh)
 
 
@@ -476,7 +485,7 @@ def _make_steps(spec: _StepSpec, mesh) -> Steps:
   network = build_model(spec.genotype, spec)
   backend = backends.get(spec.backend)
   model = backend.bind(network)
-  tx = make_optimizer(spec)
+  tx = make_optimizer(spec, spec.steps_per_epoch)
   size = spec.image_size
 
   rep = parallel.replicated(mesh)
@@ -505,7 +514,7 @@ def _make_steps(spec: _StepSpec, mesh) -> Steps:
     variables = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
     return jax.eval_shape(state_from_variables, variables, jnp.int32(0))
 
-  def train_step(state: TrainState, batch: dict, lr, drop_rate):
+  def train_step(state: TrainState, batch: dict, drop_rate):
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
@@ -520,11 +529,11 @@ def _make_steps(spec: _StepSpec, mesh) -> Steps:
     (loss, (logits, main, aux, batch_stats)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
+    params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, 'ce': main, 'aux_ce': aux, 'grad_norm': optax.global_norm(grads),
                'acc': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
                # Whether what this step commits is finite: a state without it is never saved.
-               'finite': trainer.all_finite(loss, params, opt_state, batch_stats)}
+               'finite': loop.all_finite(loss, params, opt_state, batch_stats)}
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), metrics
 
@@ -542,15 +551,15 @@ def _make_steps(spec: _StepSpec, mesh) -> Steps:
   rows = parallel.batch_sharded(mesh)
   return Steps(
       init=init, abstract_state=abstract_state,
-      train=jax.jit(train_step, in_shardings=(rep, rows, rep, rep), out_shardings=(rep, rep),
+      train=jax.jit(train_step, in_shardings=(rep, rows, rep), out_shardings=(rep, rep),
                     donate_argnums=0),
       evaluate=jax.jit(eval_step, in_shardings=(rep, rows), out_shardings=rep))
 
 
 def evaluate(steps: Steps, state: TrainState, source: DataSource, mesh, stops=None) -> dict:
   """{'eval_loss', 'eval_acc', 'eval_top5', 'eval_count'} over the (whole) eval set.
-  Raises trainer.EvalStopped once ``stops`` has a request."""
-  sums = trainer.eval_sums(lambda i, batch: steps.evaluate(state, parallel.to_global(batch, mesh)),
+  Raises loop.EvalStopped once ``stops`` has a request."""
+  sums = loop.eval_sums(lambda i, batch: steps.evaluate(state, parallel.to_global(batch, mesh)),
                            source.evaluate(), stops)
   sums = {k: sums.get(k, 0.0) for k in ('loss', 'correct', 'correct_top5', 'count')}
   count = max(sums['count'], 1.0)
@@ -575,182 +584,123 @@ RESUMABLE_FIELDS = LR_FIELDS | {'search_workdir', 'derive_rule', 'genotype_json'
 def check_resumable(meta: dict, config: TrainConfig, genotype: genotypes.Genotype,
                     workdir: str) -> None:
   """One-line CheckpointError if ``meta`` was written by a run with another configuration."""
-  trainer.check_resume_config(
+  loop.check_resume_config(
       meta.get('config', {}), config_lib.to_dict(config), RESUMABLE_FIELDS, workdir,
       'training run',
       extra_diffs=['another genotype'] if meta.get('genotype') != genotype.to_dict() else [])
 
 
 # ----------------------------------------------------------------------------
-# Train loop.
+# Task.
+
+
+class TrainTask(loop.Task):
+  """The retraining as loop.run runs it: one step per batch, the test set
+  evaluated after each epoch, ``final.json`` at the end."""
+
+  name = 'training run'
+  lr_fields = LR_FIELDS
+  lr_flags = '--learning_rate'
+  eval_losses = {'eval_loss': 'test loss'}
+
+  def __init__(self, config: TrainConfig):
+    """Every cheap check (genotype, size limit, data) comes here, before any compile."""
+    self.train_config = config
+    self.genotype = resolve_genotype(config)
+    self.mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, self.mesh)
+    self.summary = summarize(config, self.genotype)
+    check_mobile_setting(config, self.summary['multiply_adds'])
+    self.source = make_data(config)
+    self.config = config_lib.to_dict(config)
+    self.epochs, self.steps_per_epoch = config.epochs, self.source.steps_per_epoch
+    self.checkpoint_every_steps = config.checkpoint_every_steps
+    self.stop_after_step, self.progress = config.stop_after_step, config.progress
+    self._steps = None
+
+  @property
+  def steps(self) -> Steps:
+    if self._steps is None:
+      self._steps = make_steps(self.train_config, self.genotype, self.mesh, self.steps_per_epoch)
+    return self._steps
+
+  def abstract_state(self):
+    return checkpoint.abstract_like(self.steps.abstract_state(), parallel.replicated(self.mesh))
+
+  def init_state(self):
+    return self.steps.init(self.train_config.seed)
+
+  def meta_fields(self):
+    return {'genotype': self.genotype.to_dict()}
+
+  def check_meta(self, meta, workdir):
+    check_resumable(meta, self.train_config, self.genotype, workdir)
+
+  def epoch_inputs(self, epoch):
+    rate = np.float32(drop_path_rate(self.train_config, epoch))
+    return (parallel.put_replicated(rate, self.mesh),)
+
+  def batches(self, epoch, start):
+    return (parallel.to_global(b, self.mesh) for b in self.source.train(epoch, start))
+
+  def train_step(self, state, batch, drop_rate):
+    return self.steps.train(state, batch, drop_rate)
+
+  def evaluate(self, state, epoch, stops):
+    return evaluate(self.steps, state, self.source, self.mesh, stops)
+
+  def record(self, epoch, train, evals, epoch_time, steps_run):
+    config = self.train_config
+    return {**{f'train_{k}': v for k, v in train.items()}, **evals,
+            'lr': learning_rate(config, epoch), 'drop_path_rate': drop_path_rate(config, epoch),
+            'epoch_time_s': epoch_time,
+            'train_images_per_s': steps_run * config.batch_size / epoch_time}
+
+  def epoch_line(self, epoch, record):
+    return (f'epoch {epoch + 1}/{self.epochs}: train loss {record["train_loss"]:.4f} '
+            f'acc {record["train_acc"]:.4f}, test loss {record["eval_loss"]:.4f} '
+            f'acc {record["eval_acc"]:.4f} ({record["epoch_time_s"]:.0f} s)')
+
+  def outputs(self):
+    return [FINAL_FILE]
+
+  def final(self, meta: dict) -> dict:
+    """final.json: the test error of the last epoch's evaluation, the sizes, the time."""
+    config, last = self.train_config, meta['records'][-1]
+    return {'dataset': config.dataset, 'arch': describe_arch(config),
+            'genotype': self.genotype.to_dict(), 'epochs': config.epochs,
+            'test_error': round(100 * (1 - last['eval_acc']), 4),
+            'test_top5_error': round(100 * (1 - last['eval_top5']), 4),
+            'test_loss': last['eval_loss'], 'eval_images': last['eval_count'],
+            'params_M': self.summary['params_M'],
+            'multiply_adds_M': self.summary['multiply_adds_M'],
+            'elapsed_s': round(meta['elapsed_s'], 1)}
+
+  def write_outputs(self, workdir, state, meta):
+    loop.write_json(os.path.join(workdir, FINAL_FILE), self.final(meta))
+
+  def final_line(self, workdir, meta):
+    final = self.final(meta)
+    return (f'test error {final["test_error"]:.2f}% on {final["eval_images"]} images; '
+            f'{os.path.join(workdir, FINAL_FILE)}')
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
   """Trains the configured child from scratch (or resumes), evaluates each epoch.
 
   Returns the contents of ``<workdir>/final.json`` ({'stopped_at_step': s}
-  instead when --stop_after_step ends the run early). SIGTERM / SIGINT save
-  at the next step boundary and raise trainer.Interrupted; a non-finite step
-  raises trainer.NonFiniteError and a failed save
-  checkpoint.CheckpointSaveError, neither saving anything. Every exit
-  finishes the save in flight and closes the checkpointer.
+  instead when --stop_after_step ends the run early); loop.run: the stops
+  and errors.
   """
   config_lib.validate(config)
-  trainer.check_workdir(workdir)
-  # Every cheap check (genotype, size limit, data) comes before any compile.
-  genotype = resolve_genotype(config)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.batch_size, mesh)
-  summary = summarize(config, genotype)
-  check_mobile_setting(config, summary['multiply_adds'])
-  source = make_data(config)
-  is_writer = jax.process_index() == 0
-  if is_writer:
-    print(format_summary(summary), flush=True)
-
-  with trainer.make_workdir(workdir):
-    with trainer.StopRequests() as stops:
-      ckpt = checkpoint.Checkpointer(workdir)
-      writer = None
-      try:
-        steps = make_steps(config, genotype, mesh)
-        abstract = checkpoint.abstract_like(steps.abstract_state(), parallel.replicated(mesh))
-        restored = ckpt.restore_latest(
-            abstract, lambda saved: check_resumable(saved, config, genotype, workdir))
-        if restored is None:
-          state = steps.init(config.seed)
-          meta = {'epoch': 0, 'step_in_epoch': 0, 'epoch_sums': {}, 'elapsed_s': 0.0,
-                  'last_eval': None, 'finished': False, 'device_count': jax.device_count()}
-        else:
-          state, meta = restored
-          latest = int(state.step)
-          if is_writer and not meta['finished']:
-            print(f'resuming {workdir} from step {latest}', flush=True)
-          trainer.record_resume(meta, config_lib.to_dict(config), LR_FIELDS, latest, workdir)
-        meta.update(config=config_lib.to_dict(config), genotype=genotype.to_dict())
-        if not meta['finished']:
-          writer = reporting.MetricsWriter(workdir, resume_step=int(state.step))
-          stopped_at = _train_loop(config, steps, state, meta, source, mesh, ckpt, writer, stops,
-                                   workdir)
-          if stopped_at is not None:
-            if is_writer:
-              print(f'stopped after step {stopped_at} as asked (--stop_after_step); rerun to '
-                    f'resume')
-            return {'stopped_at_step': stopped_at}
-      finally:
-        if writer is not None:
-          writer.close()
-        ckpt.close()
-    last = meta['last_eval']
-    final = {'dataset': config.dataset, 'arch': describe_arch(config),
-             'genotype': genotype.to_dict(), 'epochs': config.epochs,
-             'test_error': round(100 * (1 - last['eval_acc']), 4),
-             'test_top5_error': round(100 * (1 - last['eval_top5']), 4),
-             'test_loss': last['eval_loss'], 'eval_images': last['eval_count'],
-             'params_M': summary['params_M'], 'multiply_adds_M': summary['multiply_adds_M'],
-             'elapsed_s': round(meta['elapsed_s'], 1)}
-    if is_writer:
-      trainer.write_json(os.path.join(workdir, FINAL_FILE), final)
-      print(f'test error {final["test_error"]:.2f}% on {final["eval_images"]} images; '
-            f'{os.path.join(workdir, FINAL_FILE)}', flush=True)
-  return final
-
-
-def _train_loop(config, steps, state, meta, source, mesh, ckpt, writer, stops,
-                workdir) -> int | None:
-  """Runs the remaining epochs, updating ``meta``; the step it stopped at, or None at the end.
-
-  Saves every --checkpoint_every_steps, at each epoch end and at a stop
-  request (then raises trainer.Interrupted). The finiteness check trails one
-  step, so the next step is already queued; every save and stop checks first.
-  """
-  n_steps = source.steps_per_epoch
-  elapsed_before, t_start = meta['elapsed_s'], time.perf_counter()
-  last_saved = ckpt.latest_step()
-
-  def save(step):
-    nonlocal last_saved
-    meta['elapsed_s'] = elapsed_before + time.perf_counter() - t_start
-    ckpt.save(step, state, meta)
-    last_saved = step
-
-  for epoch in range(meta['epoch'], config.epochs):  # meta['epoch']: epochs fully done
-    start = meta['step_in_epoch'] if epoch == meta['epoch'] else 0
-    sums = {k: jnp.float32(v) for k, v in meta['epoch_sums'].items()} if start else {}
-    lr, rate = learning_rate(config, epoch), drop_path_rate(config, epoch)
-    lr_arr, rate_arr = parallel.put_replicated((np.float32(lr), np.float32(rate)), mesh)
-    bar = reporting.ProgressBar(n_steps, desc=f'epoch {epoch + 1}/{config.epochs}',
-                                enabled=config.progress)
-    bar.update(start)
-    epoch_t0, pending = time.perf_counter(), None
-
-    def check_pending():
-      """Checks the last step (the loss and the finiteness of what it committed)."""
-      nonlocal pending
-      if pending is not None:
-        bar.update(1, loss=trainer.checked_loss(*pending, epoch, last_saved, '--learning_rate'))
-        pending = None
-
-    def save_position(step, step_in_epoch):
-      check_pending()  # never save a diverged state
-      meta.update(epoch=epoch, step_in_epoch=step_in_epoch,
-                  epoch_sums={k: float(v) for k, v in sums.items()})
-      save(step)
-
-    try:  # the bar is closed before any error line
-      step = epoch * n_steps + start
-      for i, batch in enumerate(source.train(epoch, start), start=start):
-        state, metrics = steps.train(state, parallel.to_global(batch, mesh), lr_arr, rate_arr)
-        finite = metrics.pop('finite')
-        step = epoch * n_steps + i + 1
-        sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
-        check_pending()
-        pending = ({'loss': metrics['loss'], 'finite': finite}, step)
-        ckpt.confirm()  # a failed background save stops the run here
-        if stops.should_stop():
-          save_position(step, i + 1)
-          ckpt.wait()
-          raise stops.interrupted(step, workdir)
-        stop = step == config.stop_after_step
-        periodic = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-        if (stop or periodic) and i + 1 < n_steps:  # the epoch end saves after its eval
-          save_position(step, i + 1)
-          if stop:
-            ckpt.wait()
-            return step
-      check_pending()
-    finally:
-      bar.close()
-    epoch_time = time.perf_counter() - epoch_t0
-    train_metrics = {f'train_{k}': float(v) / n_steps for k, v in sums.items()}
-    try:
-      eval_metrics = evaluate(steps, state, source, mesh, stops)
-    except trainer.EvalStopped:  # the resumed run evaluates again
-      save_position(step, n_steps)
-      ckpt.wait()
-      raise stops.interrupted(step, workdir) from None
-    step = (epoch + 1) * n_steps
-    trainer.check_eval_loss({'test loss': eval_metrics['eval_loss']}, step, epoch, last_saved,
-                            '--learning_rate')
-    record = {**train_metrics, **eval_metrics, 'lr': lr, 'drop_path_rate': rate,
-              'epoch_time_s': epoch_time,
-              'train_images_per_s': (n_steps - start) * config.batch_size / epoch_time}
-    writer.write(step, record, epoch=epoch + 1)
-    writer.flush()
-    if jax.process_index() == 0:
-      print(f'epoch {epoch + 1}/{config.epochs}: train loss {record["train_loss"]:.4f} '
-            f'acc {record["train_acc"]:.4f}, test loss {record["eval_loss"]:.4f} '
-            f'acc {record["eval_acc"]:.4f} ({epoch_time:.0f} s)', flush=True)
-    meta.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums={}, last_eval=eval_metrics,
-                finished=epoch + 1 == config.epochs)
-    save(step)
-    if step == config.stop_after_step and epoch + 1 < config.epochs:
-      ckpt.wait()
-      return step
-    if stops.should_stop() and epoch + 1 < config.epochs:
-      ckpt.wait()
-      raise stops.interrupted(step, workdir)
-  return None
+  loop.check_workdir(workdir)
+  task = TrainTask(config)
+  if jax.process_index() == 0:
+    print(format_summary(task.summary), flush=True)
+  result = loop.run(task, workdir)
+  if result.stopped_at is not None:
+    return {'stopped_at_step': result.stopped_at}
+  return task.final(result.meta)
 
 
 # ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 
 from conftest import DAMAGE, ROOT, damage_checkpoint, script_command, search_args
 from snas_jax import checkpoint, cli, config as config_lib, genotypes, reporting, search, train
-from snas_jax import trainer
+from snas_jax import loop
 
 TIMING_KEYS = {'epoch_time_s', 'images_per_s'}
 TIMEOUT = 300
@@ -148,7 +148,7 @@ def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_
   run.wait_for(run.printed('resuming'), 'the resume')
   run.proc.kill()
   run.finish()
-  assert f'pid {run.proc.pid} ' in (workdir / trainer.LOCK_FILE).read_text()
+  assert f'pid {run.proc.pid} ' in (workdir / loop.LOCK_FILE).read_text()
 
   # SIGKILL once the first epoch's evaluation is done: its metrics are
   # written, the epoch-end checkpoint is being saved.
@@ -193,7 +193,7 @@ def test_kills_signals_and_failed_saves_resume_bitwise(tiny_search_workdir, tmp_
 
   # Every output equals the uninterrupted run's, bit for bit.
   assert not _tmp_dirs(workdir)  # the killed save's tmp folder is gone
-  for name in search.output_files(search.SearchConfig()):
+  for name in search.output_files():
     if name != 'summary.json':
       assert (workdir / name).read_bytes() == (tiny_search_workdir / name).read_bytes(), name
   strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]
@@ -236,21 +236,21 @@ def test_damaged_latest_checkpoint_is_set_aside(tmp_path, kind, capsys):
 
 def test_all_finite_sees_every_float_leaf():
   tree = {'w': np.ones(3, np.float32), 'count': np.int32(7), 'stats': [np.zeros(2, np.float32)]}
-  assert bool(jax.jit(trainer.all_finite)(tree, np.float32(1.0)))
+  assert bool(jax.jit(loop.all_finite)(tree, np.float32(1.0)))
   for bad in (np.inf, -np.inf, np.nan):
     tree['stats'][0][1] = bad
-    assert not bool(jax.jit(trainer.all_finite)(tree, np.float32(1.0)))
+    assert not bool(jax.jit(loop.all_finite)(tree, np.float32(1.0)))
 
 
 def test_non_finite_message_names_the_step_and_the_flag():
-  with pytest.raises(trainer.NonFiniteError) as err:
-    trainer.checked_loss({'loss': np.float32(2.0), 'finite': np.bool_(False)}, 7, 0, 6,
+  with pytest.raises(loop.NonFiniteError) as err:
+    loop.checked_loss({'loss': np.float32(2.0), 'finite': np.bool_(False)}, 7, 0, 6,
                          '--w_lr / --alpha_lr')
   message = str(err.value)
   assert '\n' not in message and 'at step 7 (epoch 1)' in message
   assert 'the checkpoint at step 6 is kept' in message and '--w_lr / --alpha_lr' in message
   assert 'a resume may change the learning rates' in message
-  assert trainer.checked_loss({'loss': np.float32(2.0), 'finite': np.bool_(True)}, 7, 0, 6, '') == 2.0
+  assert loop.checked_loss({'loss': np.float32(2.0), 'finite': np.bool_(True)}, 7, 0, 6, '') == 2.0
 
 
 def test_resume_records_learning_rate_and_device_count_changes(capsys):
@@ -261,7 +261,7 @@ def test_resume_records_learning_rate_and_device_count_changes(capsys):
   with pytest.raises(checkpoint.CheckpointError, match='--channels=16 there, --channels=8 now'):
     search.check_resume_config(saved, search.SearchConfig(channels=8), '/w')
   meta = {'config': saved, 'device_count': jax.device_count() + 1}
-  trainer.record_resume(meta, config_lib.to_dict(cfg), search.LR_FIELDS, 12, '/w')
+  loop.record_resume(meta, config_lib.to_dict(cfg), search.LR_FIELDS, 12, '/w')
   out, err = capsys.readouterr()
   assert out.strip() == 'resuming /w at step 12 with --w_lr=0.01 (was 0.025)'
   assert err.strip().startswith('warning: /w ran on ') and 'not bitwise identical' in err
@@ -297,7 +297,7 @@ def test_unwritable_workdir_is_one_line(tmp_path, monkeypatch, case):
              'read-only file system': tmp_path / 'ro' / 'w'}[case]
   if case == 'read-only file system':
     statvfs = os.statvfs
-    monkeypatch.setattr(trainer.os, 'statvfs', lambda p: os.statvfs_result(
+    monkeypatch.setattr(loop.os, 'statvfs', lambda p: os.statvfs_result(
         tuple(statvfs(p))[:8] + (os.ST_RDONLY,) + tuple(statvfs(p))[9:]))
   for run in (lambda: search.run(_tiny_search(), str(workdir)),
               lambda: train.train_and_evaluate(train.TrainConfig(arch='DARTS_V2'), str(workdir))):
@@ -360,15 +360,15 @@ def test_train_learning_rate_outside_float32_is_one_line(tmp_path):
 def test_stopped_run_exits_with_its_line_and_signal_status(capsys):
   with pytest.raises(SystemExit) as err:
     with cli.one_line_errors():
-      raise trainer.Interrupted('stopped by SIGTERM after step 3; ...', 143)
+      raise loop.Interrupted('stopped by SIGTERM after step 3; ...', 143)
   assert err.value.code == 143
   assert capsys.readouterr().err.strip() == 'stopped by SIGTERM after step 3; ...'
 
 
 SECOND_SIGNAL = """
 import os, signal, time
-from snas_jax import trainer
-with trainer.StopRequests() as stops:
+from snas_jax import loop
+with loop.StopRequests() as stops:
   os.kill(os.getpid(), signal.SIGINT)
   print('requested', stops.requested, flush=True)
   os.kill(os.getpid(), signal.SIGINT)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import damage_checkpoint, run_script, write_imagenet_metadata
-from snas_jax import checkpoint, data, genotypes, parallel, train, trainer
+from snas_jax import checkpoint, data, genotypes, parallel, train, loop
 
 
 # A small cell that still has every kind of edge: a conv, a dilated conv,
@@ -314,7 +314,7 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
   # A diverging resume (another learning rate is allowed) stops at its first
   # non-finite step, naming it, and saves nothing of it.
   # (Here the update is huge but finite; the epoch end's evaluation overflows.)
-  with pytest.raises(trainer.NonFiniteError, match=r'after step 4 \(epoch 1\).* the checkpoint at '
+  with pytest.raises(loop.NonFiniteError, match=r'after step 4 \(epoch 1\).* the checkpoint at '
                      r'step 3 is kept: rerun the same command with a lower --learning_rate') as err:
     train.train_and_evaluate(dataclasses.replace(config, learning_rate=1e30), str(tmp_path / 'b'))
   _one_line(err)
@@ -327,7 +327,7 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
   resumed = train.train_and_evaluate(config, str(tmp_path / 'b'))
   assert resumed['test_loss'] == final['test_loss']
   assert resumed['test_error'] == final['test_error']
-  steps = train.make_steps(config, TINY, train.parallel.make_mesh())
+  steps = train.make_steps(config, TINY, train.parallel.make_mesh(), steps_per_epoch=4)
   assert steps.train._cache_size() == 1  # lr and drop-path rate are arrays
 
   # SIGINT (Ctrl-C): a checkpoint at the next step boundary, one line, the
@@ -341,7 +341,7 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
     os.kill(os.getpid(), signal.SIGINT)
 
   threading.Thread(target=interrupt_once_handled, daemon=True).start()
-  with pytest.raises(trainer.Interrupted, match=r'^stopped by SIGINT after step (\d+);') as err:
+  with pytest.raises(loop.Interrupted, match=r'^stopped by SIGINT after step (\d+);') as err:
     train.train_and_evaluate(config, str(tmp_path / 'd'))
   assert err.value.code == 130 and _one_line(err).endswith('rerun the same command to resume')
   stopped_at = int(re.match(r'stopped by SIGINT after step (\d+);', str(err.value)).group(1))
@@ -363,7 +363,7 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
 
   train.make_data = interrupting_data
   try:
-    with pytest.raises(trainer.Interrupted, match='^stopped by SIGINT after step 4;'):
+    with pytest.raises(loop.Interrupted, match='^stopped by SIGINT after step 4;'):
       train.train_and_evaluate(config, str(tmp_path / 'e'))
   finally:
     train.make_data = real_make_data
@@ -390,13 +390,13 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
   _one_line(err)
 
   # Divergence from the start names the step; nothing was saved.
-  with pytest.raises(trainer.NonFiniteError, match=r'at step \d+ \(epoch 1\).* no checkpoint '
+  with pytest.raises(loop.NonFiniteError, match=r'at step \d+ \(epoch 1\).* no checkpoint '
                      r'was written yet') as err:
     train.train_and_evaluate(dataclasses.replace(config, learning_rate=1e30), str(tmp_path / 'c'))
   _one_line(err)
   assert checkpoint.Checkpointer(str(tmp_path / 'c'), read_only=True).latest_step() is None
   # An error while a save is in flight waits for it: complete, no tmp folder.
-  with pytest.raises(trainer.NonFiniteError, match=r'the checkpoint at step 1 is kept'):
+  with pytest.raises(loop.NonFiniteError, match=r'the checkpoint at step 1 is kept'):
     train.train_and_evaluate(dataclasses.replace(config, learning_rate=1e30,
                                                  checkpoint_every_steps=1), str(tmp_path / 'f'))
   assert checkpoint.Checkpointer(str(tmp_path / 'f'), read_only=True).latest_step() == 1
@@ -411,7 +411,7 @@ def test_retrain_from_search_workdir_resume_and_errors(tiny_cifar, tmp_path, no_
 
 
 def steps_abstract(config):
-  return train.make_steps(config, TINY, train.parallel.make_mesh()).abstract_state()
+  return train.make_steps(config, TINY, train.parallel.make_mesh(), 4).abstract_state()
 
 
 def test_retrain_after_real_search_cli(tmp_path, cifar_dir, tiny_search_workdir):
@@ -460,7 +460,7 @@ def test_child_init_is_seeded_bounded_and_matches_its_abstract_state():
   defaults) deterministically per seed, within U(±1/sqrt(fan_in)), shaped as
   abstract_state (what a resumed run restores into), on either backend."""
   config = train.TrainConfig(genotype_json='unused', channels=8, layers=5, init='pytorch')
-  steps = train.make_steps(config, genotypes.SNAS_MILD, parallel.make_mesh())
+  steps = train.make_steps(config, genotypes.SNAS_MILD, parallel.make_mesh(), 1)
 
   def kernels(seed):
     state = steps.init(seed)

@@ -1,17 +1,27 @@
-"""What the search loop (search.py) and the retraining loop (train.py) share.
+"""The run protocol that the search (search.py) and the retraining (train.py)
+share: ``run(task, workdir)`` opens or resumes a workdir, runs the epochs and
+their steps, saves, stops on signals and --stop_after_step, evaluates,
+records and writes the outputs. A ``Task`` says what is trained: its state,
+step, batches, evaluations, record fields and outputs.
 
 Read top to bottom: Learning rates, Non-finite guard, Resume, Evals, Files,
-Stops. The guarantees they give together (docs/faults.md):
+Stops, Task, Run. The guarantees (docs/faults.md):
 
+- a workdir has one owner: process 0 holds an fcntl lock on ``<workdir>/.lock``
+  for the whole run; a second run exits at once with one line naming the
+  holder; the kernel frees the lock when its process ends, kill -9 included;
 - a step whose loss, parameters, optimiser state or BN statistics are not
-  finite stops the run with its step number and is never saved;
+  finite stops the run with its step number and is never saved (checked one
+  step late, so the host never waits for the device between steps);
 - a failed checkpoint save stops the run with one line (checkpoint.py
-  confirms each save before the next);
+  confirms each save before the next); an unreadable checkpoint is set aside
+  and the run resumes from the newest readable one;
 - a resume must keep every flag that changes shapes or results, except the
   learning rates, whose changes are recorded in the checkpoint's metadata;
 - SIGTERM and SIGINT save a checkpoint at the next step boundary and stop
   with one line saying how to resume; a second signal exits at once;
-- files are written whole or not at all.
+- files are written whole or not at all, and a rerun of a finished workdir
+  rebuilds any missing output from its checkpoint before saying it is done.
 """
 from __future__ import annotations
 
@@ -24,7 +34,8 @@ import signal
 import socket
 import sys
 import threading
-from typing import Callable, Iterable
+import time
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +43,9 @@ import numpy as np
 import optax
 
 from snas_jax import checkpoint, reporting
+
+# The metadata format of the checkpoints this code writes and resumes.
+META_FORMAT = 2
 
 # ----------------------------------------------------------------------------
 # Learning rates: optax schedules, evaluated at the epoch index (constant
@@ -229,7 +243,6 @@ class WorkdirLock:
       self._fd = None
 
 
-
 @contextlib.contextmanager
 def make_workdir(workdir: str):
   """Creates ``workdir``, holds its lock (process 0) until the block ends and
@@ -324,3 +337,264 @@ class StopRequests:
     return Interrupted(f'stopped by {self.requested} after step {step}; the checkpoint is saved in '
                        f'{workdir}: rerun the same command to resume', 128 + self.signum)
 
+
+# ----------------------------------------------------------------------------
+# Task: what the loop trains. The search and the retraining each subclass it.
+
+
+class Task:
+  """One kind of run. Attributes the loop reads:
+
+  ``name`` ('search', 'training run': the messages), ``config`` (the flags
+  as a dict, saved in every checkpoint), ``lr_fields`` (flags a resume may
+  change and records), ``lr_flags`` (the flags a non-finite error advises
+  lowering), ``epochs``, ``steps_per_epoch``, ``checkpoint_every_steps``
+  (0: epoch ends only), ``stop_after_step`` (0: none), ``progress`` (show a
+  bar), ``eval_losses`` ({key of evaluate's result: its name in a
+  non-finite error}).
+  """
+  name: str
+  config: dict
+  lr_fields: frozenset
+  lr_flags: str
+  epochs: int
+  steps_per_epoch: int
+  checkpoint_every_steps: int
+  stop_after_step: int = 0
+  progress: bool = True
+  eval_losses: dict
+
+  def abstract_state(self):
+    """ShapeDtypeStructs of the state, with their shardings (for restoring)."""
+    raise NotImplementedError
+
+  def init_state(self):
+    raise NotImplementedError
+
+  def meta_fields(self) -> dict:
+    """Task fields of the checkpoint's metadata, set on every run (e.g. the genotype)."""
+    return {}
+
+  def check_meta(self, meta: dict, workdir: str) -> None:
+    """One-line CheckpointError if ``meta`` comes from another configuration
+    (check_resume_config: the flags a resume may change)."""
+    raise NotImplementedError
+
+  def epoch_inputs(self, epoch: int) -> tuple:
+    """The step's arguments after (state, batch) in ``epoch`` (e.g. τ, a drop rate)."""
+    return ()
+
+  def batches(self, epoch: int, start: int) -> Iterable:
+    """The global batches of ``epoch`` from its step ``start`` on."""
+    raise NotImplementedError
+
+  def train_step(self, state, batch, *inputs):
+    """(state, metrics): device scalars, 'loss' and 'finite' (the update is finite) among them."""
+    raise NotImplementedError
+
+  def evaluate(self, state, epoch: int, stops: 'StopRequests') -> dict:
+    """The epoch end's evaluations (Python floats); raises EvalStopped on a stop request."""
+    raise NotImplementedError
+
+  def record(self, epoch: int, train: dict, evals: dict, epoch_time: float,
+             steps_run: int) -> dict:
+    """The epoch's record: ``train`` holds the means of the step metrics."""
+    raise NotImplementedError
+
+  def epoch_line(self, epoch: int, record: dict) -> str:
+    raise NotImplementedError
+
+  def finish(self, state) -> dict:
+    """Metadata of the finished run, saved with its last checkpoint (e.g. the hand-off)."""
+    return {}
+
+  def outputs(self) -> list:
+    """The files (names in the workdir) a finished run leaves."""
+    raise NotImplementedError
+
+  def write_outputs(self, workdir: str, state, meta: dict) -> None:
+    """Writes every output from the final state and metadata, each atomically (process 0)."""
+    raise NotImplementedError
+
+  def final_line(self, workdir: str, meta: dict) -> str:
+    raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------
+# Run: the protocol.
+
+
+class Result(NamedTuple):
+  state: Any
+  meta: dict
+  stopped_at: int | None  # the step of --stop_after_step, or None at the end
+
+
+def new_meta(task: Task) -> dict:
+  """The metadata of a run before its first step (the one schema of every checkpoint)."""
+  return {'format': META_FORMAT, 'config': dict(task.config), 'device_count': jax.device_count(),
+          'epoch': 0, 'step_in_epoch': 0, 'epoch_sums': {}, 'elapsed_s': 0.0, 'records': [],
+          'finished': False, **task.meta_fields()}
+
+
+def check_meta(task: Task, meta: dict, workdir: str) -> None:
+  """One-line CheckpointError for a checkpoint of another format or configuration."""
+  if meta.get('format') != META_FORMAT:
+    raise checkpoint.CheckpointError(
+        f'{workdir} holds a {task.name} written by an earlier version of snas_jax (checkpoint '
+        f'metadata format {meta.get("format", 1)}, this version reads {META_FORMAT}); finish it '
+        f'with that version, or use a new --workdir')
+  task.check_meta(meta, workdir)
+
+
+def run(task: Task, workdir: str) -> Result:
+  """Runs ``task`` in ``workdir`` from its newest readable checkpoint (or from
+  the start) to the end or --stop_after_step, then writes its outputs.
+
+  SIGTERM / SIGINT save at the next step boundary and raise Interrupted; a
+  non-finite step raises NonFiniteError and a failed save
+  checkpoint.CheckpointSaveError, neither saving anything. Every exit
+  finishes the save in flight, closes the checkpointer and frees the workdir.
+  """
+  is_writer = jax.process_index() == 0
+  with make_workdir(workdir), StopRequests() as stops:
+    ckpt = checkpoint.Checkpointer(workdir)
+    writer = None
+    try:
+      restored = ckpt.restore_latest(task.abstract_state(),
+                                     lambda meta: check_meta(task, meta, workdir))
+      if restored is None:
+        state, meta = task.init_state(), new_meta(task)
+      else:
+        state, meta = restored
+        if not meta['finished'] and is_writer:
+          print(f'resuming {workdir} from step {int(state.step)}', flush=True)
+        record_resume(meta, task.config, task.lr_fields, int(state.step), workdir)
+        meta.update(task.meta_fields())
+      already = meta['finished']
+      if not already:
+        writer = reporting.MetricsWriter(workdir, resume_step=int(state.step))
+        state, stopped_at = _epochs(task, state, meta, ckpt, writer, stops, workdir)
+        if stopped_at is not None:
+          if is_writer:
+            print(f'stopped after step {stopped_at} as asked (--stop_after_step); rerun to '
+                  f'resume', flush=True)
+          return Result(state, meta, stopped_at)
+    finally:
+      if writer is not None:
+        writer.close()
+      ckpt.close()
+    # "Finished" is in the last checkpoint before the outputs exist: a rerun
+    # writes any that a kill left missing (each is written whole or not at all).
+    missing = [f for f in task.outputs() if not os.path.exists(os.path.join(workdir, f))]
+    if is_writer and (missing or not already):
+      task.write_outputs(workdir, state, meta)
+  if is_writer:
+    if already:
+      rebuilt = f' ({len(missing)} rebuilt from its checkpoint)' if missing else ''
+      print(f'{task.name} in {workdir} already finished; outputs are in place{rebuilt}',
+            flush=True)
+    else:
+      print(task.final_line(workdir, meta), flush=True)
+  return Result(state, meta, None)
+
+
+def _epochs(task: Task, state, meta: dict, ckpt, writer, stops: StopRequests, workdir: str):
+  """Runs the remaining epochs, updating ``meta``: (state, the step it stopped
+  at by --stop_after_step or None at the end).
+
+  Saves every --checkpoint_every_steps, at each epoch end (after its
+  evaluation) and at a stop request (then raises Interrupted). A step's
+  metrics are read one step late, when the next step is already queued: the
+  device never waits for the host. Every save and stop checks them first.
+  """
+  n_steps = task.steps_per_epoch
+  elapsed_before, t_start = meta['elapsed_s'], time.perf_counter()
+  last_saved = ckpt.latest_step()
+  is_writer = jax.process_index() == 0
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    meta['elapsed_s'] = elapsed_before + time.perf_counter() - t_start
+    ckpt.save(step, state, meta)
+    last_saved = step
+
+  for epoch in range(meta['epoch'], task.epochs):  # meta['epoch']: epochs fully done
+    start = meta['step_in_epoch'] if epoch == meta['epoch'] else 0
+    sums = dict(meta['epoch_sums']) if start else {}
+    inputs = task.epoch_inputs(epoch)
+    bar = reporting.ProgressBar(n_steps, desc=f'epoch {epoch + 1}/{task.epochs}',
+                                enabled=task.progress and is_writer)
+    bar.update(start)
+    epoch_t0, pending = time.perf_counter(), None
+
+    def check_pending() -> None:
+      """Adds the last step's metrics to the sums once they are finite."""
+      nonlocal pending
+      if pending is not None:
+        metrics, step = pending
+        pending = None
+        loss = checked_loss(metrics, step, epoch, last_saved, task.lr_flags)
+        for key, value in metrics.items():
+          if key != 'finite':
+            sums[key] = sums.get(key, 0.0) + (loss if key == 'loss' else float(value))
+        bar.update(1, loss=loss)
+
+    def save_position(step: int, step_in_epoch: int) -> None:
+      check_pending()  # never save a diverged state
+      meta.update(epoch=epoch, step_in_epoch=step_in_epoch, epoch_sums=dict(sums))
+      save(step)
+
+    try:  # the bar is closed before any error line
+      step = epoch * n_steps + start
+      for i, batch in enumerate(task.batches(epoch, start), start=start):
+        state, metrics = task.train_step(state, batch, *inputs)
+        step = epoch * n_steps + i + 1
+        check_pending()
+        pending = (metrics, step)
+        ckpt.confirm()  # a failed background save stops the run here
+        if stops.should_stop():
+          save_position(step, i + 1)
+          ckpt.wait()
+          raise stops.interrupted(step, workdir)
+        stop = step == task.stop_after_step
+        periodic = task.checkpoint_every_steps and step % task.checkpoint_every_steps == 0
+        if (stop or periodic) and i + 1 < n_steps:  # the epoch end saves after its evaluation
+          save_position(step, i + 1)
+          if stop:
+            ckpt.wait()
+            return state, step
+      check_pending()
+    finally:
+      bar.close()
+    epoch_time = time.perf_counter() - epoch_t0
+    try:
+      evals = task.evaluate(state, epoch, stops)
+    except EvalStopped:  # the resumed run evaluates again
+      save_position(step, n_steps)
+      ckpt.wait()
+      raise stops.interrupted(step, workdir) from None
+    step = (epoch + 1) * n_steps
+    check_eval_loss({name: evals[key] for key, name in task.eval_losses.items()}, step, epoch,
+                    last_saved, task.lr_flags)
+    train = {key: value / n_steps for key, value in sums.items()}
+    record = {'epoch': epoch + 1, 'step': step,
+              **task.record(epoch, train, evals, epoch_time, n_steps - start)}
+    writer.write(step, record, epoch=epoch + 1)
+    writer.flush()
+    if is_writer:
+      print(task.epoch_line(epoch, record), flush=True)
+    meta.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums={},
+                records=meta['records'] + [record])
+    if epoch + 1 == task.epochs:
+      meta.update(task.finish(state), finished=True)
+    save(step)
+    if meta['finished']:
+      break
+    if step == task.stop_after_step:
+      ckpt.wait()
+      return state, step
+    if stops.should_stop():
+      ckpt.wait()
+      raise stops.interrupted(step, workdir)
+  return state, None
