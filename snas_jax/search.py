@@ -21,7 +21,7 @@ import optax
 from flax import struct
 
 from snas_jax import checkpoint, config as config_lib, costs, data, genotypes, parallel
-from snas_jax import backends, loop, reporting, sampling
+from snas_jax import backends, loop, methods, reporting, sampling
 from snas_jax.config import BACKEND_HELP, field
 from snas_jax.search_model import SearchNetwork
 
@@ -57,11 +57,12 @@ class SearchConfig:
                       'less memory, slower. Each cell on the reference backend; on the CPU '
                       'backend the convolutions recompute their outputs before BN.')
   # Method.
-  method: str = field('snas', 'snas: Gumbel-softmax samples Z; darts: Z = softmax(α) '
-                      '(single-level DARTS baseline) with DARTS top-2 derivation.',
-                      choices=('snas', 'darts'))
-  tau0: float = field(1.0, 'Initial Gumbel-softmax temperature.')
-  tau_min: float = field(0.03, 'Final temperature, reached at the last epoch (linear per epoch).')
+  method: str = field('snas', '; '.join(f'{m.name}: {m.help}' for m in methods.METHODS.values())
+                      + ' (docs/algorithm.md §2).', choices=methods.NAMES)
+  tau0: float = field(0.0, 'Initial Gumbel-softmax temperature; 0 = the method\'s (snas 1, '
+                      'gdas 10; darts uses none).')
+  tau_min: float = field(0.0, 'Final temperature, reached at the last epoch (linear per epoch); '
+                         '0 = the method\'s (snas 0.03, gdas 0.1).')
   resource_eta: float = field(0.0, 'Weight η of the resource penalty; 0 = no constraint. See '
                               'README for the mild / moderate / aggressive levels.')
   resource_estimator: str = field('score', 'Gradient of the penalty: score (eq. 11, per-edge '
@@ -89,9 +90,19 @@ class SearchConfig:
   stop_after_step: int = field(0, 'Checkpoint and stop once this global step is done, as if '
                                'preempted (0 = run to the end). For testing resume.')
 
+  def __post_init__(self):
+    # 0 means the method's own schedule: the stored configuration holds the τ used.
+    schedule = methods.METHODS[self.method].tau_schedule if self.method in methods.METHODS else None
+    if schedule:
+      for name, default in zip(TAU_FIELDS, schedule):
+        if getattr(self, name) == 0:
+          object.__setattr__(self, name, default)
+
   def check(self):
+    method = methods.get(self.method)
     config_lib.positive(self, 'image_size', 'channels', 'layers', 'batch_size', 'epochs', 'eval_batch_size',
-                        'tau0', 'tau_min', 'w_lr', 'alpha_lr', 'checkpoint_every_steps')
+                        'w_lr', 'alpha_lr', 'checkpoint_every_steps',
+                        *(TAU_FIELDS if method.tau_schedule else ()))
     if self.layers < genotypes.MIN_LAYERS:
       raise ValueError(f'--layers={self.layers} has no normal cell (reduction cells sit at L//3 '
                        f'and 2L//3), so α_normal would never be trained; use --layers >= '
@@ -107,8 +118,8 @@ class SearchConfig:
       raise ValueError(f'--resource_eta={self.resource_eta} must be >= 0')
     if self.tau_min > self.tau0:
       raise ValueError(f'--tau_min={self.tau_min} must not exceed --tau0={self.tau0}')
-    if self.method == 'darts' and self.resource_eta > 0 and self.resource_estimator == 'score':
-      raise ValueError('--method=darts has no discrete sample: use --resource_estimator=exact '
+    if not method.discrete and self.resource_eta > 0 and self.resource_estimator == 'score':
+      raise ValueError(f'--method={self.method} has no discrete sample: use --resource_estimator=exact '
                        'or pathwise with --resource_eta')
     self.kinds()
 
@@ -127,6 +138,8 @@ LR_FIELDS = frozenset({'w_lr', 'w_lr_min', 'alpha_lr'})
 # neither shapes nor results.
 RESUMABLE_FIELDS = LR_FIELDS | {'data_dir', 'tfds_data_dir', 'backend', 'remat', 'eval_batch_size',
                                 'checkpoint_every_steps', 'stop_after_step'}
+# The temperature schedule's ends; they change nothing for a method without τ.
+TAU_FIELDS = ('tau0', 'tau_min')
 
 # ----------------------------------------------------------------------------
 # Model & Optimizer
@@ -219,15 +232,11 @@ def abstract_state(cfg: SearchConfig, net: SearchNetwork, tx, image_shape) -> Se
 
 
 def arch_weights(cfg: SearchConfig, alpha: dict, key, tau):
-  """Edge weights the network runs with: {'normal','reduce'} -> (soft Z, hard Z)."""
-  out = {}
-  for i, cell_type in enumerate(('normal', 'reduce')):
-    if cfg.method == 'snas':
-      soft, hard, _ = sampling.sample_arch_weights(jax.random.fold_in(key, i), alpha[cell_type], tau)
-    else:
-      soft, hard = jax.nn.softmax(alpha[cell_type], axis=-1), None
-    out[cell_type] = (soft, hard)
-  return out
+  """Edge weights the network runs with, drawn by the method: {'normal','reduce'}
+  -> (Z, the one-hot sample behind it or None)."""
+  draw = methods.get(cfg.method).draw
+  return {cell_type: draw(jax.random.fold_in(key, i), alpha[cell_type], tau)
+          for i, cell_type in enumerate(('normal', 'reduce'))}
 
 
 def train_step_fn(cfg: SearchConfig, net: SearchNetwork, tx, penalty_tables: dict):
@@ -309,7 +318,7 @@ def derive_genotypes(alpha: dict) -> dict:
 
 def child_arch_weights(cfg: SearchConfig, alpha: dict):
   """One-hot Z of the derived child (the method's own derivation rule)."""
-  geno = derive_genotypes(alpha)[cfg.method]
+  geno = derive_genotypes(alpha)[methods.get(cfg.method).derivation]
   return (jnp.asarray(genotypes.cell_to_one_hot(geno.normal)),
           jnp.asarray(genotypes.cell_to_one_hot(geno.reduce)))
 
@@ -336,7 +345,9 @@ def arch_summary(cfg: SearchConfig, alpha: dict, child_z, image_size: int) -> di
 def check_resume_config(saved: dict, cfg: SearchConfig, workdir: str) -> None:
   """A resume must not change anything that alters shapes or results, but
   the learning rates (LR_FIELDS)."""
-  loop.check_resume_config(saved, config_lib.to_dict(cfg), RESUMABLE_FIELDS, workdir, 'search')
+  unused = () if methods.get(cfg.method).tau_schedule else TAU_FIELDS
+  loop.check_resume_config(saved, config_lib.to_dict(cfg), RESUMABLE_FIELDS | set(unused),
+                           workdir, 'search')
 
 
 def load_genotype(search_workdir: str, rule: str = 'snas') -> genotypes.Genotype:
@@ -497,7 +508,7 @@ class SearchTask(loop.Task):
     reporting.write_search_report(workdir, final, alpha_np, meta['records'])
     loop.write_json(os.path.join(workdir, SUMMARY_FILE), {
         'child_test_acc': meta['child_test_acc'], 'elapsed_s': meta['elapsed_s'],
-        'method': self.cfg.method, 'genotype': final[self.cfg.method].to_dict(),
+        'method': self.cfg.method, 'genotype': final[methods.get(self.cfg.method).derivation].to_dict(),
         'last_epoch': meta['records'][-1] if meta['records'] else None})
 
   def final_line(self, workdir, meta):

@@ -88,3 +88,67 @@ def test_derivation_per_method_on_the_darts_space():
 def test_unknown_method_is_one_line():
   with pytest.raises(ValueError, match="--method='enas' is not a method; use one of snas, darts, gdas"):
     methods.get('enas')
+
+
+def test_search_config_takes_the_methods_temperature_unless_given():
+  from snas_jax import search
+  assert (search.SearchConfig().tau0, search.SearchConfig().tau_min) == (1.0, 0.03)
+  gdas = search.SearchConfig(method='gdas')
+  assert (gdas.tau0, gdas.tau_min) == (10.0, 0.1)
+  gdas.check()
+  assert search.SearchConfig(method='gdas', tau0=5.0).tau0 == 5.0
+  darts = search.SearchConfig(method='darts')
+  assert (darts.tau0, darts.tau_min) == (0.0, 0.0)
+  darts.check()  # no τ, nothing to check
+
+
+def test_resume_ignores_the_temperature_of_a_method_without_one(tmp_path):
+  """A DARTS checkpoint with another --tau0 resumes (τ changes nothing
+  there); an SNAS one is refused in one line."""
+  from snas_jax import checkpoint, config as config_lib, search
+  for method, refused in (('darts', False), ('snas', True)):
+    cfg = search.SearchConfig(method=method)
+    saved = dict(config_lib.to_dict(cfg), tau0=0.5)
+    if refused:
+      with pytest.raises(checkpoint.CheckpointError, match=r'--tau0=0\.5 there, --tau0=1\.0 now'):
+        search.check_resume_config(saved, cfg, str(tmp_path))
+    else:
+      search.check_resume_config(saved, cfg, str(tmp_path))
+
+
+def test_score_estimator_needs_a_discrete_sample():
+  from snas_jax import search
+  with pytest.raises(ValueError, match='--method=darts has no discrete sample'):
+    search.SearchConfig(method='darts', resource_eta=1e-3).check()
+  search.SearchConfig(method='gdas', resource_eta=1e-3).check()
+
+
+def test_gdas_search_step():
+  """--method=gdas at the step level on one cell: the network runs with a
+  one-hot Z that changes with the key, α learns through the soft sample's
+  gradient (with the score-function penalty, which needs the one-hot), and
+  the child is read by the DARTS rule."""
+  from snas_jax import costs, search
+  cfg = search.SearchConfig(channels=4, layers=1, batch_size=4, epochs=1, backend='reference',
+                            method='gdas', resource_eta=1e-3, alpha_lr=0.05)
+  net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=3)
+  step = jax.jit(search.train_step_fn(cfg, net, tx, costs.penalty_tables(4, 1, 8)))
+  state = search.init_state(cfg, net, tx, (8, 8, 3))
+  z = [search.arch_weights(cfg, state.params['alpha'], jax.random.PRNGKey(k), cfg.tau0)
+       for k in (0, 1)]
+  for draw in z:
+    forward, hard = draw['normal']
+    np.testing.assert_array_equal(forward, hard)
+    assert np.all(np.asarray(forward).sum(-1) == 1) and set(np.unique(forward)) == {0.0, 1.0}
+  assert not np.array_equal(z[0]['normal'][0], z[1]['normal'][0])
+  rng = np.random.default_rng(0)
+  alpha0 = np.asarray(state.params['alpha']['normal'])
+  for _ in range(3):
+    batch = {'image': rng.normal(size=(4, 8, 8, 3)).astype(np.float32),
+             'label': rng.integers(0, 10, 4).astype(np.int32)}
+    state, metrics = step(state, batch, np.float32(cfg.tau0))
+    assert bool(metrics['finite'])
+  assert not np.allclose(alpha0, state.params['alpha']['normal'])
+  child = search.child_arch_weights(cfg, state.params['alpha'])
+  want = search.derive_genotypes(state.params['alpha'])['darts']
+  np.testing.assert_array_equal(child[0], genotypes.cell_to_one_hot(want.normal))
