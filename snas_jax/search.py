@@ -50,6 +50,7 @@ class SearchConfig:
   drop_path: float = field(0.0, 'Per-sample drop probability of each edge during search. The '
                            'reference uses 0.3; the paper does not mention it.')
   backend: str = field('auto', BACKEND_HELP, choices=backends.NAMES)
+  dtype: str = field('float32', backends.DTYPE_HELP, choices=backends.DTYPES)
   remat: bool = field(False, 'Recompute more in the backward pass (the reference\'s --use_ckpt): '
                       'less memory, slower. Each cell on the reference backend; on the CPU '
                       'backend the convolutions recompute their outputs before BN.')
@@ -144,7 +145,7 @@ class SearchState:
 def make_network(cfg: SearchConfig, num_classes: int = 10) -> SearchNetwork:
   """The reference search network of ``cfg`` (a backend binds it to run it)."""
   return SearchNetwork(c=cfg.channels, num_classes=num_classes, layers=cfg.layers,
-                       drop_path=cfg.drop_path, remat=cfg.remat)
+                       drop_path=cfg.drop_path, remat=cfg.remat, dtype=jnp.dtype(cfg.dtype))
 
 
 def learning_rate_schedule(cfg: SearchConfig, steps_per_epoch: int):
