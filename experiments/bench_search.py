@@ -16,7 +16,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,7 +74,8 @@ def measure(spec: dict) -> dict:
   from snas_jax import costs, parallel, search
   cfg = search.SearchConfig(channels=spec['channels'], layers=spec['layers'],
                             batch_size=spec['batch_size'], remat=spec['remat'],
-                            backend=spec['backend'], resource_eta=1e-3, epochs=150)
+                            backend=spec['backend'], dtype=spec.get('dtype', 'float32'),
+                            resource_eta=1e-3, epochs=150)
   mesh = parallel.make_mesh()
   net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=100)
   size = spec['image_size']
@@ -167,14 +167,9 @@ def run_child(spec: dict) -> dict:
   if FLAGS.tune_memory and spec['backend'] == 'cpu':
     from snas_jax.backends.cpu import process
     env = process.memory_tuning_env()
-  proc = subprocess.run([sys.executable, __file__, f'--child={json.dumps(spec)}',
-                         f'--steps={FLAGS.steps}', f'--warmup={FLAGS.warmup}'],
-                        capture_output=True, text=True, env=env)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
-  if proc.returncode or not lines:
-    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
-    return {**spec, 'error': f'exit {proc.returncode}: {tail[:200]}'}
-  return json.loads(lines[-1])
+  return benchmarking.run_json_process(
+      [sys.executable, __file__, f'--child={json.dumps(spec)}', f'--steps={FLAGS.steps}',
+       f'--warmup={FLAGS.warmup}'], spec, env=env)
 
 
 def main(argv):
