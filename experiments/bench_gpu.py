@@ -10,7 +10,7 @@ and channels_last), and this code's search step on the reference backend
 init, trace and compile (JAX), the first step (PyTorch: cuDNN's autotuning),
 the median step, images/s and the device's peak memory. Synthetic images,
 the paper's configuration (C=16, 8 cells, batch 64, 32x32) unless told
-otherwise. Writes <out>/bench_gpu.json and prints the table.
+otherwise. Writes <out>/bench_gpu.json (after each row) and prints the table.
 
 Needs JAX (+ Flax, Optax, Orbax) and PyTorch, nothing else: no TensorFlow
 (tests/test_bench.py runs it with TensorFlow made unimportable). Without a
@@ -129,8 +129,20 @@ def main(argv):
   cols = ('row', 'device_kind', 'init_s', 'trace_s', 'compile_s', 'first_step_s', 'step_s',
           'images_per_s', 'device_peak_gb', 'peak_rss_gb', 'wall_s')
   deadline = time.monotonic() + FLAGS.budget_s
-  benchmarking.report(environment(), cols, run_rows(FLAGS.rows, deadline),
-                      os.path.join(FLAGS.out, 'bench_gpu.json'))
+  env, path = environment(), os.path.join(FLAGS.out, 'bench_gpu.json')
+  benchmarking.report(env, cols, saved_as_they_come(run_rows(FLAGS.rows, deadline), env, path),
+                      path)
+
+
+def saved_as_they_come(rows, env: dict, path: str):
+  """Rewrites ``path`` after each row, so that a run killed from outside
+  leaves the rows it finished."""
+  done = []
+  for row in rows:
+    done.append(row)
+    with open(path, 'w') as f:
+      json.dump({'environment': env, 'results': done}, f, indent=1)
+    yield row
 
 
 if __name__ == '__main__':
