@@ -5,7 +5,7 @@ what defines the parameter and BN-statistics trees that checkpoints hold,
 and what every backend must equal. Images are NHWC, every conv is bias-free.
 
 Every op computes in its input's dtype (mixed precision: the network casts
-its images once, docs/algorithm.md §1) while its parameters stay float32;
+its images once, docs/algorithm.md §5) while its parameters stay float32;
 BatchNorm takes its batch statistics in float32 and keeps its running ones
 there.
 
