@@ -3,6 +3,8 @@
   python experiments/bench_search.py                      # the paper's config (+ remat)
   python experiments/bench_search.py --backend=reference  # what a GPU/TPU runs
   python experiments/bench_search.py --sweep=batch,channels,cells,devices
+  python experiments/bench_search.py --backend=reference --dtype=bfloat16  # mixed precision
+  python experiments/bench_search.py --backend=reference --steps=0 --warmup=0  # start-up only
 
 Each configuration runs in its own process (so peak memory is its own and a
 device count can be forced), on synthetic 32x32 images, with every op of the
@@ -16,7 +18,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,11 +45,14 @@ flags.DEFINE_bool('cache_variant', True, 'Measure the base configuration a secon
                   'process with the persistent compilation cache its first run filled (what a '
                   'resumed or repeated run pays).')
 flags.DEFINE_enum('backend', 'auto', ['auto', 'reference', 'cpu'], 'Backend to measure '
-                  '(auto: cpu on a CPU-only host, reference elsewhere).')
+                  '(auto: cpu on a CPU-only host in float32, reference elsewhere).')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'What the network computes in '
+                  '(--dtype of the search; bfloat16 runs on the reference backend).')
 flags.DEFINE_bool('tune_memory', True, 'CPU backend: run each configuration as the entry scripts '
                   "do (their --tune_memory): XLA's temporaries kept mapped, on transparent huge "
                   "pages, glibc's freed heap kept.")
-flags.DEFINE_integer('steps', 5, 'Timed steps after warm-up (the median is reported).')
+flags.DEFINE_integer('steps', 5, 'Timed steps after warm-up (the median is reported); 0: init, '
+                     'trace and compile only.')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 flags.DEFINE_string('json_out', '', 'Also write the results here as a JSON list.')
 flags.DEFINE_string('child', '', 'Internal: run one configuration given as JSON and print it.')
@@ -75,7 +79,8 @@ def measure(spec: dict) -> dict:
   from snas_jax import costs, parallel, search
   cfg = search.SearchConfig(channels=spec['channels'], layers=spec['layers'],
                             batch_size=spec['batch_size'], remat=spec['remat'],
-                            backend=spec['backend'], resource_eta=1e-3, epochs=150)
+                            backend=spec['backend'], dtype=spec.get('dtype', 'float32'),
+                            resource_eta=1e-3, epochs=150)
   mesh = parallel.make_mesh()
   net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=100)
   size = spec['image_size']
@@ -99,7 +104,7 @@ def measure(spec: dict) -> dict:
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
   rss_compiled = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-  times = []
+  times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for i in range(FLAGS.warmup + FLAGS.steps):
     if i == FLAGS.warmup:
       faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -108,13 +113,16 @@ def measure(spec: dict) -> dict:
     jax.block_until_ready(metrics)
     if i >= FLAGS.warmup:
       times.append(time.perf_counter() - t)
-  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / FLAGS.steps
-  step_s = statistics.median(times)
+  steps = max(FLAGS.steps, 1)
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+  step_s = statistics.median(times) if times else None  # --steps=0: start-up only
   return {**spec, 'devices': len(jax.devices()), 'ops': getattr(backend, 'impl', '-'),
           'memory': memory, 'device_kind': jax.devices()[0].device_kind,
           'build_s': round(build_s, 2), 'init_s': round(init_s, 2),
           'trace_s': round(trace_s, 2), 'compile_s': round(compile_s, 2),
-          'step_s': round(step_s, 3), 'images_per_s': round(cfg.batch_size / step_s, 2),
+          'step_s': round(step_s, 3) if step_s else '-',
+          'images_per_s': round(cfg.batch_size / step_s, 2) if step_s else '-',
+          'dtype': cfg.dtype,
           'page_faults_per_step': round(faults),
           'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
           'rss_compiled_gb': round(rss_compiled, 2),
@@ -143,7 +151,8 @@ def environment() -> dict:
 def specs(cache_dir: str) -> list:
   base = {'batch_size': FLAGS.batch_size, 'channels': FLAGS.channels, 'layers': FLAGS.layers,
           'image_size': FLAGS.image_size,
-          'remat': False, 'backend': backend_name(), 'devices': 1, 'cache': 'off'}
+          'remat': False, 'backend': backend_name(), 'devices': 1, 'cache': 'off',
+          'dtype': FLAGS.dtype}
   out = [base]
   if FLAGS.cache_variant:  # a cold run that fills a fresh cache, then one that reads it
     out = [{**base, 'cache': 'cold', 'cache_dir': cache_dir},
@@ -159,7 +168,7 @@ def specs(cache_dir: str) -> list:
 
 def backend_name() -> str:
   from snas_jax import backends
-  return backends.resolve(FLAGS.backend)
+  return backends.resolve(FLAGS.backend, dtype=FLAGS.dtype)
 
 
 def run_child(spec: dict) -> dict:
@@ -167,14 +176,9 @@ def run_child(spec: dict) -> dict:
   if FLAGS.tune_memory and spec['backend'] == 'cpu':
     from snas_jax.backends.cpu import process
     env = process.memory_tuning_env()
-  proc = subprocess.run([sys.executable, __file__, f'--child={json.dumps(spec)}',
-                         f'--steps={FLAGS.steps}', f'--warmup={FLAGS.warmup}'],
-                        capture_output=True, text=True, env=env)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
-  if proc.returncode or not lines:
-    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
-    return {**spec, 'error': f'exit {proc.returncode}: {tail[:200]}'}
-  return json.loads(lines[-1])
+  return benchmarking.run_json_process(
+      [sys.executable, __file__, f'--child={json.dumps(spec)}', f'--steps={FLAGS.steps}',
+       f'--warmup={FLAGS.warmup}'], spec, env=env)
 
 
 def main(argv):
@@ -182,7 +186,8 @@ def main(argv):
   if FLAGS.child:
     print(json.dumps(measure(json.loads(FLAGS.child))), flush=True)
     return
-  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'backend', 'ops', 'memory',
+  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'backend', 'dtype', 'ops',
+          'memory',
           'remat', 'cache', 'build_s', 'init_s',
           'trace_s', 'compile_s', 'step_s', 'images_per_s', 'page_faults_per_step',
           'rss_compiled_gb', 'peak_rss_gb', 'xla_temp_gb', 'device_peak_gb', 'kernels')

@@ -1,8 +1,9 @@
 """What the benchmarks share: the machine's name, the kernel count of a
-compiled program, and the table + JSON report."""
+compiled program, one configuration per process, and the table + JSON report."""
 import json
 import os
 import platform
+import subprocess
 from typing import Iterable
 
 
@@ -25,6 +26,23 @@ def fused_kernels(compiled) -> int | None:
     return sum(' = ' in line and ' fusion(' in line for line in compiled.as_text().splitlines())
   except Exception:  # an executable without its HLO text (some cache loads)
     return None
+
+
+def run_json_process(argv: list, row: dict, env: dict | None = None,
+                     timeout: float | None = None) -> dict:
+  """Runs ``argv``, a process that measures one configuration and prints it
+  as its last JSON line; returns that line, or ``row`` with an 'error' (its
+  exit status and last line of stderr, or the timeout) so that one failed
+  configuration leaves the others' figures."""
+  try:
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {**row, 'error': f'timed out after {timeout:.0f} s'}
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+  if proc.returncode or not lines:
+    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+    return {**row, 'error': f'exit {proc.returncode}: {tail[:200]}'}
+  return json.loads(lines[-1])
 
 
 def report(env: dict, cols: tuple, rows: Iterable[dict], json_out: str = '') -> list:

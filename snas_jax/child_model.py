@@ -26,6 +26,7 @@ or None).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -48,12 +49,12 @@ def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:
   """
   keep = 1.0 - rate
   mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return x * mask.astype(x.dtype) / keep
+  return x * mask.astype(x.dtype) / jnp.asarray(keep, x.dtype)
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, padding=1):
+def _conv(features: int, kernel: int, stride: int, name: str, padding=1, dtype=jnp.float32):
   pad = ((padding, padding),) * 2 if isinstance(padding, int) else padding
-  return ops.conv(features, kernel, stride, padding=pad, name=name)
+  return ops.conv(features, kernel, stride, padding=pad, dtype=dtype, name=name)
 
 
 def _bn(x, train: bool, name: str):
@@ -117,8 +118,8 @@ class AuxiliaryHead(nn.Module):
                        f'x{5 + self.pool_stride} after cell 2L//3, got {h}x{w}; use larger '
                        f'images or --auxiliary_weight=0')
     x = nn.avg_pool(nn.relu(x), (5, 5), (self.pool_stride, self.pool_stride), padding='VALID')
-    x = nn.relu(_bn(_conv(128, 1, 1, 'conv0', padding=0)(x), train, 'bn0'))
-    x = _conv(768, 2, 1, 'conv1', padding='VALID')(x)
+    x = nn.relu(_bn(_conv(128, 1, 1, 'conv0', padding=0, dtype=x.dtype)(x), train, 'bn0'))
+    x = _conv(768, 2, 1, 'conv1', padding='VALID', dtype=x.dtype)(x)
     if self.bn_after_768:
       x = _bn(x, train, 'bn1')
     x = nn.relu(x).reshape(x.shape[0], -1)
@@ -133,6 +134,7 @@ class _ChildNetwork(nn.Module):
   num_classes: int
   auxiliary: bool = True
   remat: bool = False  # recompute each cell in the backward pass (less memory)
+  dtype: jnp.dtype = jnp.float32  # convolutions and activations (parameters, BN stats: float32)
 
   def stem(self, images, train: bool):
     raise NotImplementedError
@@ -149,7 +151,7 @@ class _ChildNetwork(nn.Module):
   @nn.compact
   def __call__(self, images, drop_rate, train: bool):
     """images [N,H,W,3], drop_rate scalar -> (logits [N,K], aux logits [N,K] or None)."""
-    s0, s1 = self.stem(images, train)
+    s0, s1 = self.stem(images.astype(self.dtype), train)  # every op follows its input's dtype
     c_cell, reduction_prev = self.c, self.reduction_prev_at_start
     reductions = reduction_layers(self.layers)
     aux_logits = None
@@ -164,7 +166,7 @@ class _ChildNetwork(nn.Module):
       if i == 2 * self.layers // 3 and self.auxiliary and train:
         aux_logits = AuxiliaryHead(self.num_classes, self.aux_pool_stride, self.aux_bn_after_768,
                                    name=AUX_SCOPE)(s1, train)
-    x = jnp.mean(s1, axis=(1, 2))
+    x = jnp.mean(s1.astype(jnp.float32), axis=(1, 2))
     return ops.dense(self.num_classes, x.shape[-1], name='classifier')(x), aux_logits
 
 
@@ -173,7 +175,8 @@ class NetworkCIFAR(_ChildNetwork):
   stem_multiplier: int = 3
 
   def stem(self, images, train):
-    x = _bn(_conv(self.stem_multiplier * self.c, 3, 1, 'stem_conv')(images), train, 'stem_bn')
+    x = _bn(_conv(self.stem_multiplier * self.c, 3, 1, 'stem_conv', dtype=self.dtype)(images),
+            train, 'stem_bn')
     return x, x
 
 
@@ -190,9 +193,10 @@ class NetworkImageNet(_ChildNetwork):
 
   def stem(self, images, train):
     c = self.c
-    x = nn.relu(_bn(_conv(c // 2, 3, 2, 'stem0_conv0')(images), train, 'stem0_bn0'))
-    s0 = _bn(_conv(c, 3, 2, 'stem0_conv1')(x), train, 'stem0_bn1')
-    s1 = _bn(_conv(c, 3, 2, 'stem1_conv')(nn.relu(s0)), train, 'stem1_bn')
+    conv = functools.partial(_conv, dtype=self.dtype)
+    x = nn.relu(_bn(conv(c // 2, 3, 2, 'stem0_conv0')(images), train, 'stem0_bn0'))
+    s0 = _bn(conv(c, 3, 2, 'stem0_conv1')(x), train, 'stem0_bn1')
+    s1 = _bn(conv(c, 3, 2, 'stem1_conv')(nn.relu(s0)), train, 'stem1_bn')
     return s0, s1
 
 

@@ -4,6 +4,11 @@ This is the reference model (docs/algorithm.md §1): what GPUs and TPUs run,
 what defines the parameter and BN-statistics trees that checkpoints hold,
 and what every backend must equal. Images are NHWC, every conv is bias-free.
 
+Every op computes in its input's dtype (mixed precision: the network casts
+its images once, docs/algorithm.md §5) while its parameters stay float32;
+BatchNorm takes its batch statistics in float32 and keeps its running ones
+there.
+
 | op            | module                                                           |
 |---------------|------------------------------------------------------------------|
 | none          | not computed (``make_op`` returns None): it contributes Z·0       |
@@ -51,6 +56,7 @@ class BatchNorm(nn.Module):
   *unbiased* batch variance (n/(n−1) times the biased one, n values per
   channel), as PyTorch; evaluation: normalises with the running statistics.
   Variables: params 'scale', 'bias' [C] (``affine``), batch_stats 'mean', 'var' [C].
+  Statistics and normalisation in float32, the output in x's dtype.
   """
   affine: bool = True
   momentum: float = BN_MOMENTUM
@@ -58,7 +64,8 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    c = x.shape[-1]
+    c, dtype = x.shape[-1], x.dtype
+    x = x.astype(jnp.float32)  # a bfloat16 mean over N·H·W values would lose digits
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
     if train:
@@ -76,21 +83,23 @@ class BatchNorm(nn.Module):
     if self.affine:
       y = (y * self.param('scale', nn.initializers.ones, (c,))
            + self.param('bias', nn.initializers.zeros, (c,)))
-    return y
+    return y.astype(dtype)
 
 
 def conv(features: int, kernel: int, stride: int = 1, *, dilation: int = 1, groups: int = 1,
-         padding=None, name: str | None = None) -> nn.Conv:
-  """A bias-free KxK conv; ``padding`` defaults to 'same' for odd K: dilation·(K−1)/2."""
+         padding=None, dtype=jnp.float32, name: str | None = None) -> nn.Conv:
+  """A bias-free KxK conv computing in ``dtype`` (its kernel stays float32);
+  ``padding`` defaults to 'same' for odd K: dilation·(K−1)/2."""
   if padding is None:
     pad = dilation * (kernel - 1) // 2
     padding = ((pad, pad), (pad, pad))
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=padding,
                  kernel_dilation=dilation, feature_group_count=groups, use_bias=False,
-                 kernel_init=torch_weight_init, name=name)
+                 kernel_init=torch_weight_init, dtype=dtype, name=name)
 
 
 def dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense:
+  """A float32 dense layer (the classifiers: logits reach the loss in float32)."""
   return nn.Dense(features, kernel_init=torch_weight_init, bias_init=torch_bias_init(fan_in),
                   name=name)
 
@@ -102,7 +111,8 @@ class ReLUConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    return BatchNorm(self.affine, name='bn')(conv(self.c_out, 1, name='conv')(nn.relu(x)), train)
+    y = conv(self.c_out, 1, dtype=x.dtype, name='conv')(nn.relu(x))
+    return BatchNorm(self.affine, name='bn')(y, train)
 
 
 class FactorizedReduce(nn.Module):
@@ -116,8 +126,8 @@ class FactorizedReduce(nn.Module):
       raise ValueError(f'FactorizedReduce needs an even channel count, got {self.c_out}')
     x = nn.relu(x)
     half = self.c_out // 2
-    a = conv(half, 1, 2, padding='VALID', name='conv_1')(x)
-    b = conv(half, 1, 2, padding='VALID', name='conv_2')(x[:, 1:, 1:, :])
+    a = conv(half, 1, 2, padding='VALID', dtype=x.dtype, name='conv_1')(x)
+    b = conv(half, 1, 2, padding='VALID', dtype=x.dtype, name='conv_2')(x[:, 1:, 1:, :])
     return BatchNorm(self.affine, name='bn')(jnp.concatenate([a, b], axis=-1), train)
 
 
@@ -133,8 +143,8 @@ class DilConv(nn.Module):
   def __call__(self, x, train: bool):
     c_in = x.shape[-1]
     x = conv(c_in, self.kernel_size, self.stride, dilation=self.dilation, groups=c_in,
-             name='depthwise')(nn.relu(x))
-    x = conv(self.c_out, 1, name='pointwise')(x)
+             dtype=x.dtype, name='depthwise')(nn.relu(x))
+    x = conv(self.c_out, 1, dtype=x.dtype, name='pointwise')(x)
     return BatchNorm(self.affine, name='bn')(x, train)
 
 
@@ -164,7 +174,8 @@ class Pool(nn.Module):
     if self.kind == 'max':
       y = nn.max_pool(x, window, strides, pad)
     else:
-      y = nn.avg_pool(x, window, strides, pad, count_include_pad=False)
+      # The divisor counts are float32: back to x's dtype.
+      y = nn.avg_pool(x, window, strides, pad, count_include_pad=False).astype(x.dtype)
     return BatchNorm(self.affine, name='bn')(y, train)
 
 

@@ -53,6 +53,7 @@ class SearchConfig:
   drop_path: float = field(0.0, 'Per-sample drop probability of each edge during search. The '
                            'reference uses 0.3; the paper does not mention it.')
   backend: str = field('auto', BACKEND_HELP, choices=backends.NAMES)
+  dtype: str = field('float32', backends.DTYPE_HELP, choices=backends.DTYPES)
   remat: bool = field(False, 'Recompute more in the backward pass (the reference\'s --use_ckpt): '
                       'less memory, slower. Each cell on the reference backend; on the CPU '
                       'backend the convolutions recompute their outputs before BN.')
@@ -158,7 +159,7 @@ class SearchState:
 def make_network(cfg: SearchConfig, num_classes: int = 10) -> SearchNetwork:
   """The reference search network of ``cfg`` (a backend binds it to run it)."""
   return SearchNetwork(c=cfg.channels, num_classes=num_classes, layers=cfg.layers,
-                       drop_path=cfg.drop_path, remat=cfg.remat)
+                       drop_path=cfg.drop_path, remat=cfg.remat, dtype=jnp.dtype(cfg.dtype))
 
 
 def learning_rate_schedule(cfg: SearchConfig, steps_per_epoch: int):
@@ -411,7 +412,7 @@ class SearchTask(loop.Task):
   def __init__(self, cfg: SearchConfig):
     """Every check that needs no compile (data, batch sizes) happens here."""
     self.cfg = cfg
-    self.backend = backends.get(backends.resolve(cfg.backend))
+    self.backend = backends.get(backends.resolve(cfg.backend, dtype=cfg.dtype))
     arrays = load_data(cfg)
     self.mesh = parallel.make_mesh()
     parallel.check_batch_size(cfg.batch_size, self.mesh)

@@ -36,12 +36,14 @@ class MixedOp(nn.Module):
 
   @nn.compact
   def __call__(self, x, z):
-    out = 0.0
+    out, z = 0.0, jnp.asarray(z, jnp.float32)  # not weakly typed: the sum stays float32
     for k, name in enumerate(PRIMITIVES):
       op = ops.make_op(name, self.c, self.stride, affine=False, op_name=name)
       if op is not None:  # 'none' is the zero op: z[k]·0 adds nothing
         out = out + z[k] * op(x, self.train)
-    return out
+    # The sum in float32 (z is), so that z's gradient, a sum over N·H·W·C
+    # products, accumulates in float32 as well; the edge's output in x's dtype.
+    return out.astype(x.dtype)
 
 
 # A batch of edges: x [G,N,H,W,C], z [G,8] -> [G,N,H',W',C], every variable with a leading G axis.
@@ -80,15 +82,15 @@ class SearchCell(nn.Module):
       x = jnp.stack([states[s] for s in sources] * len(dests))  # edge g reads sources[g % S]
       y = EdgeBatch(self.c, stride, self.train, name=edge_batch_name(sources))(
           x, jnp.asarray(z)[jnp.array(rows)])
-      y = y * drop_path_scale(self, y.shape[:2])
+      y = y * drop_path_scale(self, y.shape[:2], y.dtype)
       for i, d in enumerate(dests):  # node d += Σ over its edges in this batch
         nodes[d] = nodes[d] + y[i * len(sources):(i + 1) * len(sources)].sum(0)
       states.append(nodes[b])  # node b has all its inputs once batch b is done
     return jnp.concatenate(nodes, axis=-1)
 
 
-def drop_path_scale(cell: nn.Module, edges_by_images) -> jax.Array:
-  """Per-(edge, image) drop-path scale [G,N,1,1,1]: Bernoulli(1 − p)/(1 − p)
+def drop_path_scale(cell: nn.Module, edges_by_images, dtype) -> jax.Array:
+  """Per-(edge, image) drop-path scale [G,N,1,1,1] in ``dtype``: Bernoulli(1 − p)/(1 − p)
   in training with p = ``cell.drop_path`` > 0, else ones."""
   g, n = edges_by_images
   if cell.train and cell.drop_path > 0:
@@ -96,7 +98,7 @@ def drop_path_scale(cell: nn.Module, edges_by_images) -> jax.Array:
     scale = jax.random.bernoulli(cell.make_rng('dropout'), keep, (g, n)) / keep
   else:
     scale = jnp.ones((g, 1))
-  return scale.reshape(scale.shape + (1, 1, 1))
+  return scale.reshape(scale.shape + (1, 1, 1)).astype(dtype)
 
 
 class SearchNetwork(nn.Module):
@@ -105,7 +107,9 @@ class SearchNetwork(nn.Module):
   ``__call__(images [N,H,W,3], z_normal [14,8], z_reduce [14,8], train)`` ->
   logits [N, num_classes]. Reduction cells at L//3 and 2L//3 double the
   channels. ``remat`` recomputes each cell in the backward pass (less
-  memory, more compute).
+  memory, more compute). ``dtype``: what the convolutions and activations
+  compute in (mixed precision with bfloat16); parameters, BN statistics and
+  the logits stay float32.
   """
   c: int = 16
   num_classes: int = 10
@@ -113,6 +117,7 @@ class SearchNetwork(nn.Module):
   stem_multiplier: int = 3
   drop_path: float = 0.0
   remat: bool = False
+  dtype: jnp.dtype = jnp.float32
 
   def make_cell(self, c: int, reduction: bool, reduction_prev: bool, train: bool, name: str):
     cell_cls = nn.remat(SearchCell) if self.remat else SearchCell
@@ -123,7 +128,8 @@ class SearchNetwork(nn.Module):
     for name, z in (('z_normal', z_normal), ('z_reduce', z_reduce)):
       if z.shape != (NUM_EDGES, NUM_OPS):
         raise ValueError(f'{name} must be [{NUM_EDGES}, {NUM_OPS}], got {list(z.shape)}')
-    x = ops.conv(self.stem_multiplier * self.c, 3, name='stem_conv')(images)
+    images = images.astype(self.dtype)  # every op computes in its input's dtype
+    x = ops.conv(self.stem_multiplier * self.c, 3, dtype=self.dtype, name='stem_conv')(images)
     x = ops.BatchNorm(name='stem_bn')(x, train)
     s0 = s1 = x
     c_cell, reduction_prev = self.c, False
@@ -135,5 +141,5 @@ class SearchNetwork(nn.Module):
       cell = self.make_cell(c_cell, reduction, reduction_prev, train, f'cell_{i}')
       s0, s1 = s1, cell(s0, s1, z_reduce if reduction else z_normal)
       reduction_prev = reduction
-    x = jnp.mean(s1, axis=(1, 2))
+    x = jnp.mean(s1.astype(jnp.float32), axis=(1, 2))
     return ops.dense(self.num_classes, x.shape[-1], name='classifier')(x)

@@ -85,6 +85,7 @@ class TrainConfig:
                       'Each cell on the reference backend; on the CPU backend the '
                       'convolutions recompute their outputs before BN.')
   backend: str = field('auto', BACKEND_HELP, choices=backends.NAMES)
+  dtype: str = field('float32', backends.DTYPE_HELP, choices=backends.DTYPES)
   init: str = field('snas', 'Initialisation: snas (the SNAS authors\' evaluation code: conv '
                     'weights N(0, 2/(k²·C_out)), dense Kaiming normal with zero bias; the '
                     'paper\'s numbers) or pytorch (PyTorch\'s defaults, as DARTS\'s code).',
@@ -238,7 +239,7 @@ def build_model(genotype: genotypes.Genotype, config: TrainConfig, *, auxiliary:
   if auxiliary is None:
     auxiliary = config.auxiliary_weight > 0
   return cls(genotype, config.channels, config.layers, NUM_CLASSES[config.dataset],
-             auxiliary=auxiliary, remat=config.remat)
+             auxiliary=auxiliary, remat=config.remat, dtype=jnp.dtype(config.dtype))
 
 
 def image_size(config: TrainConfig) -> int:
@@ -457,6 +458,7 @@ class _StepSpec:
   label_smoothing: float
   remat: bool
   backend: str
+  dtype: str
   init: str
   grad_clip: float
   weight_decay: float
@@ -473,7 +475,7 @@ def make_steps(config: TrainConfig, genotype: genotypes.Genotype, mesh,
                steps_per_epoch: int) -> Steps:
   spec = _StepSpec(genotype, config.dataset, config.channels, config.layers, image_size(config),
                    config.auxiliary_weight, config.label_smoothing, config.remat,
-                   backends.resolve(config.backend), config.init,
+                   backends.resolve(config.backend, dtype=config.dtype), config.dtype, config.init,
                    config.grad_clip, config.weight_decay, config.momentum, config.learning_rate,
                    config.lr_schedule, config.lr_min, config.lr_decay, config.epochs,
                    steps_per_epoch)

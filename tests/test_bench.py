@@ -1,7 +1,8 @@
 """experiments/bench_search.py: which configurations a command line measures
 (the measurements themselves are the benchmark's job, not a unit test's);
-experiments/benchmarking.py's kernel count; experiments/bench_cpu_ops.py: a
-smoke run on a tiny geometry."""
+experiments/benchmarking.py's kernel count; experiments/bench_cpu_ops.py and
+experiments/bench_gpu.py: smoke runs on a tiny geometry (bench_gpu's with
+TensorFlow unimportable, as on the GPU machines)."""
 import importlib.util
 import json
 import os
@@ -93,3 +94,77 @@ def test_bench_cpu_ops_measures_every_row_on_a_tiny_geometry(tmp_path):
       assert r['gb_s'] > 0
     if r['section'] in ops:
       assert (r['calls'] > 0) == (r['variant'] == 'native'), r
+
+
+# Hides tensorflow and tensorflow_datasets, as if not installed (import fails,
+# importlib.util.find_spec finds nothing), in every process started with this
+# as its sitecustomize: the GPU machines have neither.
+NO_TENSORFLOW = '''
+import importlib.machinery, sys
+class _PathFinderWithoutTensorflow(importlib.machinery.PathFinder):
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
+      return None
+    return super().find_spec(name, path, target)
+sys.meta_path[:] = [_PathFinderWithoutTensorflow if f is importlib.machinery.PathFinder else f
+                    for f in sys.meta_path]
+'''
+
+
+def test_bench_gpu_runs_end_to_end_without_tensorflow(tmp_path):
+  """A JAX row in bfloat16 and a PyTorch row on a tiny network, on the CPU,
+  with TensorFlow unimportable in every process: the JSON has both rows'
+  figures and the environment."""
+  pytest.importorskip('torch')
+  site = tmp_path / 'site'
+  site.mkdir()
+  (site / 'sitecustomize.py').write_text(NO_TENSORFLOW)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      filter(None, [str(site), os.environ.get('PYTHONPATH')])))
+  hidden = subprocess.run([sys.executable, '-c', 'import tensorflow_datasets'], env=env,
+                          capture_output=True, text=True)
+  assert "No module named 'tensorflow_datasets'" in hidden.stderr  # installed here, hidden there
+  out = tmp_path / 'out'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'experiments', 'bench_gpu.py'), f'--out={out}',
+       '--rows=jax_bfloat16,torch_float32_channels_last', '--channels=4', '--layers=1',
+       '--image_size=8', '--batch_size=4', '--steps=1', '--warmup=0'],
+      capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((out / 'bench_gpu.json').read_text())
+  assert report['environment']['config']['channels'] == 4
+  assert report['environment']['torch'] != '-' and report['environment']['jax'] != '-'
+  jax_row, torch_row = report['results']
+  for row in (jax_row, torch_row):
+    assert 'error' not in row, row
+    assert row['device_kind'] == 'cpu' and row['batch_size'] == 4
+    assert row['step_s'] > 0 and row['init_s'] > 0
+    assert abs(row['images_per_s'] - 4 / row['step_s']) < 0.02 * row['images_per_s'] + 0.1
+  assert (jax_row['row'], jax_row['dtype'], jax_row['backend']) == ('jax_bfloat16', 'bfloat16',
+                                                                    'reference')
+  assert jax_row['trace_s'] > 0 and jax_row['compile_s'] > 0
+  assert (torch_row['dtype'], torch_row['layout'], torch_row['channels_last']) == (
+      'float32', 'channels_last', True)
+  assert torch_row['first_step_s'] > 0
+
+
+def test_bench_gpu_reports_rows_past_its_budget_as_skipped(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'experiments', 'bench_gpu.py'), f'--out={tmp_path}',
+       '--budget_s=0', '--rows=jax_float32,torch_bfloat16'],
+      capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / 'bench_gpu.json').read_text())['results']
+  assert [(r['row'], r['error']) for r in rows] == [
+      ('jax_float32', 'skipped: 0 s of --budget_s left'),
+      ('torch_bfloat16', 'skipped: 0 s of --budget_s left')]
+
+
+def test_bench_gpu_refuses_an_unknown_row_before_running_any(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'experiments', 'bench_gpu.py'), f'--out={tmp_path}',
+       '--rows=torch_float32,jax_float16'], capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown row 'jax_float16'")
+  assert not (tmp_path / 'bench_gpu.json').exists()

@@ -9,8 +9,8 @@ one ran, and a checkpoint written under one backend resumes under the other.
 
 * ``reference``: the Flax modules themselves (what GPUs and TPUs run).
 * ``cpu``: XLA:CPU's fast path (``backends/cpu``): fused custom VJPs, C++
-  kernels, fast init and the process settings XLA:CPU wants. Imported only
-  when chosen.
+  kernels, fast init and the process settings XLA:CPU wants; float32 only.
+  Imported only when chosen.
 
 The boundary sits at the network, not at an edge batch: the CPU backend's
 fusions span a whole cell (the preprocessing convs, FactorizedReduce, the
@@ -27,6 +27,11 @@ import os
 from typing import Protocol
 
 NAMES = ('auto', 'reference', 'cpu')
+DTYPES = ('float32', 'bfloat16')  # --dtype: what the convolutions and activations compute in
+DTYPE_HELP = ('What convolutions and activations compute in: float32, or bfloat16 (mixed '
+              'precision: parameters, α, BN statistics, the loss and the optimiser state stay '
+              'float32; for GPUs and TPUs). The CPU backend is float32 only: bfloat16 runs on '
+              'the reference backend (--backend=auto picks it).')
 
 # Distributions that give JAX an accelerator (jax[cuda12], jax[tpu], ROCm).
 _ACCELERATOR_PLUGINS = ('jax-cuda', 'jax_cuda', 'libtpu', 'jax-rocm', 'jax_rocm')
@@ -54,13 +59,16 @@ def host_platform() -> str:
   return 'accelerator' if any(n.startswith(_ACCELERATOR_PLUGINS) for n in names) else 'cpu'
 
 
-def resolve(name: str, platform: str | None = None) -> str:
-  """'auto' -> 'cpu' on a CPU-only host, 'reference' elsewhere; other names as
-  given. ``platform``: 'cpu' or 'accelerator' (default: ``host_platform()``)."""
+def resolve(name: str, platform: str | None = None, dtype: str = 'float32') -> str:
+  """'auto' -> 'cpu' on a CPU-only host computing in float32, 'reference'
+  elsewhere (the CPU backend is float32 only); other names as given.
+  ``platform``: 'cpu' or 'accelerator' (default: ``host_platform()``);
+  ``dtype``: the network's compute dtype (--dtype)."""
   if name not in NAMES:
     raise ValueError(f'unknown --backend={name!r}; choose one of {", ".join(NAMES)}')
   if name == 'auto':
-    return 'cpu' if (platform or host_platform()) == 'cpu' else 'reference'
+    cpu_only = (platform or host_platform()) == 'cpu'
+    return 'cpu' if cpu_only and dtype == 'float32' else 'reference'
   return name
 
 

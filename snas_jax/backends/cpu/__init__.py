@@ -8,6 +8,10 @@ their variable layout and the reference's (``layout``), fast init, and the
 process settings XLA:CPU wants (``process``). docs/cpu_backend.md says what
 each piece fuses and why.
 
+Float32 only: its kernels and fused VJPs are written for float32, so a
+network with another compute dtype (``--dtype=bfloat16``) is refused here and
+runs on the reference backend (``--backend=auto`` picks it).
+
 Ops: 'native' (the C++ kernels) on one device; 'shift' (XLA's forms) on
 several — XLA's SPMD partitioner cannot split a custom call — or where the
 kernels do not build (no compiler; a warning says so).
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from snas_jax import child_model as reference_child
 from snas_jax import search_model as reference_search
@@ -62,8 +67,11 @@ class CpuBackend:
     cls = _NETWORKS.get(type(network))
     if cls is None:
       raise TypeError(f'the CPU backend has no form of {type(network).__name__}')
+    if jnp.dtype(network.dtype) != jnp.float32:
+      raise ValueError(f'the CPU backend computes in float32 only: use --backend=reference '
+                       f'with --dtype={jnp.dtype(network.dtype).name}')
     fields = {f.name: getattr(network, f.name) for f in dataclasses.fields(network)
-              if f.init and f.name not in ('parent', 'name')}
+              if f.init and f.name not in ('parent', 'name', 'dtype')}
     return cls(**fields, impl=impl or self.impl)
 
   def bind(self, network) -> CpuModel:
