@@ -172,7 +172,18 @@ class Checkpointer:
       shutil.rmtree(path, ignore_errors=True)
 
   def restore_meta(self, step: int | None = None) -> dict:
-    step = self._step(step)
+    """The metadata at ``step``; by default the newest that reads (a damaged
+    one is passed over here and set aside by the next run's restore_latest)."""
+    if step is not None:
+      return self._read_meta(step)
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return self._read_meta(step)
+      except Exception:  # pylint: disable=broad-except
+        continue
+    raise CheckpointError(f'no readable checkpoint in {self.directory}')
+
+  def _read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def restore(self, abstract_state, step: int | None = None):
@@ -200,7 +211,7 @@ class Checkpointer:
     for step in sorted(self._manager.all_steps(), reverse=True):
       with _quiet_failed_reads():
         try:
-          meta = self.restore_meta(step)
+          meta = self._read_meta(step)
           stored = self._manager.item_metadata(step)['state']
           if stored is None:
             raise FileNotFoundError('no array metadata')

@@ -171,11 +171,15 @@ def learning_rate_schedule(cfg: SearchConfig, steps_per_epoch: int):
 
 def make_optimizer(cfg: SearchConfig, steps_per_epoch: int) -> optax.GradientTransformation:
   """SGD for w (its rate a schedule of the update count), Adam for α, as one
-  partitioned transformation."""
+  partitioned transformation. Through inject_hyperparams, the step compiles
+  as it did for the published results (README, docs/replication.md): a
+  plain optax.sgd(schedule) rounds otherwise (α moved by 6e-8 in 8 steps of
+  the tests' tiny search)."""
   w_tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                      optax.add_decayed_weights(cfg.w_weight_decay),
-                     optax.sgd(learning_rate_schedule(cfg, steps_per_epoch),
-                               momentum=cfg.w_momentum))
+                     optax.inject_hyperparams(optax.sgd)(
+                         learning_rate=learning_rate_schedule(cfg, steps_per_epoch),
+                         momentum=cfg.w_momentum))
   alpha_tx = optax.chain(optax.add_decayed_weights(cfg.alpha_weight_decay),
                          optax.adam(cfg.alpha_lr, b1=cfg.alpha_beta1, b2=cfg.alpha_beta2))
   labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}

@@ -212,6 +212,9 @@ def test_damaged_latest_checkpoint_is_set_aside(tmp_path, kind, capsys):
   ckpt.close()
   folder = tmp_path / checkpoint.CHECKPOINT_DIR
   damage_checkpoint(folder / '2', kind)
+  # A reader (a retraining run's --search_workdir, a study's report) passes over it.
+  if kind == 'garbage metadata':
+    assert checkpoint.Checkpointer(str(tmp_path), read_only=True).restore_meta() == {'epoch': 1}
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   state, meta = ckpt.restore_latest(checkpoint.abstract_like(tree))
   ckpt.close()
