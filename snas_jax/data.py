@@ -1,12 +1,13 @@
-"""Input pipelines: CIFAR-10 (in memory, numpy) and ImageNet (tfds + tf.data).
+"""Input pipelines: CIFAR-10 / CIFAR-100 (in memory, numpy) and ImageNet (tfds + tf.data).
 
 Every iterator yields host batches ``{'image': float32[b, H, W, 3], 'label':
 int32[b], 'mask': bool[b]}`` with ``b = global_batch // process_count``; ``mask``
 marks real examples in padded evaluation batches, so a jitted step sees one shape.
 
 CIFAR-10 comes from a local folder of JPEG-packed npz files (decoded once and
-cached) or from tfds. Augmentation follows App. G.1 / DARTS: pad 4 + random crop,
-random horizontal flip, per-channel normalisation, optional cutout. Randomness is
+cached) or from tfds; CIFAR-100 from tfds. Augmentation follows App. G.1 /
+DARTS: pad 4 + random crop, random horizontal flip, per-channel
+normalisation, optional cutout. Randomness is
 a pure function of (seed, epoch, batch index), so any batch can be rebuilt
 without producing the ones before it: resuming mid-epoch is exact.
 
@@ -34,6 +35,9 @@ import numpy as np
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# Per-channel statistics of each CIFAR training set (CIFAR-100's as AutoDL-Projects').
+CIFAR_STATS = {'cifar10': (CIFAR_MEAN, CIFAR_STD),
+               'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -83,7 +87,7 @@ def normalize(images, mean=CIFAR_MEAN, std=CIFAR_STD):
 DATA_DIR_ENV = 'SNAS_JAX_DATA_DIR'
 AUTO = 'auto'
 _NO_DATA = ('pass --data_dir=<folder with train.npz, test.npz> (or set $SNAS_JAX_DATA_DIR), or '
-            'run with a network so that tensorflow-datasets can download CIFAR-10')
+            'run with a network so that tensorflow-datasets can download it')
 
 
 def repository_cifar_dir() -> str | None:
@@ -95,12 +99,20 @@ def repository_cifar_dir() -> str | None:
   return os.path.normpath(os.path.join(repository, '..', 'shared', 'data', 'cifar10'))
 
 
-def resolve_cifar10(data_dir: str | None) -> tuple[str | None, str]:
+def resolve_cifar(data_dir: str | None, dataset: str = 'cifar10') -> tuple[str | None, str]:
   """(the npz folder to read, or None for tfds; why that source).
 
   data_dir: a folder; None or '' for tfds; 'auto' for $SNAS_JAX_DATA_DIR, then
-  the repository's ../shared/data/cifar10, then tfds.
+  the repository's ../shared/data/cifar10, then tfds. The npz copies hold
+  CIFAR-10: CIFAR-100 always comes from tfds.
   """
+  if dataset not in CIFAR_STATS:
+    raise DataError(f'--dataset={dataset!r} is not a CIFAR set; use one of {", ".join(CIFAR_STATS)}')
+  if dataset != 'cifar10':
+    if data_dir and data_dir != AUTO:
+      raise DataError(f'--data_dir={data_dir} names an npz copy of CIFAR-10, but {dataset} is '
+                      f'read through tensorflow-datasets: drop --data_dir (or pass --data_dir=)')
+    return None, f'{dataset} comes from tensorflow-datasets'
   if data_dir != AUTO:
     return (data_dir or None), ('--data_dir' if data_dir else 'asked for by --data_dir=')
   env = os.environ.get(DATA_DIR_ENV)
@@ -116,21 +128,22 @@ def resolve_cifar10(data_dir: str | None) -> tuple[str | None, str]:
                 else f'${DATA_DIR_ENV} unset')
 
 
-def load_cifar10(data_dir: str | None = AUTO, tfds_data_dir: str | None = None,
-                 cache_dir: str | None = None, log: Callable[[str], None] | None = None) -> dict:
-  """CIFAR-10 as uint8 arrays.
+def load_cifar(data_dir: str | None = AUTO, tfds_data_dir: str | None = None,
+               cache_dir: str | None = None, log: Callable[[str], None] | None = None,
+               dataset: str = 'cifar10') -> dict:
+  """CIFAR-10 or CIFAR-100 as uint8 arrays.
 
   Returns {'train_images': uint8[50000,32,32,3], 'train_labels': int32[50000],
   'test_images': uint8[10000,32,32,3], 'test_labels': int32[10000]}.
   data_dir: folder with train.npz / test.npz (+ MANIFEST.json), read in place;
   decoded arrays are cached in cache_dir (default ~/.cache/snas_jax) keyed by the
-  npz SHA-256. None or '': tfds 'cifar10', downloaded and prepared into
-  tfds_data_dir on first use. 'auto': see ``resolve_cifar10``. ``log`` gets one
-  line saying which source is read, and where.
+  npz SHA-256. None or '': tfds, downloaded and prepared into tfds_data_dir on
+  first use. 'auto': see ``resolve_cifar``. ``log`` gets one line saying which
+  source is read, and where.
   """
-  folder, why = resolve_cifar10(data_dir)
+  folder, why = resolve_cifar(data_dir, dataset)
   if folder is None:
-    return _load_cifar10_tfds(tfds_data_dir, why, log)
+    return _load_cifar_tfds(dataset, tfds_data_dir, why, log)
   if log:
     log(f'CIFAR-10: npz copy in {os.path.abspath(folder)} ({why})')
   return _load_cifar10_npz(folder, cache_dir)
@@ -250,26 +263,27 @@ def _decode_npz(path: str, count: int) -> tuple[np.ndarray, np.ndarray]:
   return images, labels.astype(np.int32)
 
 
-def _load_cifar10_tfds(tfds_data_dir: str | None, why: str,
-                       log: Callable[[str], None] | None) -> dict:
-  """CIFAR-10 from tfds 'cifar10', downloaded and prepared on first use."""
+def _load_cifar_tfds(dataset: str, tfds_data_dir: str | None, why: str,
+                     log: Callable[[str], None] | None) -> dict:
+  """CIFAR-10 / CIFAR-100 from tfds, downloaded and prepared on first use."""
   _, tfds = _import_tf()
-  builder = tfds.builder('cifar10', data_dir=tfds_data_dir)
+  builder = tfds.builder(dataset, data_dir=tfds_data_dir)
+  name = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}[dataset]
   if not builder.is_prepared():
     if log:
-      log(f'CIFAR-10: tensorflow-datasets, downloading into {builder.data_dir} ({why})')
+      log(f'{name}: tensorflow-datasets, downloading into {builder.data_dir} ({why})')
     # tfds retries an unreachable host for minutes: ask once, quickly.
     host = urllib.parse.urlparse(builder.info.homepage).hostname  # the download's host too
     if not _reachable(host):
-      raise DataError(f'CIFAR-10 is not prepared in {builder.data_dir} and {host} cannot be '
+      raise DataError(f'{name} is not prepared in {builder.data_dir} and {host} cannot be '
                       f'reached to download it ({why}); {_NO_DATA}')
     try:
       builder.download_and_prepare()
     except Exception as e:  # network, disk and archive errors alike: nothing to resume
-      raise DataError(f'tensorflow-datasets could not download and prepare CIFAR-10 into '
+      raise DataError(f'tensorflow-datasets could not download and prepare {name} into '
                       f'{builder.data_dir} ({type(e).__name__}: {e}); {_NO_DATA}') from None
   elif log:
-    log(f'CIFAR-10: tensorflow-datasets, prepared in {builder.data_dir} ({why})')
+    log(f'{name}: tensorflow-datasets, prepared in {builder.data_dir} ({why})')
   out = {}
   for split in _CIFAR_SPLITS:
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
@@ -368,8 +382,10 @@ class BatchIterator:
 
   def __init__(self, images, labels, global_batch: int, *, seed: int, train: bool,
                cutout: int = 0, process_index: int = 0, process_count: int = 1,
-               drop_remainder: bool | None = None, prefetch: int = 2):
-    """drop_remainder None: True for train, False (pad + mask) for eval."""
+               drop_remainder: bool | None = None, prefetch: int = 2,
+               dataset: str = 'cifar10'):
+    """drop_remainder None: True for train, False (pad + mask) for eval;
+    dataset: whose statistics normalise the images (CIFAR_STATS)."""
     if global_batch <= 0 or global_batch % process_count:
       raise ValueError(f'global_batch={global_batch} must be a positive multiple of '
                        f'process_count={process_count}')
@@ -384,6 +400,7 @@ class BatchIterator:
     self.global_batch, self.seed, self.train, self.cutout = global_batch, seed, train, cutout
     self.drop_remainder = train if drop_remainder is None else drop_remainder
     self.prefetch = prefetch
+    self.mean, self.std = CIFAR_STATS[dataset]
     self.local_batch = global_batch // process_count
     self._rows = slice(process_index * self.local_batch, (process_index + 1) * self.local_batch)
     if self.steps_per_epoch == 0:
@@ -420,11 +437,12 @@ class BatchIterator:
     idx, mask = idx[self._rows], mask[self._rows]
     images = self.images[idx]
     if self.train:
-      images = normalize(crop_flip(images, offsets[self._rows], flip[self._rows], pad))
+      images = normalize(crop_flip(images, offsets[self._rows], flip[self._rows], pad),
+                         self.mean, self.std)
       if self.cutout > 0:  # zeros after normalisation, as the DARTS/SNAS reference does
         images[cutout_square(centres[self._rows], self.cutout, h, w)] = 0.0
     else:
-      images = normalize(images)
+      images = normalize(images, self.mean, self.std)
     images[~mask] = 0.0
     return {'image': images, 'label': np.where(mask, self.labels[idx], 0).astype(np.int32),
             'mask': mask}

@@ -39,6 +39,8 @@ class SearchConfig:
                         'Empty: tensorflow-datasets.')
   tfds_data_dir: str = field('', 'tensorflow-datasets data dir for cifar10 when it is read '
                              'through tfds; empty: the tfds default.')
+  dataset: str = field('cifar10', 'Data set to search on: cifar10 or cifar100 (tensorflow-'
+                       'datasets; 100 classes).', choices=tuple(data.CIFAR_STATS))
   num_train_images: int = field(0, 'Search on this many training images (class-balanced '
                                 'subset); 0 = all 50,000 (or all but the held-out ones).')
   heldout_images: int = field(0, 'Hold out this many training images for search validation; '
@@ -156,9 +158,12 @@ class SearchState:
   rng: jax.Array         # uint32[2]; step t uses fold_in(rng, t)
 
 
-def make_network(cfg: SearchConfig, num_classes: int = 10) -> SearchNetwork:
+NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
+
+
+def make_network(cfg: SearchConfig) -> SearchNetwork:
   """The reference search network of ``cfg`` (a backend binds it to run it)."""
-  return SearchNetwork(c=cfg.channels, num_classes=num_classes, layers=cfg.layers,
+  return SearchNetwork(c=cfg.channels, num_classes=NUM_CLASSES[cfg.dataset], layers=cfg.layers,
                        drop_path=cfg.drop_path, remat=cfg.remat, dtype=jnp.dtype(cfg.dtype))
 
 
@@ -377,8 +382,8 @@ def load_genotype(search_workdir: str, rule: str = 'snas') -> genotypes.Genotype
 
 def load_data(cfg: SearchConfig) -> dict:
   """Train / validation / test arrays; fails (one line) before anything compiles."""
-  cifar = data.load_cifar10(cfg.data_dir, cfg.tfds_data_dir or None,
-                            log=print if jax.process_index() == 0 else None)
+  cifar = data.load_cifar(cfg.data_dir, cfg.tfds_data_dir or None,
+                          log=print if jax.process_index() == 0 else None, dataset=cfg.dataset)
   train = (data.downsample(cifar['train_images'], cfg.image_size), cifar['train_labels'])
   test = (data.downsample(cifar['test_images'], cfg.image_size), cifar['test_labels'])
   val = test
@@ -421,7 +426,8 @@ class SearchTask(loop.Task):
     self.mesh = parallel.make_mesh()
     parallel.check_batch_size(cfg.batch_size, self.mesh)
     parallel.check_batch_size(cfg.eval_batch_size, self.mesh, '--eval_batch_size')
-    procs = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    procs = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                 dataset=cfg.dataset)
     self.train_iter = data.BatchIterator(*arrays['train'], cfg.batch_size, seed=cfg.seed,
                                          train=True, **procs)
     self.eval_iters = {split: data.BatchIterator(*arrays[split], cfg.eval_batch_size,

@@ -42,7 +42,7 @@ from snas_jax import loop
 from snas_jax import config as config_lib
 from snas_jax.config import BACKEND_HELP, field
 
-NUM_CLASSES = {'cifar10': 10, 'imagenet': 1000}
+NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
 CIFAR_IMAGE_SIZE = 32
 MOBILE_MULTIPLY_ADDS = 600e6  # the ImageNet mobile setting's limit (docs/algorithm.md §7)
 FINAL_FILE = 'final.json'
@@ -70,7 +70,8 @@ class TrainConfig:
                              '({"snas": ..., "darts": ...}; --derive_rule picks).')
   arch: str = field('', 'A published cell: ' + ', '.join(genotypes.PUBLISHED) + '.')
   # Network.
-  dataset: str = field('cifar10', 'Data set to train and test on.', choices=tuple(NUM_CLASSES))
+  dataset: str = field('cifar10', 'Data set to train and test on (cifar100 and imagenet through '
+                       'tensorflow-datasets).', choices=tuple(NUM_CLASSES))
   channels: int = field(36, 'Initial channels C (the first cells have C per node; doubles at each '
                         'reduction). Paper: 36 on CIFAR-10, 48 on ImageNet.')
   layers: int = field(20, 'Number of cells L; reduction cells at L//3 and 2L//3. Paper: 20 on '
@@ -235,7 +236,7 @@ def build_model(genotype: genotypes.Genotype, config: TrainConfig, *, auxiliary:
   Reads config.dataset, channels, layers, auxiliary_weight, remat
   (a TrainConfig or the steps' cache key, which has the same fields).
   """
-  cls = child_model.NetworkCIFAR if config.dataset == 'cifar10' else child_model.NetworkImageNet
+  cls = child_model.NetworkImageNet if config.dataset == 'imagenet' else child_model.NetworkCIFAR
   if auxiliary is None:
     auxiliary = config.auxiliary_weight > 0
   return cls(genotype, config.channels, config.layers, NUM_CLASSES[config.dataset],
@@ -243,7 +244,7 @@ def build_model(genotype: genotypes.Genotype, config: TrainConfig, *, auxiliary:
 
 
 def image_size(config: TrainConfig) -> int:
-  return CIFAR_IMAGE_SIZE if config.dataset == 'cifar10' else config.image_size
+  return config.image_size if config.dataset == 'imagenet' else CIFAR_IMAGE_SIZE
 
 
 # ----------------------------------------------------------------------------
@@ -350,12 +351,13 @@ class DataSource(NamedTuple):
 
 
 def cifar_iterators(config: TrainConfig, arrays: dict):
-  """(train, test) data.BatchIterators over ``load_cifar10``'s arrays; cutout on train only."""
+  """(train, test) data.BatchIterators over ``load_cifar``'s arrays; cutout on train only."""
   train_images, train_labels = data.subset(arrays['train_images'], arrays['train_labels'],
                                            config.num_train_images, seed=config.seed)
   test_images, test_labels = data.subset(arrays['test_images'], arrays['test_labels'],
                                          config.num_eval_images, seed=0)
-  procs = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  procs = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+               dataset=config.dataset)
   train_it = data.BatchIterator(train_images, train_labels, config.batch_size, seed=config.seed,
                                 train=True, cutout=config.cutout, **procs)
   test_it = data.BatchIterator(test_images, test_labels, config.batch_size, seed=config.seed,
@@ -364,9 +366,10 @@ def cifar_iterators(config: TrainConfig, arrays: dict):
 
 
 def make_data(config: TrainConfig) -> DataSource:
-  if config.dataset == 'cifar10':
-    arrays = data.load_cifar10(config.data_dir, config.tfds_data_dir or None,
-                               log=print if jax.process_index() == 0 else None)
+  if config.dataset != 'imagenet':
+    arrays = data.load_cifar(config.data_dir, config.tfds_data_dir or None,
+                             log=print if jax.process_index() == 0 else None,
+                             dataset=config.dataset)
     train_it, test_it = cifar_iterators(config, arrays)
     return DataSource(train_it.epoch, lambda: test_it.epoch(0), train_it.steps_per_epoch,
                       len(train_it.labels), len(test_it.labels))

@@ -281,8 +281,8 @@ def tiny_cifar(tmp_path_factory):
 
 @pytest.fixture
 def no_home_cache(monkeypatch, tmp_path):
-  monkeypatch.setattr(train.data, 'load_cifar10', functools.partial(
-      data.load_cifar10, cache_dir=str(tmp_path / 'cache')))
+  monkeypatch.setattr(train.data, 'load_cifar', functools.partial(
+      data.load_cifar, cache_dir=str(tmp_path / 'cache')))
 
 
 def _tiny_config(data_dir, **overrides):
