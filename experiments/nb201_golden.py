@@ -142,31 +142,6 @@ def to_flax(state_dict) -> dict:
 # The cases.
 
 
-def _supernet(c: int, n: int, track_running_stats: bool):
-  """TinyNetworkDarts' modules, run with a given Z [6, 5] in place of softmax(α)."""
-  import torch
-  from xautodl.models.cell_searchs.search_cells import NAS201SearchCell
-  from xautodl.models.cell_searchs.search_model_darts import TinyNetworkDarts
-
-  class SupernetGivenZ(torch.nn.Module):
-    def __init__(self):
-      super().__init__()
-      darts = TinyNetworkDarts(c, n, nb201.NUM_NODES + 1, CLASSES, list(nb201.OP_NAMES),
-                               affine=False, track_running_stats=track_running_stats)
-      # TinyNetworkDarts' modules but not its α (arch_parameters): Z is an input here.
-      self.stem, self.cells, self.lastact = darts.stem, darts.cells, darts.lastact
-      self.global_pooling, self.classifier = darts.global_pooling, darts.classifier
-
-    def forward(self, x, z):  # TinyNetworkDarts.forward with z for softmax(arch_parameters)
-      feature = self.stem(x)
-      for cell in self.cells:
-        feature = cell(feature, z) if isinstance(cell, NAS201SearchCell) else cell(feature)
-      out = self.global_pooling(self.lastact(feature))
-      return self.classifier(out.view(out.size(0), -1))
-
-  return SupernetGivenZ()
-
-
 def _z(rng: np.random.Generator, tau: float) -> np.ndarray:
   """A soft Gumbel-softmax sample [6, 5] of α = 1 + 0.01·N(0, 1)."""
   shape = (len(nb201.EDGES), len(nb201.OP_NAMES))
@@ -200,8 +175,9 @@ def _run(net, case: dict, forward, z=None) -> dict:
 
 def search_case(rng: np.random.Generator, track_running_stats: bool = True) -> dict:
   import torch
+  import pytorch_reference  # needs torch
   cfg = SEARCH
-  net = _supernet(cfg['c'], cfg['n'], track_running_stats)
+  net = pytorch_reference.nb201_supernet(cfg['c'], cfg['n'], CLASSES, track_running_stats)
   with torch.no_grad():
     pytorch_golden._randomize(net, rng)
   case = pytorch_golden._inputs(rng, cfg['batch'], cfg['image_size'])

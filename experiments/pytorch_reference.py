@@ -13,8 +13,10 @@ Submodules carry the names of the Flax modules they stand for, so
 ``to_flax`` is a renaming plus layout transposes (and, in a search cell, the
 stacking of an edge batch's weights along a leading axis).
 
-Users: experiments/bench_pytorch.py (speed) and experiments/pytorch_golden.py
-(numerical agreement, for tests/test_pytorch_fidelity.py). torch is not a
+Also NAS-Bench-201's supernet, from AutoDL-Projects' own modules
+(``nb201_supernet``). Users: experiments/bench_pytorch.py (speed),
+experiments/pytorch_golden.py and nb201_golden.py (numerical agreement, for
+tests/test_pytorch_fidelity.py and tests/test_nb201.py). torch is not a
 dependency of snas_jax; this module needs it.
 """
 import numpy as np
@@ -26,6 +28,9 @@ import torch.nn.functional as F
 PRIMITIVES = ('none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect', 'sep_conv_3x3',
               'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
 NUM_NODES = 4
+# NAS-Bench-201: Z's columns as snas_jax.spaces.nb201.OP_NAMES; 4 nodes with the input.
+NB201_OPS = ('none', 'skip_connect', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x3')
+NB201_NODES = 4
 
 
 def conv(c_in, c_out, k, stride=1, dilation=1, groups=1):
@@ -307,3 +312,30 @@ def to_flax(state_dict) -> dict:
           if rows[0] in edges:  # ops without variables in this collection leave none
             cell[edge_batch_name(sources)] = _stack([edges[r] for r in rows])
   return out
+
+
+def nb201_supernet(c: int, n: int, classes: int, track_running_stats: bool = True) -> nn.Module:
+  """NAS-Bench-201's supernet as AutoDL-Projects builds it (xautodl's
+  TinyNetworkDarts modules: stem, N cells per stage, residual blocks, head),
+  called ``(images, z)`` with Z [6, 5] in place of its softmax(α). Needs
+  ``pip install --no-deps xautodl``."""
+  from xautodl.models.cell_searchs.search_cells import NAS201SearchCell
+  from xautodl.models.cell_searchs.search_model_darts import TinyNetworkDarts
+
+  class SupernetGivenZ(nn.Module):
+    def __init__(self):
+      super().__init__()
+      darts = TinyNetworkDarts(c, n, NB201_NODES, classes, list(NB201_OPS),
+                               affine=False, track_running_stats=track_running_stats)
+      # TinyNetworkDarts' modules but not its α (arch_parameters): Z is an input here.
+      self.stem, self.cells, self.lastact = darts.stem, darts.cells, darts.lastact
+      self.global_pooling, self.classifier = darts.global_pooling, darts.classifier
+
+    def forward(self, x, z):  # TinyNetworkDarts.forward with z for softmax(arch_parameters)
+      feature = self.stem(x)
+      for cell in self.cells:
+        feature = cell(feature, z) if isinstance(cell, NAS201SearchCell) else cell(feature)
+      out = self.global_pooling(self.lastact(feature))
+      return self.classifier(out.view(out.size(0), -1))
+
+  return SupernetGivenZ()

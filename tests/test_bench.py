@@ -168,3 +168,25 @@ def test_bench_gpu_refuses_an_unknown_row_before_running_any(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown row 'jax_float16'")
   assert not (tmp_path / 'bench_gpu.json').exists()
+
+
+def test_bench_pytorch_times_the_nb201_supernet_this_code_runs():
+  """--space=nb201: AutoDL-Projects' supernet, with as many weights as this
+  code's NB201 search network of the same size."""
+  pytest.importorskip('torch')
+  pytest.importorskip('xautodl')
+  import jax
+  import numpy as np
+  from snas_jax.spaces import nb201
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'experiments', 'bench_pytorch.py'), '--space=nb201',
+       '--channels=4', '--layers=1', '--batch_size=4', '--image_size=8', '--steps=1',
+       '--warmup=0', '--device=cpu'], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  row = json.loads(proc.stdout.strip().splitlines()[-1])
+  net = nb201.build_search_network(4, 1, 10)
+  z = {nb201.CELL_TYPE: np.zeros((len(nb201.EDGES), len(nb201.OP_NAMES)), np.float32)}
+  shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), np.zeros((2, 8, 8, 3)), z,
+                                           False))['params']
+  assert row['space'] == 'nb201' and row['step_s'] > 0
+  assert row['params'] == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
