@@ -82,7 +82,7 @@ def test_bfloat16_runs_every_convolution_in_bfloat16_and_keeps_the_state_float32
   cfg = search.SearchConfig(**CFG, dtype='bfloat16', resource_eta=1e-3)
   net, tx = search.make_network(cfg), search.make_optimizer(cfg, 10)
   variables = jax.eval_shape(lambda: search.init_variables(cfg, net, (HW, HW, 3)))
-  jaxpr = jax.make_jaxpr(lambda v: net.apply(v, images, z_n, z_r, True, mutable=['batch_stats']))(
+  jaxpr = jax.make_jaxpr(lambda v: net.apply(v, images, {'normal': z_n, 'reduce': z_r}, True, mutable=['batch_stats']))(
       variables)
   convs = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == 'conv_general_dilated']
   assert len(convs) > 50

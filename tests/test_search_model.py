@@ -54,12 +54,12 @@ def tiny():
   """The tiny network, its variables, and jitted train / eval forward passes
   that also return the cell outputs."""
   net = sm.SearchNetwork(**TINY)
-  shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), _images(0), UNIFORM, UNIFORM, True))
+  shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), _images(0), {'normal': UNIFORM, 'reduce': UNIFORM}, True))
   variables = _variables(shapes, 1)
 
   def forward(train):
     return jax.jit(lambda v, x, zn, zr: net.apply(
-        v, x, zn, zr, train, mutable=['batch_stats', 'intermediates'],
+        v, x, {'normal': zn, 'reduce': zr}, train, mutable=['batch_stats', 'intermediates'],
         capture_intermediates=_is_cell))
 
   return net, variables, forward(True), forward(False)
@@ -104,9 +104,9 @@ def test_paper_search_network_parameter_count_and_shapes():
 
 def test_wrong_z_shape_raises():
   net = sm.SearchNetwork(**TINY)
-  with pytest.raises(ValueError, match=r'z_reduce must be \[14, 8\], got \[14, 7\]'):
+  with pytest.raises(ValueError, match=r"z\['reduce'\] must be \[14, 8\] in the darts space, got \[14, 7\]"):
     jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((N, HW, HW, 3)),
-                                    UNIFORM, jnp.zeros((14, 7)), True))
+                                    {'normal': UNIFORM, 'reduce': jnp.zeros((14, 7))}, True))
 
 
 @pytest.mark.parametrize('train', [True, False])

@@ -180,8 +180,8 @@ def test_cpu_backend_equals_reference_search_network():
   zn, zr = (jax.nn.softmax(jnp.asarray(rng.normal(size=(NUM_EDGES, NUM_OPS)), jnp.float32))
             for _ in range(2))
   x = _images(6)
-  variables = _variables(jax.eval_shape(lambda: network.init(jax.random.key(0), x, zn, zr, False)), 7)
-  _assert_backends_agree(network, variables, (x, zn, zr), {}, rngs={'dropout': jax.random.key(8)},
+  variables = _variables(jax.eval_shape(lambda: network.init(jax.random.key(0), x, {'normal': zn, 'reduce': zr}, False)), 7)
+  _assert_backends_agree(network, variables, (x, {'normal': zn, 'reduce': zr}), {}, rngs={'dropout': jax.random.key(8)},
                          impls=('native', 'shift') if os.environ.get('SNAS_SLOW_TESTS') else ('native',))
 
 
@@ -275,11 +275,11 @@ def test_lax_and_shift_networks_agree_in_loss_and_gradients():
   for impl in ('lax', 'shift', 'native'):
     net = cpu_sm.SearchNetwork(**TINY, impl=impl)
     if impl == 'lax':
-      variables = _variables(jax.eval_shape(lambda: net.init(jax.random.key(0), x, UNIFORM, zr, True)), 21)
+      variables = _variables(jax.eval_shape(lambda: net.init(jax.random.key(0), x, {'normal': UNIFORM, 'reduce': zr}, True)), 21)
 
     def loss(params, zr, net=net):
       logits, _ = net.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                            x, UNIFORM, zr, True, mutable=['batch_stats'])
+                            x, {'normal': UNIFORM, 'reduce': zr}, True, mutable=['batch_stats'])
       return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
     results[impl] = jax.device_get(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
