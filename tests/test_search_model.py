@@ -92,7 +92,7 @@ def test_paper_search_network_parameter_count_and_shapes():
   2 and 5 reduce (halve H x W, double C); every cell outputs 4·C_cell."""
   net = sm.SearchNetwork(c=16, layers=8, num_classes=10)
   logits, shapes = jax.eval_shape(lambda: net.init_with_output(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), UNIFORM, UNIFORM, True,
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), {'normal': UNIFORM, 'reduce': UNIFORM}, True,
       capture_intermediates=_is_cell))
   assert sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(shapes['params'])) == 1_930_618
   # BN running statistics exist (not counted): non-affine cell BNs keep them.

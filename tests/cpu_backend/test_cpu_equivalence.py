@@ -149,7 +149,7 @@ def test_layout_maps_are_inverse_and_match_the_cpu_networks():
   """to_cpu gives exactly the CPU network's own variable tree (paths and
   shapes), and to_reference takes it back, for the search network and both
   child networks."""
-  cases = [(search_model.SearchNetwork(c=8, layers=5), (_images(0, 1, 16), UNIFORM, UNIFORM, True), {}),
+  cases = [(search_model.SearchNetwork(c=8, layers=5), (_images(0, 1, 16), {'normal': UNIFORM, 'reduce': UNIFORM}, True), {}),
            (child_model.NetworkCIFAR(genotypes.DARTS_V2, 8, 5, 10),
             (_images(0, 2, 32), jnp.float32(0)), {'train': True}),
            (child_model.NetworkImageNet(genotypes.SNAS_MODERATE, 8, 3, 1000),
@@ -205,7 +205,7 @@ def test_cpu_init_draws_reference_layout_variables():
   """The backend's fast init returns the reference's tree (paths, shapes), and
   different seeds give different draws."""
   network = search_model.SearchNetwork(c=4, layers=2)
-  args = (_images(0, 1), UNIFORM, UNIFORM, False)
+  args = (_images(0, 1), {'normal': UNIFORM, 'reduce': UNIFORM}, False)
   ref = jax.eval_shape(lambda: network.init(jax.random.key(0), *args))
   backend = cpu.CpuBackend('lax')
   a = backend.init_variables(network, jax.random.key(1), *args)
