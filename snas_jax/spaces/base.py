@@ -105,6 +105,8 @@ class SearchSpace:
   # (layers, image_size) -> None; a one-line ValueError for a depth or image
   # size the space's networks cannot take.
   check_network: Callable[[int, int], None]
+  # The genotype a retraining's --arch names (a published cell, an arch string).
+  genotype_from_flag: Callable[[str], Any]
   # Whether the CPU backend (backends/cpu) has this space's networks.
   cpu_backend: bool = False
 

@@ -136,5 +136,6 @@ SPACE = SearchSpace(
     draw=draw,
     one_hot=one_hot,
     check_network=check_network,
+    genotype_from_flag=genotypes.published,
     cpu_backend=True,
 )

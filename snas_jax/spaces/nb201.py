@@ -400,8 +400,21 @@ def check_network(layers: int, image_size: int) -> None:
                      f'network halve it twice; use a multiple of 4 that divides 32 (8, 16, 32)')
 
 
-def build_child_network(arch: 'Arch', c: int, layers: int, num_classes: int) -> ChildNetwork:
-  """TinyNetwork with ``arch`` in every cell, C channels, ``layers`` = N cells per stage."""
+def build_child_network(arch: 'Arch', c: int, layers: int, num_classes: int, *,
+                        auxiliary: bool = False, remat: bool = False,
+                        dtype=jnp.float32) -> ChildNetwork:
+  """TinyNetwork with ``arch`` in every cell, C channels, ``layers`` = N cells
+  per stage. It has no auxiliary head, no recomputation and computes in
+  float32: a one-line ValueError for retraining flags asking otherwise."""
+  if auxiliary:
+    raise ValueError('the NB201 child has no auxiliary head; use --auxiliary_weight=0 with '
+                     '--space=nb201')
+  if remat:
+    raise ValueError('--remat: the NB201 child does not recompute its cells; drop --remat with '
+                     '--space=nb201')
+  if jnp.dtype(dtype) != jnp.float32:
+    raise ValueError(f'--dtype={jnp.dtype(dtype).name}: the NB201 child computes in float32; '
+                     f'use --dtype=float32 with --space=nb201')
   return ChildNetwork(arch=arch, c=c, n=layers, num_classes=num_classes)
 
 
@@ -618,4 +631,5 @@ SPACE = SearchSpace(
     draw=draw,
     one_hot=lambda arch: {CELL_TYPE: arch.one_hot()},
     check_network=check_network,
+    genotype_from_flag=Arch.from_string,
 )
