@@ -139,3 +139,43 @@ def test_a_checkpoint_without_space_resumes_as_darts(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="--space='darts' there, --space='nb201' now"):
     search.check_resume_config(saved, search.SearchConfig(space='nb201', layers=5),
                                str(tmp_path))
+
+
+def test_train_summary_counts_tinynetwork():
+  """train_cifar --space=nb201 --arch=<arch string> --summary: the parameters
+  and multiply-adds of xautodl's TinyNetwork (tests/data/nb201_golden.npz;
+  its FLOPs add the classifier's bias, one per class), for 100 classes
+  through the CLI and every golden cell at 10 classes in process."""
+  from conftest import run_script
+  from snas_jax import train
+  from test_nb201 import gen
+  counts = gen.load()['counts']
+  arch = gen.COUNT_ARCHS[2]
+  proc = run_script('train_cifar.py', '--space=nb201', f'--arch={arch}', '--dataset=cifar100',
+                    '--channels=16', '--layers=5', '--summary')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  k = gen.COUNT_CLASSES.index(100)
+  params, flops = int(counts['params'][2, k]), int(counts['flops'][2, k])
+  assert proc.stdout.strip().splitlines()[-1] == (
+      f'--arch={arch} on cifar100 (C=16, L=5, 32x32): params {params / 1e6:.2f}M ({params}, '
+      f'auxiliary head excluded), multiply-adds {(flops - 100) / 1e6:.1f}M ({flops - 100}) '
+      f'per image')
+  k = gen.COUNT_CLASSES.index(10)
+  for a, arch in enumerate(gen.COUNT_ARCHS):
+    cfg = train.TrainConfig(space='nb201', arch=arch, channels=16, layers=5)
+    assert (cfg.auxiliary_weight, cfg.drop_path_prob, cfg.init) == (0.0, 0.0, 'pytorch')
+    got = train.summarize(cfg)
+    assert (got['params'], got['multiply_adds'] + 10) == (counts['params'][a, k],
+                                                          counts['flops'][a, k]), arch
+
+
+def test_train_refusals_are_one_line():
+  from snas_jax import train
+  arch = '|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|none~2|'
+  with pytest.raises(ValueError, match='has no auxiliary head; use --auxiliary_weight=0'):
+    train.TrainConfig(space='nb201', arch=arch, auxiliary_weight=0.4).check()
+  with pytest.raises(ValueError, match='has no drop-path; use --drop_path_prob=0'):
+    train.TrainConfig(space='nb201', arch=arch, drop_path_prob=0.2).check()
+  with pytest.raises(ValueError, match=r"malformed NB201 arch string .* at position 18: unknown op 'conv'"):
+    train.resolve_genotype(train.TrainConfig(space='nb201', arch='|nor_conv_3x3~0|+|conv~0|'))
+  assert train.TrainConfig().auxiliary_weight == 0.4 and train.TrainConfig().init == 'snas'
