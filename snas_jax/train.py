@@ -263,8 +263,10 @@ def resolve_genotype(config: TrainConfig) -> genotypes.Genotype:
   from snas_jax import search  # pylint: disable=g-import-not-at-top
   genotype = search.load_genotype(config.search_workdir, config.derive_rule)
   if not isinstance(genotype, space.genotype_type):
-    raise ValueError(f'--search_workdir={config.search_workdir} searched another space than '
-                     f'--space={config.space}; pass its --space')
+    searched = next(name for name, s in spaces.SPACES.items()
+                    if isinstance(genotype, s.genotype_type))
+    raise ValueError(f'--search_workdir={config.search_workdir} searched the {searched} space, '
+                     f'not --space={config.space}: pass --space={searched}')
   return genotype
 
 

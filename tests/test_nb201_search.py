@@ -51,6 +51,13 @@ def test_outputs_hold_the_arch_string(nb201_search):
   rows = [nb201.OP_NAMES.index(op) for op in archs['snas'].ops]
   want = sum(tables[i, e, k, 0] for i in range(3) for e, k in enumerate(rows))
   assert record['child_params'] == want
+  # Retraining reads it back: --search_workdir with --space=nb201, refused with darts.
+  from snas_jax import train
+  assert train.resolve_genotype(train.TrainConfig(
+      space='nb201', search_workdir=str(nb201_search), layers=1)) == archs['snas']
+  with pytest.raises(ValueError, match='searched the nb201 space, not --space=darts: pass '
+                     '--space=nb201'):
+    train.resolve_genotype(train.TrainConfig(search_workdir=str(nb201_search)))
 
 
 def test_resume_with_the_benchmark_ends_as_the_uninterrupted_run(nb201_search, tmp_path, cifar_dir,
