@@ -16,18 +16,10 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from snas_jax import sampling
+from snas_jax import sampling, spaces
 
 COST_KINDS = ('params', 'flops', 'mac')
 ESTIMATORS = ('score', 'pathwise', 'exact')
-
-
-def _space(space):
-  """``space`` (a SearchSpace or its name; None: the default, darts)."""
-  from snas_jax import spaces  # the spaces import this module's estimators' users
-  if space is None or isinstance(space, str):
-    return spaces.get(space or spaces.DEFAULT)
-  return space
 
 
 def penalty_tables(c: int, layers: int, image_size: int, kinds=COST_KINDS,
@@ -35,7 +27,7 @@ def penalty_tables(c: int, layers: int, image_size: int, kinds=COST_KINDS,
   """Per cell type, T[e, k] such that C(Z) = Σ_type Σ_e,k Z_type[e,k]·T_type[e,k]
   is the per-edge, per-cell mean cost. Returns {cell type: float32 [edges, ops]}
   of ``space`` (its ``cost_tables``)."""
-  space = _space(space)
+  space = spaces.as_space(space)
   unknown = set(kinds) - set(COST_KINDS)
   if unknown or not kinds:
     raise ValueError(f'resource kinds must be a non-empty subset of {COST_KINDS}, got {kinds}')
@@ -80,7 +72,7 @@ def network_costs(z: dict, c: int, layers: int, image_size: int, space=None) -> 
   """Total params / FLOPs / MAC of the cells for edge weights Z {cell type:
   [edges, ops]} (one-hot Z: a derived child; softmax(α): the expectation).
   Cells only (no stem, head or preprocessing): what the architecture choice changes."""
-  tables = _space(space).cost_tables(c, layers, image_size)
+  tables = spaces.as_space(space).cost_tables(c, layers, image_size)
   totals = sum(jnp.einsum('ek,nekj->j', jnp.asarray(z[t]), jnp.asarray(tables[t], jnp.float32))
                for t in tables)
   return dict(zip(COST_KINDS, totals))

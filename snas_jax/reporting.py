@@ -498,10 +498,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def _space(space):
   """``space`` (a SearchSpace or its name; None: the default, darts)."""
-  from snas_jax import spaces  # the spaces draw with this module
-  if space is None or isinstance(space, str):
-    return spaces.get(space or spaces.DEFAULT)
-  return space
+  from snas_jax import spaces  # imported late: the spaces draw with this module
+  return spaces.as_space(space)
 
 
 def plot_alpha_heatmap(alpha, path: str, title: str = '', space=None) -> str:

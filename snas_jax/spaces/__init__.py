@@ -24,4 +24,9 @@ def get(name: str) -> SearchSpace:
   return SPACES[name]
 
 
-__all__ = ['DEFAULT', 'Op', 'SearchSpace', 'SPACES', 'get']
+def as_space(space) -> SearchSpace:
+  """``space`` itself, or the space it names; None: the default space."""
+  return space if isinstance(space, SearchSpace) else get(space or DEFAULT)
+
+
+__all__ = ['DEFAULT', 'Op', 'SearchSpace', 'SPACES', 'as_space', 'get']
