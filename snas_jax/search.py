@@ -415,6 +415,14 @@ def load_data(cfg: SearchConfig) -> dict:
 SUMMARY_FILE = 'summary.json'
 
 
+def disconnection(genotype) -> str | None:
+  """A line saying that the derived cell joins no path from its input to its
+  output (NB201's ``Arch.disconnection``), else None (also for a genotype type
+  without that check: the DARTS space's)."""
+  check = getattr(genotype, 'disconnection', None)
+  return check() if check else None
+
+
 def output_files(space: str = spaces.DEFAULT) -> list[str]:
   """The files a finished search leaves in its workdir (besides checkpoints and metrics)."""
   return reporting.search_report_files(spaces.get(space)) + [SUMMARY_FILE]
@@ -542,9 +550,8 @@ class SearchTask(loop.Task):
                'method': self.cfg.method, 'space': self.cfg.space,
                'genotype': genotype.to_dict(),
                'last_epoch': meta['records'][-1] if meta['records'] else None}
-    disconnection = getattr(genotype, 'disconnection', lambda: None)()
-    if disconnection:
-      summary['disconnection'] = disconnection
+    if disconnection(genotype):
+      summary['disconnection'] = disconnection(genotype)
     if self.benchmark:
       summary['benchmark'] = self.benchmark_record(genotype)
     loop.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
@@ -552,10 +559,9 @@ class SearchTask(loop.Task):
   def final_line(self, workdir, meta):
     genotype = self.space.genotype_type.from_dict(
         meta['genotypes'][methods.get(self.cfg.method).derivation])
-    disconnection = getattr(genotype, 'disconnection', lambda: None)()
+    cut = disconnection(genotype)
     return (f'search finished: child test accuracy {meta["child_test_acc"]:.4f}; genotype in '
-            f'{os.path.join(workdir, "genotype.json")}'
-            + (f'; WARNING: {disconnection}' if disconnection else ''))
+            f'{os.path.join(workdir, "genotype.json")}' + (f'; WARNING: {cut}' if cut else ''))
 
 
 def run(cfg: SearchConfig, workdir: str) -> dict:
