@@ -186,3 +186,11 @@ def test_train_refusals_are_one_line():
   with pytest.raises(ValueError, match=r"malformed NB201 arch string .* at position 18: unknown op 'conv'"):
     train.resolve_genotype(train.TrainConfig(space='nb201', arch='|nor_conv_3x3~0|+|conv~0|'))
   assert train.TrainConfig().auxiliary_weight == 0.4 and train.TrainConfig().init == 'snas'
+
+
+def test_disconnection_is_reported_for_nb201_only():
+  from snas_jax import genotypes
+  cut = nb201.Arch.from_string('|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|')
+  assert 'has no path from its input (node 0) to its output (node 3)' in search.disconnection(cut)
+  assert search.disconnection(nb201.Arch.from_string(nb201.EXAMPLE)) is None
+  assert search.disconnection(genotypes.SNAS_MILD) is None
