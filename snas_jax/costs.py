@@ -6,7 +6,7 @@ The constants c come from each op's shape (the reference's formulas, tabled
 in docs/algorithm.md §4).
 
 Normalisation (so η means the same for any depth): C is the mean over the
-network's cells and the 14 edges of each, i.e. the cost of an average edge.
+network's cells and the edges of each, i.e. the cost of an average edge.
 Each of the three costs enters as its log (clamped at 1, so `none` costs 0)
 or its raw value, averaged over the chosen kinds.
 """
@@ -16,63 +16,18 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from snas_jax import sampling
-from snas_jax.genotypes import (EDGES, NUM_EDGES, NUM_INPUT_STATES, NUM_OPS, PRIMITIVES,
-                                reduction_layers)
+from snas_jax import sampling, spaces
 
 COST_KINDS = ('params', 'flops', 'mac')
 ESTIMATORS = ('score', 'pathwise', 'exact')
 
 
-def op_cost(name: str, c: int, y: int, stride: int) -> tuple:
-  """(params, FLOPs, MAC) of one op with C channels and output side y (docs/algorithm.md §4)."""
-  area = y * y
-  if name == 'none':
-    return 0, 0, 0
-  if name in ('max_pool_3x3', 'avg_pool_3x3'):
-    return 0, 9 * area * c, (2 if stride == 1 else 5) * area * c
-  if name == 'skip_connect':
-    if stride == 1:
-      return 0, 0, 2 * area * c
-    size = 2 * c * (c // 2)  # FactorizedReduce: two 1x1 convs C -> C/2
-    return size, size * area, 2 * area * (4 * c + c // 2) + size
-  k = int(name[-1])
-  if name.startswith('sep_conv'):
-    size = 2 * c * k * k + 2 * c * c
-    return size, size * area, area * ((7 if stride == 1 else 10) * c + c) + size
-  if name.startswith('dil_conv'):
-    size = c * k * k + c * c
-    return size, size * area, area * ((3 if stride == 1 else 6) * c + c) + size
-  raise ValueError(f'unknown op {name!r}')
-
-
-def cell_cost_table(c: int, y_out: int, reduction: bool) -> np.ndarray:
-  """[14, 8, 3] (params, FLOPs, MAC) of every op on every edge of one cell."""
-  table = np.zeros((NUM_EDGES, NUM_OPS, len(COST_KINDS)), np.float64)
-  for e, (_, state) in enumerate(EDGES):
-    stride = 2 if reduction and state < NUM_INPUT_STATES else 1
-    for k, name in enumerate(PRIMITIVES):
-      table[e, k] = op_cost(name, c, y_out, stride)
-  return table
-
-
-def network_cost_tables(c: int, layers: int, image_size: int) -> dict:
-  """{'normal': [n_normal, 14, 8, 3], 'reduce': [n_reduce, 14, 8, 3]} per cell."""
-  tables = {'normal': [], 'reduce': []}
-  y, c_cell = image_size, c
-  for i in range(layers):
-    reduction = i in reduction_layers(layers)
-    if reduction:
-      c_cell, y = 2 * c_cell, y // 2
-    tables['reduce' if reduction else 'normal'].append(cell_cost_table(c_cell, y, reduction))
-  return {k: np.stack(v) if v else np.zeros((0, NUM_EDGES, NUM_OPS, len(COST_KINDS)))
-          for k, v in tables.items()}
-
-
 def penalty_tables(c: int, layers: int, image_size: int, kinds=COST_KINDS,
-                   transform: str = 'log') -> dict:
+                   transform: str = 'log', space=None) -> dict:
   """Per cell type, T[e, k] such that C(Z) = Σ_type Σ_e,k Z_type[e,k]·T_type[e,k]
-  is the per-edge, per-cell mean cost. Returns {'normal','reduce'}: float32 [14, 8]."""
+  is the per-edge, per-cell mean cost. Returns {cell type: float32 [edges, ops]}
+  of ``space`` (its ``cost_tables``)."""
+  space = spaces.as_space(space)
   unknown = set(kinds) - set(COST_KINDS)
   if unknown or not kinds:
     raise ValueError(f'resource kinds must be a non-empty subset of {COST_KINDS}, got {kinds}')
@@ -80,10 +35,12 @@ def penalty_tables(c: int, layers: int, image_size: int, kinds=COST_KINDS,
     raise ValueError(f'unknown cost transform {transform!r}; use log or linear')
   idx = [COST_KINDS.index(k) for k in kinds]
   out = {}
-  for cell_type, table in network_cost_tables(c, layers, image_size).items():
+  tables = space.cost_tables(c, layers, image_size)
+  total_cells = sum(len(t) for t in tables.values())  # NB201: 3N cells from N
+  for cell_type, table in tables.items():
     chosen = table[..., idx]
     values = np.log(np.maximum(chosen, 1.0)) if transform == 'log' else chosen
-    out[cell_type] = (values.mean(-1).sum(0) / (layers * NUM_EDGES)).astype(np.float32)
+    out[cell_type] = (values.mean(-1).sum(0) / (total_cells * space.num_edges)).astype(np.float32)
   return out
 
 
@@ -111,12 +68,11 @@ def expected_cost(alpha, table):
   return (jax.nn.softmax(alpha, axis=-1) * table).sum((-2, -1))
 
 
-def network_costs(z_normal, z_reduce, c: int, layers: int, image_size: int) -> dict:
-  """Total params / FLOPs / MAC of the cells for edge weights Z (one-hot Z: a
-  derived child; softmax(α): the expectation). Cells only (no stem, head or
-  preprocessing): what the architecture choice changes."""
-  tables = network_cost_tables(c, layers, image_size)
-  z = {'normal': jnp.asarray(z_normal), 'reduce': jnp.asarray(z_reduce)}
-  totals = sum(jnp.einsum('ek,nekj->j', z[t], jnp.asarray(tables[t], jnp.float32))
+def network_costs(z: dict, c: int, layers: int, image_size: int, space=None) -> dict:
+  """Total params / FLOPs / MAC of the cells for edge weights Z {cell type:
+  [edges, ops]} (one-hot Z: a derived child; softmax(α): the expectation).
+  Cells only (no stem, head or preprocessing): what the architecture choice changes."""
+  tables = spaces.as_space(space).cost_tables(c, layers, image_size)
+  totals = sum(jnp.einsum('ek,nekj->j', jnp.asarray(z[t]), jnp.asarray(tables[t], jnp.float32))
                for t in tables)
   return dict(zip(COST_KINDS, totals))

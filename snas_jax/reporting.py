@@ -35,16 +35,15 @@ from matplotlib.patches import Circle, FancyArrowPatch  # noqa: E402
 from matplotlib.path import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
-from snas_jax.genotypes import (CONCAT, EDGES, NUM_EDGES, NUM_INPUT_STATES, NUM_NODES,  # noqa: E402
-                                NUM_OPS, PRIMITIVES, Genotype)
+from snas_jax.genotypes import CONCAT, NUM_INPUT_STATES, NUM_NODES  # noqa: E402
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 
 # write_search_report's curves.png: panel title -> metric keys.
 CURVE_PANELS = {
-    'accuracy': ['train_acc', 'search_val_acc', 'child_acc'],
-    'alpha entropy': ['alpha_entropy_normal', 'alpha_entropy_reduce'],
+    'accuracy': ['train_acc', 'search_val_acc', 'child_acc', 'bench_cifar10_valid_acc'],
+    'alpha entropy': ['alpha_entropy_normal', 'alpha_entropy_reduce', 'alpha_entropy_cell'],
     'cost': ['expected_params', 'child_params'],
     'flops': ['expected_flops', 'child_flops'],
     'temperature': ['tau'],
@@ -497,21 +496,30 @@ def _softmax(x: np.ndarray) -> np.ndarray:
   return e / e.sum(-1, keepdims=True)
 
 
-def plot_alpha_heatmap(alpha, path: str, title: str = '') -> str:
-  """Heat map of softmax(α) per edge ([14, 8] logits), values to 2 decimals."""
+def _space(space):
+  """``space`` (a SearchSpace or its name; None: the default, darts)."""
+  from snas_jax import spaces  # imported late: the spaces draw with this module
+  return spaces.as_space(space)
+
+
+def plot_alpha_heatmap(alpha, path: str, title: str = '', space=None) -> str:
+  """Heat map of softmax(α) per edge ([edges, ops] logits of ``space``), values to 2 decimals."""
+  space = _space(space)
   alpha = np.asarray(alpha)
-  if alpha.shape != (NUM_EDGES, NUM_OPS):
-    raise ValueError(f'alpha must be [{NUM_EDGES}, {NUM_OPS}], got {list(alpha.shape)}')
+  if alpha.shape != space.arch_shape:
+    raise ValueError(f'alpha must be [{space.num_edges}, {space.num_ops}] in the {space.name} '
+                     f'space, got {list(alpha.shape)}')
+  num_edges, num_ops = space.arch_shape
   probs = _softmax(alpha)
   fig = Figure(figsize=(10, 8), dpi=110)
   ax = fig.add_subplot(1, 1, 1)
   im = ax.imshow(probs, cmap='viridis', vmin=0.0, vmax=1.0, aspect='auto')
   fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-  ax.set_xticks(range(NUM_OPS), labels=PRIMITIVES, rotation=35, ha='right')
-  ax.set_yticks(range(NUM_EDGES), labels=[f'node {n} <- state {s}' for n, s in EDGES])
+  ax.set_xticks(range(num_ops), labels=space.op_names, rotation=35, ha='right')
+  ax.set_yticks(range(num_edges), labels=[f'node {n} <- state {s}' for n, s in space.edges])
   best = probs.argmax(-1)
-  for r in range(NUM_EDGES):
-    for c in range(NUM_OPS):
+  for r in range(num_edges):
+    for c in range(num_ops):
       v = probs[r, c]
       # Bold marks each edge's argmax: the op SNAS derivation keeps.
       ax.text(c, r, f'{v:.2f}', ha='center', va='center', fontsize=8,
@@ -519,8 +527,8 @@ def plot_alpha_heatmap(alpha, path: str, title: str = '') -> str:
               fontweight='bold' if c == best[r] else 'normal')
   # Lines between nodes' edge groups.
   row = 0
-  for node in range(NUM_NODES - 1):
-    row += node + NUM_INPUT_STATES
+  for node in range(space.num_nodes - 1):
+    row += node + space.num_input_states
     ax.axhline(row - 0.5, color='white', linewidth=2)
   if title:
     ax.set_title(title)
@@ -574,44 +582,46 @@ def plot_curves(records: Sequence[dict], path: str,
 # The end-of-search report.
 
 
-def search_report_files(rules: Sequence[str]) -> list[str]:
-  """The names write_search_report writes for derivation rules ``rules``."""
-  cells = ('normal', 'reduce')
+def search_report_files(space=None) -> list[str]:
+  """The names write_search_report writes for ``space`` (its derivation rules and cell types)."""
+  space = _space(space)
+  cells, rules = space.cell_types, tuple(space.derive_rules)
   return (['genotype.json'] + [f'alpha_{c}.npy' for c in cells]
           + [f'{c}_{rule}.png' for rule in rules for c in cells]
           + [f'alpha_{c}.png' for c in cells] + ['curves.png'])
 
 
-def write_search_report(workdir: str, genotypes: Mapping[str, Genotype],
-                        alphas: Mapping[str, Any], records: Sequence[dict]) -> list[str]:
-  """Writes everything a finished search leaves besides checkpoints; returns the paths.
+def write_search_report(workdir: str, genotypes: Mapping[str, Any],
+                        alphas: Mapping[str, Any], records: Sequence[dict],
+                        space=None) -> list[str]:
+  """Writes everything a finished search of ``space`` leaves besides checkpoints; returns the paths.
 
-  genotype.json ({rule: genotype.to_dict()}), alpha_normal.npy, alpha_reduce.npy,
-  normal_<rule>.png and reduce_<rule>.png per rule, alpha_normal.png,
-  alpha_reduce.png and curves.png (panels ``CURVE_PANELS``).
+  genotype.json ({rule: genotype.to_dict()}), alpha_<cell type>.npy, the
+  space's drawing of each rule's genotype (``<cell type>_<rule>.png``),
+  alpha_<cell type>.png and curves.png (panels ``CURVE_PANELS``).
   """
+  space = _space(space)
   os.makedirs(workdir, exist_ok=True)
   for rule in genotypes:
     if not rule or os.sep in rule or rule.startswith('.'):
       raise ValueError(f'derivation rule name {rule!r} cannot be used in a file name')
-  missing = {'normal', 'reduce'} - set(alphas)
+  missing = set(space.cell_types) - set(alphas)
   if missing:
-    raise ValueError(f'alphas lacks {sorted(missing)}; pass {{"normal": ..., "reduce": ...}}')
+    raise ValueError(f'alphas lacks {sorted(missing)}; pass one per cell type of the '
+                     f'{space.name} space: {list(space.cell_types)}')
   paths = []
   out = lambda name: os.path.join(workdir, name)
 
   as_dict = {rule: g.to_dict() for rule, g in genotypes.items()}
   paths.append(_write_atomic(out('genotype.json'),
                              lambda f: f.write(json.dumps(as_dict, indent=2) + '\n')))
-  for which in ('normal', 'reduce'):
+  for which in space.cell_types:
     alpha = np.asarray(alphas[which])
     paths.append(_write_atomic(out(f'alpha_{which}.npy'), lambda f: np.save(f, alpha), mode='wb'))
   for rule, g in genotypes.items():
-    for which in ('normal', 'reduce'):
-      paths.append(draw_cell(getattr(g, which), out(f'{which}_{rule}.png'),
-                             f'{which} cell ({rule})', concat=g.concat))
-  for which in ('normal', 'reduce'):
+    paths += space.draw(g, workdir, rule)
+  for which in space.cell_types:
     paths.append(plot_alpha_heatmap(alphas[which], out(f'alpha_{which}.png'),
-                                    f'softmax(alpha_{which}) per edge'))
+                                    f'softmax(alpha_{which}) per edge', space))
   paths.append(plot_curves(records, out('curves.png'), CURVE_PANELS))
   return paths

@@ -20,10 +20,9 @@ import numpy as np
 import optax
 from flax import struct
 
-from snas_jax import checkpoint, config as config_lib, costs, data, genotypes, parallel
-from snas_jax import backends, loop, methods, reporting, sampling
+from snas_jax import checkpoint, config as config_lib, costs, data, parallel
+from snas_jax import backends, benchmark, loop, methods, reporting, sampling, spaces
 from snas_jax.config import BACKEND_HELP, field
-from snas_jax.search_model import SearchNetwork
 
 # ----------------------------------------------------------------------------
 # Config
@@ -50,8 +49,12 @@ class SearchConfig:
   image_size: int = field(32, 'Search on images area-downsampled to this side (a proxy task: '
                           '16 makes a CPU search 4x cheaper); 32 = CIFAR as it is.')
   # Network.
+  space: str = field(spaces.DEFAULT, 'Search space (docs/spaces.md): darts (the DARTS cell, a '
+                     'normal and a reduction cell) or nb201 (NAS-Bench-201\'s cell).',
+                     choices=tuple(spaces.SPACES))
   channels: int = field(16, 'Initial channels C of the search network.')
-  layers: int = field(8, 'Cells in the search network; reductions at L//3 and 2L//3.')
+  layers: int = field(8, 'Depth of the search network: darts, its cells (reductions at L//3 '
+                      'and 2L//3); nb201, its cells per stage (N).')
   drop_path: float = field(0.0, 'Per-sample drop probability of each edge during search. The '
                            'reference uses 0.3; the paper does not mention it.')
   backend: str = field('auto', BACKEND_HELP, choices=backends.NAMES)
@@ -86,6 +89,8 @@ class SearchConfig:
   alpha_beta1: float = field(0.5, 'Adam β1 of α.')
   alpha_beta2: float = field(0.999, 'Adam β2 of α.')
   alpha_weight_decay: float = field(1e-3, 'L2 weight decay of α (added to the gradient, as torch Adam).')
+  benchmark_dir: str = field('', benchmark.BENCHMARK_DIR_HELP + ' nb201 only: the derived '
+                             'cell\'s benchmark record joins each epoch\'s metrics and the summary.')
   seed: int = field(0, 'Seed of initialisation, data order, augmentation and Gumbel noise.')
   # Bookkeeping.
   eval_batch_size: int = field(256, 'Global batch size of evaluation.')
@@ -106,17 +111,11 @@ class SearchConfig:
     config_lib.positive(self, 'image_size', 'channels', 'layers', 'batch_size', 'epochs', 'eval_batch_size',
                         'w_lr', 'alpha_lr', 'checkpoint_every_steps',
                         *(TAU_FIELDS if method.tau_schedule else ()))
-    if self.layers < genotypes.MIN_LAYERS:
-      raise ValueError(f'--layers={self.layers} has no normal cell (reduction cells sit at L//3 '
-                       f'and 2L//3), so α_normal would never be trained; use --layers >= '
-                       f'{genotypes.MIN_LAYERS}')
-    reductions = len(genotypes.reduction_layers(self.layers))
-    if self.image_size % 2 ** reductions:
-      raise ValueError(f'--image_size={self.image_size} is too small or odd for the '
-                       f'{reductions} reduction cells, which halve it {reductions} times; use '
-                       f'a multiple of {2 ** reductions} that divides 32 (e.g. 8, 16, 32)')
+    space = spaces.get(self.space)
+    space.check_network(self.layers, self.image_size)
     if not 0 <= self.drop_path < 1:
       raise ValueError(f'--drop_path={self.drop_path} must lie in [0, 1)')
+    make_network(self)  # the space refuses options its network lacks
     if self.resource_eta < 0:
       raise ValueError(f'--resource_eta={self.resource_eta} must be >= 0')
     if self.tau_min > self.tau0:
@@ -140,7 +139,9 @@ LR_FIELDS = frozenset({'w_lr', 'w_lr_min', 'alpha_lr'})
 # Fields a resumed run may change: the learning rates, and those that alter
 # neither shapes nor results.
 RESUMABLE_FIELDS = LR_FIELDS | {'data_dir', 'tfds_data_dir', 'backend', 'remat', 'eval_batch_size',
-                                'checkpoint_every_steps', 'stop_after_step'}
+                                'checkpoint_every_steps', 'stop_after_step', 'benchmark_dir'}
+# Fields a checkpoint written before they existed lacks, with the value it ran with.
+ADDED_FIELDS = {'space': 'darts'}
 # The temperature schedule's ends; they change nothing for a method without τ.
 TAU_FIELDS = ('tau0', 'tau_min')
 
@@ -152,7 +153,7 @@ TAU_FIELDS = ('tau0', 'tau_min')
 @struct.dataclass
 class SearchState:
   step: jax.Array        # int32 scalar: global steps done
-  params: dict           # {'w': network weights, 'alpha': {'normal','reduce'}: [14, 8]}
+  params: dict           # {'w': network weights, 'alpha': {cell type: [edges, ops]}}
   batch_stats: dict      # BatchNorm running statistics
   opt_state: optax.OptState
   rng: jax.Array         # uint32[2]; step t uses fold_in(rng, t)
@@ -161,10 +162,11 @@ class SearchState:
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
 
-def make_network(cfg: SearchConfig) -> SearchNetwork:
-  """The reference search network of ``cfg`` (a backend binds it to run it)."""
-  return SearchNetwork(c=cfg.channels, num_classes=NUM_CLASSES[cfg.dataset], layers=cfg.layers,
-                       drop_path=cfg.drop_path, remat=cfg.remat, dtype=jnp.dtype(cfg.dtype))
+def make_network(cfg: SearchConfig):
+  """The reference search network of ``cfg``'s space (a backend binds it to run it)."""
+  return spaces.get(cfg.space).search_network(
+      cfg.channels, cfg.layers, NUM_CLASSES[cfg.dataset], drop_path=cfg.drop_path,
+      remat=cfg.remat, dtype=jnp.dtype(cfg.dtype))
 
 
 def learning_rate_schedule(cfg: SearchConfig, steps_per_epoch: int):
@@ -191,38 +193,38 @@ def make_optimizer(cfg: SearchConfig, steps_per_epoch: int) -> optax.GradientTra
   return optax.partition({'w': w_tx, 'alpha': alpha_tx}, labels)
 
 
-def _init_args(image_shape) -> tuple:
+def _init_args(space, image_shape) -> tuple:
   """Example inputs of the network's init: one image, uniform Z, eval mode."""
-  z = jnp.full((genotypes.NUM_EDGES, genotypes.NUM_OPS), 1.0 / genotypes.NUM_OPS)
-  return jnp.zeros((1,) + tuple(image_shape)), z, z, False
+  z = jnp.full(space.arch_shape, 1.0 / space.num_ops)
+  return jnp.zeros((1,) + tuple(image_shape)), {t: z for t in space.cell_types}, False
 
 
-def _network_variables(net: SearchNetwork, image_shape, key) -> dict:
-  return net.init(key, *_init_args(image_shape))
+def _network_variables(cfg: SearchConfig, net, image_shape, key) -> dict:
+  return net.init(key, *_init_args(spaces.get(cfg.space), image_shape))
 
 
-def init_variables(cfg: SearchConfig, net: SearchNetwork, image_shape,
+def init_variables(cfg: SearchConfig, net, image_shape,
                    backend: backends.Backend | None = None) -> dict:
   """The network's parameters and BN statistics in the reference layout, drawn
   as ``backend`` draws them (default: the reference's); not for jit."""
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
   backend = backend or backends.get('reference')
-  return backend.init_variables(net, key, *_init_args(image_shape))
+  return backend.init_variables(net, key, *_init_args(spaces.get(cfg.space), image_shape))
 
 
 def state_from_variables(cfg: SearchConfig, tx, variables: dict) -> SearchState:
   """The initial state around the network's variables (pure; jit it). α ~
-  N(1, 0.01) as the reference (the mean cancels in the softmax)."""
-  k_alpha_n, k_alpha_r, k_run = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
-  alpha_shape = (genotypes.NUM_EDGES, genotypes.NUM_OPS)
+  N(1, 0.01) as the reference (the mean cancels in the softmax), one per cell type."""
+  space = spaces.get(cfg.space)
+  *k_alpha, k_run = jax.random.split(jax.random.PRNGKey(cfg.seed), len(space.cell_types) + 1)
   params = {'w': variables['params'],
-            'alpha': {'normal': 1.0 + 1e-2 * jax.random.normal(k_alpha_n, alpha_shape),
-                      'reduce': 1.0 + 1e-2 * jax.random.normal(k_alpha_r, alpha_shape)}}
+            'alpha': {t: 1.0 + 1e-2 * jax.random.normal(k, space.arch_shape)
+                      for t, k in zip(space.cell_types, k_alpha)}}
   return SearchState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=variables['batch_stats'], opt_state=tx.init(params), rng=k_run)
 
 
-def init_state(cfg: SearchConfig, net: SearchNetwork, tx, image_shape,
+def init_state(cfg: SearchConfig, net, tx, image_shape,
                sharding=None, backend: backends.Backend | None = None) -> SearchState:
   """The initial state, placed with ``sharding`` (default: the default device)."""
   variables = jax.device_put(init_variables(cfg, net, image_shape, backend), sharding)
@@ -230,10 +232,10 @@ def init_state(cfg: SearchConfig, net: SearchNetwork, tx, image_shape,
   return jax.jit(functools.partial(state_from_variables, cfg, tx), **place)(variables)
 
 
-def abstract_state(cfg: SearchConfig, net: SearchNetwork, tx, image_shape) -> SearchState:
+def abstract_state(cfg: SearchConfig, net, tx, image_shape) -> SearchState:
   """ShapeDtypeStructs of ``init_state`` (for restoring a checkpoint), no compute."""
   variables = jax.eval_shape(
-      functools.partial(_network_variables, net, image_shape), jax.random.PRNGKey(0))
+      functools.partial(_network_variables, cfg, net, image_shape), jax.random.PRNGKey(0))
   return jax.eval_shape(functools.partial(state_from_variables, cfg, tx), variables)
 
 # ----------------------------------------------------------------------------
@@ -242,14 +244,14 @@ def abstract_state(cfg: SearchConfig, net: SearchNetwork, tx, image_shape) -> Se
 
 
 def arch_weights(cfg: SearchConfig, alpha: dict, key, tau):
-  """Edge weights the network runs with, drawn by the method: {'normal','reduce'}
-  -> (Z, the one-hot sample behind it or None)."""
+  """Edge weights the network runs with, drawn by the method: {cell type:
+  (Z, the one-hot sample behind it or None)}."""
   draw = methods.get(cfg.method).draw
   return {cell_type: draw(jax.random.fold_in(key, i), alpha[cell_type], tau)
-          for i, cell_type in enumerate(('normal', 'reduce'))}
+          for i, cell_type in enumerate(spaces.get(cfg.space).cell_types)}
 
 
-def train_step_fn(cfg: SearchConfig, net: SearchNetwork, tx, penalty_tables: dict):
+def train_step_fn(cfg: SearchConfig, net, tx, penalty_tables: dict):
   """The pure step: (state, batch, tau) -> (state, metrics). metrics['finite']:
   whether the loss and the whole updated state are finite (the loop never
   saves a state without it)."""
@@ -263,13 +265,14 @@ def train_step_fn(cfg: SearchConfig, net: SearchNetwork, tx, penalty_tables: dic
       z = arch_weights(cfg, params['alpha'], k_arch, tau)
       logits, new_vars = net.apply(
           {'params': params['w'], 'batch_stats': state.batch_stats}, batch['image'],
-          z['normal'][0], z['reduce'][0], True, mutable=['batch_stats'], rngs={'dropout': k_drop})
+          {t: zt[0] for t, zt in z.items()}, True, mutable=['batch_stats'],
+          rngs={'dropout': k_drop})
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
       penalty = jnp.zeros(())
       if cfg.resource_eta > 0:
         penalty = cfg.resource_eta * sum(
             costs.resource_penalty(params['alpha'][t], z[t][0], z[t][1], tables[t],
-                                   cfg.resource_estimator) for t in ('normal', 'reduce'))
+                                   cfg.resource_estimator) for t in z)
       return ce + penalty, (ce, logits, new_vars['batch_stats'])
 
     grads, (ce, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -285,7 +288,7 @@ def train_step_fn(cfg: SearchConfig, net: SearchNetwork, tx, penalty_tables: dic
   return train_step
 
 
-def make_train_step(cfg: SearchConfig, net: SearchNetwork, tx, penalty_tables: dict, mesh):
+def make_train_step(cfg: SearchConfig, net, tx, penalty_tables: dict, mesh):
   """The step jitted over the mesh: state replicated, batch split over 'data'
   (jit inserts the gradient all-reduce; BN sees the global batch), state donated."""
   repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
@@ -297,53 +300,61 @@ def make_train_step(cfg: SearchConfig, net: SearchNetwork, tx, penalty_tables: d
 # ----------------------------------------------------------------------------
 
 
-def make_eval_step(net: SearchNetwork, mesh):
-  """(state, batch, z_normal, z_reduce) -> summed loss / correct / count, BN in eval mode."""
-  def eval_step(state: SearchState, batch: dict, z_normal, z_reduce):
+def make_eval_step(net, mesh):
+  """(state, batch, z {cell type: Z}) -> summed loss / correct / count, BN in eval mode."""
+  def eval_step(state: SearchState, batch: dict, z):
     logits = net.apply({'params': state.params['w'], 'batch_stats': state.batch_stats},
-                       batch['image'], z_normal, z_reduce, False)
+                       batch['image'], z, False)
     mask = batch['mask'].astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
     return {'loss': (ce * mask).sum(), 'correct': ((jnp.argmax(logits, -1) == batch['label']) * mask).sum(),
             'count': mask.sum()}
   repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  return jax.jit(eval_step, in_shardings=(repl, sharded, repl, repl), out_shardings=repl)
+  return jax.jit(eval_step, in_shardings=(repl, sharded, repl), out_shardings=repl)
 
 
 def evaluate(eval_step, state, iterator, mesh, z_fn, stops=None) -> dict:
-  """Accuracy and loss over one pass; ``z_fn(batch_index)`` -> (z_normal, z_reduce).
+  """Accuracy and loss over one pass; ``z_fn(batch_index)`` -> {cell type: Z}.
   Raises loop.EvalStopped once ``stops`` has a request."""
   sums = loop.eval_sums(
-      lambda i, batch: eval_step(state, parallel.to_global(batch, mesh), *z_fn(i)),
+      lambda i, batch: eval_step(state, parallel.to_global(batch, mesh), z_fn(i)),
       iterator.epoch(0), stops)
   count = max(sums.get('count', 0.0), 1)
   return {'accuracy': sums.get('correct', 0.0) / count, 'loss': sums.get('loss', 0.0) / count}
 
 
-def derive_genotypes(alpha: dict) -> dict:
-  """Both derivation rules on the current α: {'snas': Genotype, 'darts': Genotype}."""
-  a_n, a_r = np.asarray(alpha['normal']), np.asarray(alpha['reduce'])
-  return {rule: genotypes.derive(a_n, a_r, rule) for rule in ('snas', 'darts')}
+def derive_genotypes(alpha: dict, space: str = spaces.DEFAULT) -> dict:
+  """Every derivation rule of ``space`` on the current α: {rule: genotype}."""
+  space = spaces.get(space)
+  alpha = {t: np.asarray(a) for t, a in alpha.items()}
+  return {rule: space.derive(alpha, rule) for rule in space.derive_rules}
 
 
-def child_arch_weights(cfg: SearchConfig, alpha: dict):
-  """One-hot Z of the derived child (the method's own derivation rule)."""
-  geno = derive_genotypes(alpha)[methods.get(cfg.method).derivation]
-  return (jnp.asarray(genotypes.cell_to_one_hot(geno.normal)),
-          jnp.asarray(genotypes.cell_to_one_hot(geno.reduce)))
+def child_genotype(cfg: SearchConfig, alpha: dict):
+  """The derived child: the method's own derivation rule."""
+  return spaces.get(cfg.space).derive({t: np.asarray(a) for t, a in alpha.items()},
+                                      methods.get(cfg.method).derivation)
+
+
+def child_arch_weights(cfg: SearchConfig, alpha: dict) -> dict:
+  """One-hot Z {cell type: [edges, ops]} of the derived child."""
+  one_hot = spaces.get(cfg.space).one_hot(child_genotype(cfg, alpha))
+  return {t: jnp.asarray(z) for t, z in one_hot.items()}
 
 
 def arch_summary(cfg: SearchConfig, alpha: dict, child_z, image_size: int) -> dict:
   """α entropy per edge and the expected / derived-child cell costs (child_z:
-  the child's one-hot (z_normal, z_reduce), from child_arch_weights)."""
+  the child's one-hot Z, from child_arch_weights)."""
+  space = spaces.get(cfg.space)
   out = {}
-  for cell_type in ('normal', 'reduce'):
+  for cell_type in space.cell_types:
     ent = np.asarray(sampling.entropy(alpha[cell_type]))
     out[f'alpha_entropy_{cell_type}'] = float(ent.mean())
     out[f'alpha_entropy_{cell_type}_per_edge'] = [round(float(e), 5) for e in ent]
-  probs = {t: jax.nn.softmax(alpha[t], axis=-1) for t in ('normal', 'reduce')}
-  for prefix, (zn, zr) in (('expected', (probs['normal'], probs['reduce'])), ('child', child_z)):
-    for kind, value in costs.network_costs(zn, zr, cfg.channels, cfg.layers, image_size).items():
+  probs = {t: jax.nn.softmax(alpha[t], axis=-1) for t in space.cell_types}
+  for prefix, z in (('expected', probs), ('child', child_z)):
+    for kind, value in costs.network_costs(z, cfg.channels, cfg.layers, image_size,
+                                           space).items():
       out[f'{prefix}_{kind}'] = float(value)
   return out
 
@@ -356,11 +367,11 @@ def check_resume_config(saved: dict, cfg: SearchConfig, workdir: str) -> None:
   """A resume must not change anything that alters shapes or results, but
   the learning rates (LR_FIELDS)."""
   unused = () if methods.get(cfg.method).tau_schedule else TAU_FIELDS
-  loop.check_resume_config(saved, config_lib.to_dict(cfg), RESUMABLE_FIELDS | set(unused),
-                           workdir, 'search')
+  loop.check_resume_config({**ADDED_FIELDS, **saved}, config_lib.to_dict(cfg),
+                           RESUMABLE_FIELDS | set(unused), workdir, 'search')
 
 
-def load_genotype(search_workdir: str, rule: str = 'snas') -> genotypes.Genotype:
+def load_genotype(search_workdir: str, rule: str = 'snas'):
   """The genotype of a finished search, restored through its Orbax checkpoint."""
   if not os.path.isdir(os.path.join(search_workdir, checkpoint.CHECKPOINT_DIR)):
     raise checkpoint.CheckpointError(
@@ -373,7 +384,8 @@ def load_genotype(search_workdir: str, rule: str = 'snas') -> genotypes.Genotype
         f'of {meta["config"]["epochs"]}); rerun its command to finish it')
   if rule not in meta['genotypes']:
     raise ValueError(f'unknown derivation rule {rule!r}; use one of {sorted(meta["genotypes"])}')
-  return genotypes.Genotype.from_dict(meta['genotypes'][rule])
+  space = spaces.get(meta['config'].get('space', ADDED_FIELDS['space']))
+  return space.genotype_type.from_dict(meta['genotypes'][rule])
 
 # ----------------------------------------------------------------------------
 # Task
@@ -403,9 +415,17 @@ def load_data(cfg: SearchConfig) -> dict:
 SUMMARY_FILE = 'summary.json'
 
 
-def output_files() -> list[str]:
+def disconnection(genotype) -> str | None:
+  """A line saying that the derived cell joins no path from its input to its
+  output (NB201's ``Arch.disconnection``), else None (also for a genotype type
+  without that check: the DARTS space's)."""
+  check = getattr(genotype, 'disconnection', None)
+  return check() if check else None
+
+
+def output_files(space: str = spaces.DEFAULT) -> list[str]:
   """The files a finished search leaves in its workdir (besides checkpoints and metrics)."""
-  return reporting.search_report_files(('snas', 'darts')) + [SUMMARY_FILE]
+  return reporting.search_report_files(spaces.get(space)) + [SUMMARY_FILE]
 
 
 class SearchTask(loop.Task):
@@ -421,7 +441,9 @@ class SearchTask(loop.Task):
   def __init__(self, cfg: SearchConfig):
     """Every check that needs no compile (data, batch sizes) happens here."""
     self.cfg = cfg
-    self.backend = backends.get(backends.resolve(cfg.backend, dtype=cfg.dtype))
+    self.space = spaces.get(cfg.space)
+    self.backend = backends.get(backends.resolve(cfg.backend, dtype=cfg.dtype, space=cfg.space))
+    self.benchmark = benchmark.check_benchmark_flag(cfg.space, cfg.benchmark_dir)
     arrays = load_data(cfg)
     self.mesh = parallel.make_mesh()
     parallel.check_batch_size(cfg.batch_size, self.mesh)
@@ -458,7 +480,7 @@ class SearchTask(loop.Task):
     if self._steps is None:
       model = self.backend.bind(self.net)
       tables = costs.penalty_tables(self.cfg.channels, self.cfg.layers, self.cfg.image_size,
-                                    self.cfg.kinds(), self.cfg.resource_transform)
+                                    self.cfg.kinds(), self.cfg.resource_transform, self.space)
       self._steps = (make_train_step(self.cfg, model, self.tx, tables, self.mesh),
                      make_eval_step(model, self.mesh))
     return self._steps
@@ -479,15 +501,20 @@ class SearchTask(loop.Task):
     tau, = self.epoch_inputs(epoch)
     alpha = state.params['alpha']
     eval_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), epoch)
-    sample_z = lambda i: tuple(z[0] for z in arch_weights(cfg, alpha, jax.random.fold_in(eval_key, i),
-                                                          tau).values())
+    sample_z = lambda i: {t: z[0] for t, z in arch_weights(
+        cfg, alpha, jax.random.fold_in(eval_key, i), tau).items()}
     child_z = child_arch_weights(cfg, alpha)
     search_val = evaluate(eval_step, state, self.eval_iters['val'], self.mesh, sample_z, stops)
     child = evaluate(eval_step, state, self.eval_iters['val'], self.mesh, lambda i: child_z, stops)
     return {'tau': float(tau), 'search_val_loss': search_val['loss'],
             'search_val_acc': search_val['accuracy'], 'child_loss': child['loss'],
             'child_acc': child['accuracy'],
-            **arch_summary(cfg, alpha, child_z, self.cfg.image_size)}
+            **arch_summary(cfg, alpha, child_z, self.cfg.image_size),
+            **self.benchmark_record(child_genotype(cfg, alpha))}
+
+  def benchmark_record(self, genotype) -> dict:
+    """The derived cell's record in --benchmark_dir ({} without one)."""
+    return self.benchmark.record(str(genotype)) if self.benchmark else {}
 
   def record(self, epoch, train, evals, epoch_time, steps_run):
     return {'tau': evals['tau'], 'lr': float(self.lr_schedule(epoch * self.steps_per_epoch)),
@@ -508,23 +535,33 @@ class SearchTask(loop.Task):
     test = evaluate(self._compiled()[1], state, self.eval_iters['test'], self.mesh,
                     lambda i: child_z)
     return {'child_test_acc': test['accuracy'],
-            'genotypes': {k: g.to_dict() for k, g in derive_genotypes(alpha).items()}}
+            'genotypes': {k: g.to_dict() for k, g in
+                          derive_genotypes(alpha, self.cfg.space).items()}}
 
   def outputs(self):
-    return output_files()
+    return output_files(self.cfg.space)
 
   def write_outputs(self, workdir, state, meta):
-    final = derive_genotypes(state.params['alpha'])
+    final = derive_genotypes(state.params['alpha'], self.cfg.space)
     alpha_np = {k: np.asarray(v) for k, v in state.params['alpha'].items()}
-    reporting.write_search_report(workdir, final, alpha_np, meta['records'])
-    loop.write_json(os.path.join(workdir, SUMMARY_FILE), {
-        'child_test_acc': meta['child_test_acc'], 'elapsed_s': meta['elapsed_s'],
-        'method': self.cfg.method, 'genotype': final[methods.get(self.cfg.method).derivation].to_dict(),
-        'last_epoch': meta['records'][-1] if meta['records'] else None})
+    reporting.write_search_report(workdir, final, alpha_np, meta['records'], self.space)
+    genotype = final[methods.get(self.cfg.method).derivation]
+    summary = {'child_test_acc': meta['child_test_acc'], 'elapsed_s': meta['elapsed_s'],
+               'method': self.cfg.method, 'space': self.cfg.space,
+               'genotype': genotype.to_dict(),
+               'last_epoch': meta['records'][-1] if meta['records'] else None}
+    if disconnection(genotype):
+      summary['disconnection'] = disconnection(genotype)
+    if self.benchmark:
+      summary['benchmark'] = self.benchmark_record(genotype)
+    loop.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
 
   def final_line(self, workdir, meta):
+    genotype = self.space.genotype_type.from_dict(
+        meta['genotypes'][methods.get(self.cfg.method).derivation])
+    cut = disconnection(genotype)
     return (f'search finished: child test accuracy {meta["child_test_acc"]:.4f}; genotype in '
-            f'{os.path.join(workdir, "genotype.json")}')
+            f'{os.path.join(workdir, "genotype.json")}' + (f'; WARNING: {cut}' if cut else ''))
 
 
 def run(cfg: SearchConfig, workdir: str) -> dict:

@@ -6,7 +6,7 @@ The reference model (docs/algorithm.md §1): intermediate node j of a cell is
 
 with Z the edge weights of that cell type — Gumbel-softmax samples for SNAS,
 one-hot for the derived child evaluated inside the supernet, softmax(α) for
-DARTS. The network takes ``z_normal`` and ``z_reduce`` ([14, 8]) as inputs, so
+DARTS. The network takes Z {'normal', 'reduce'}: [14, 8] as an input, so
 sampling (``sampling.py``) stays outside and this module is deterministic
 given Z, except drop-path.
 
@@ -104,7 +104,7 @@ def drop_path_scale(cell: nn.Module, edges_by_images, dtype) -> jax.Array:
 class SearchNetwork(nn.Module):
   """Stem -> L search cells -> global average pool -> Dense.
 
-  ``__call__(images [N,H,W,3], z_normal [14,8], z_reduce [14,8], train)`` ->
+  ``__call__(images [N,H,W,3], z {'normal': [14,8], 'reduce': [14,8]}, train)`` ->
   logits [N, num_classes]. Reduction cells at L//3 and 2L//3 double the
   channels. ``remat`` recomputes each cell in the backward pass (less
   memory, more compute). ``dtype``: what the convolutions and activations
@@ -124,10 +124,9 @@ class SearchNetwork(nn.Module):
     return cell_cls(c, reduction, reduction_prev, train, self.drop_path, name=name)
 
   @nn.compact
-  def __call__(self, images, z_normal, z_reduce, train: bool):
-    for name, z in (('z_normal', z_normal), ('z_reduce', z_reduce)):
-      if z.shape != (NUM_EDGES, NUM_OPS):
-        raise ValueError(f'{name} must be [{NUM_EDGES}, {NUM_OPS}], got {list(z.shape)}')
+  def __call__(self, images, z, train: bool):
+    from snas_jax.spaces import darts  # the space is built from this module
+    darts.SPACE.check_arch_weights(z)
     images = images.astype(self.dtype)  # every op computes in its input's dtype
     x = ops.conv(self.stem_multiplier * self.c, 3, dtype=self.dtype, name='stem_conv')(images)
     x = ops.BatchNorm(name='stem_bn')(x, train)
@@ -139,7 +138,7 @@ class SearchNetwork(nn.Module):
       if reduction:
         c_cell *= 2
       cell = self.make_cell(c_cell, reduction, reduction_prev, train, f'cell_{i}')
-      s0, s1 = s1, cell(s0, s1, z_reduce if reduction else z_normal)
+      s0, s1 = s1, cell(s0, s1, z['reduce' if reduction else 'normal'])
       reduction_prev = reduction
     x = jnp.mean(s1.astype(jnp.float32), axis=(1, 2))
     return ops.dense(self.num_classes, x.shape[-1], name='classifier')(x)

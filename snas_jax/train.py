@@ -38,7 +38,7 @@ import optax
 from jax.extend import core as jax_core
 
 from snas_jax import backends, checkpoint, child_model, data, genotypes, parallel
-from snas_jax import loop
+from snas_jax import loop, spaces
 from snas_jax import config as config_lib
 from snas_jax.config import BACKEND_HELP, field
 
@@ -68,8 +68,14 @@ class TrainConfig:
                              'x 4 nodes], "reduce": ..., "concat": [2, 3, 4, 5]} '
                              '(Genotype.to_json), or a search\'s genotype.json '
                              '({"snas": ..., "darts": ...}; --derive_rule picks).')
-  arch: str = field('', 'A published cell: ' + ', '.join(genotypes.PUBLISHED) + '.')
+  arch: str = field('', 'darts: a published cell (' + ', '.join(genotypes.PUBLISHED) + '); '
+                    'nb201: an arch string, e.g. \'|nor_conv_3x3~0|+|nor_conv_3x3~0|'
+                    'avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|\'.')
   # Network.
+  space: str = field(spaces.DEFAULT, 'Search space of the cell (docs/spaces.md): darts '
+                     '(NetworkCIFAR / NetworkImageNet) or nb201 (NAS-Bench-201\'s TinyNetwork; '
+                     '--layers is its cells per stage N, CIFAR only).',
+                     choices=tuple(spaces.SPACES))
   dataset: str = field('cifar10', 'Data set to train and test on (cifar100 and imagenet through '
                        'tensorflow-datasets).', choices=tuple(NUM_CLASSES))
   channels: int = field(36, 'Initial channels C (the first cells have C per node; doubles at each '
@@ -78,19 +84,22 @@ class TrainConfig:
                       'CIFAR-10, 14 on ImageNet.')
   image_size: int = field(224, 'ImageNet only: side of the square training/eval crops (CIFAR-10 is '
                           'always 32). Smaller values are for smoke tests.')
-  auxiliary_weight: float = field(0.4, 'Weight of the auxiliary head\'s loss (head after cell '
-                                  '2L//3, training only); 0 removes the head.')
-  drop_path_prob: float = field(0.2, 'Final drop-path rate, ramped linearly from 0 over the '
-                                'epochs; per-sample, on every edge but the identity.')
+  auxiliary_weight: float = field(-1.0, 'Weight of the auxiliary head\'s loss (head after cell '
+                                  '2L//3, training only); 0 removes the head. -1: the space\'s '
+                                  '(darts 0.4; nb201 0, it has no head).')
+  drop_path_prob: float = field(-1.0, 'Final drop-path rate, ramped linearly from 0 over the '
+                                'epochs; per-sample, on every edge but the identity. -1: the '
+                                'space\'s (darts 0.2; nb201 0, it has no drop-path).')
   remat: bool = field(False, 'Recompute more in the backward pass: less memory, more compute. '
                       'Each cell on the reference backend; on the CPU backend the '
                       'convolutions recompute their outputs before BN.')
   backend: str = field('auto', BACKEND_HELP, choices=backends.NAMES)
   dtype: str = field('float32', backends.DTYPE_HELP, choices=backends.DTYPES)
-  init: str = field('snas', 'Initialisation: snas (the SNAS authors\' evaluation code: conv '
+  init: str = field('auto', 'Initialisation: snas (the SNAS authors\' evaluation code: conv '
                     'weights N(0, 2/(k²·C_out)), dense Kaiming normal with zero bias; the '
-                    'paper\'s numbers) or pytorch (PyTorch\'s defaults, as DARTS\'s code).',
-                    choices=child_model.INITS)
+                    'paper\'s numbers) or pytorch (PyTorch\'s defaults, as DARTS\'s code and '
+                    'NAS-Bench-201\'s training). auto: darts snas, nb201 pytorch.',
+                    choices=('auto',) + child_model.INITS)
   # Optimisation.
   batch_size: int = field(96, 'Global batch size (all devices and hosts together).')
   epochs: int = field(600, 'Training epochs.')
@@ -126,12 +135,20 @@ class TrainConfig:
   stop_after_step: int = field(0, 'Checkpoint and stop once this global step is done, as if '
                                'preempted (0 = run to the end). For testing resume.')
 
+  def __post_init__(self):
+    # -1 / auto mean the space's own; the stored configuration holds the value used.
+    for name, value in SPACE_DEFAULTS.get(self.space, {}).items():
+      if getattr(self, name) in (-1.0, 'auto'):
+        object.__setattr__(self, name, value)
+
   def check(self) -> None:
     config_lib.positive(self, 'channels', 'layers', 'image_size', 'batch_size', 'epochs',
                         'learning_rate')
     if self.channels % 2:
       raise ValueError(f'--channels={self.channels} must be even (FactorizedReduce halves it)')
-    if self.layers < genotypes.MIN_LAYERS:
+    if self.space != 'darts':
+      check_space_options(self)
+    elif self.layers < genotypes.MIN_LAYERS:
       raise ValueError(f'--layers={self.layers} has no normal cell (reduction cells sit at L//3 '
                        f'and 2L//3), so the genotype\'s normal cell would be unused; use '
                        f'--layers >= {genotypes.MIN_LAYERS}')
@@ -151,6 +168,26 @@ class TrainConfig:
     if self.dataset == 'imagenet' and self.cutout:
       raise ValueError(f'--cutout={self.cutout} is CIFAR-10 only; pass --cutout=0 with ImageNet')
     arch_source(self)
+
+
+# What -1 / auto of auxiliary_weight, drop_path_prob and init mean per space.
+SPACE_DEFAULTS = {'darts': {'auxiliary_weight': 0.4, 'drop_path_prob': 0.2, 'init': 'snas'},
+                  'nb201': {'auxiliary_weight': 0.0, 'drop_path_prob': 0.0, 'init': 'pytorch'}}
+
+
+def check_space_options(config: 'TrainConfig') -> None:
+  """The child of a space other than darts (NB201's TinyNetwork): CIFAR only,
+  no auxiliary head, no drop-path, the reference backend."""
+  flag = f'--space={config.space}'
+  if config.dataset == 'imagenet':
+    raise ValueError(f'{flag} is a CIFAR network: use --dataset=cifar10 or cifar100')
+  if config.auxiliary_weight:
+    raise ValueError(f'--auxiliary_weight={config.auxiliary_weight}: the {config.space} child '
+                     f'has no auxiliary head; use --auxiliary_weight=0 with {flag}')
+  if config.drop_path_prob:
+    raise ValueError(f'--drop_path_prob={config.drop_path_prob}: the {config.space} child has '
+                     f'no drop-path; use --drop_path_prob=0 with {flag}')
+  spaces.get(config.space).check_network(config.layers, CIFAR_IMAGE_SIZE)
 
 
 # train_imagenet.py's defaults (docs/algorithm.md §7, App. G.3 and the reference's
@@ -201,8 +238,9 @@ def arch_source(config: TrainConfig) -> str:
 def resolve_genotype(config: TrainConfig) -> genotypes.Genotype:
   """The genotype to train. Errors (bad source, unknown op, no finished search) are one line."""
   source = arch_source(config)
+  space = spaces.get(config.space)
   if source == 'arch':
-    return genotypes.published(config.arch)
+    return space.genotype_from_flag(config.arch)
   if source == 'genotype_json':
     path = config.genotype_json
     try:
@@ -214,15 +252,22 @@ def resolve_genotype(config: TrainConfig) -> genotypes.Genotype:
       raise ValueError(f'--genotype_json={path} is not valid JSON ({e.msg} at line '
                        f'{e.lineno})') from None
     # A search's genotype.json holds one genotype per derivation rule.
-    if isinstance(parsed, dict) and 'normal' not in parsed and config.derive_rule in parsed:
+    if (isinstance(parsed, dict) and not {'normal', 'arch'} & set(parsed)
+        and config.derive_rule in parsed):
       parsed = parsed[config.derive_rule]
     try:
-      return genotypes.Genotype.from_dict(parsed)
+      return space.genotype_type.from_dict(parsed)
     except (ValueError, TypeError, AttributeError) as e:
       raise ValueError(f'--genotype_json={path}: {" ".join(str(e).split())}') from None
   # Imported here: the search loop is only needed for this source.
   from snas_jax import search  # pylint: disable=g-import-not-at-top
-  return search.load_genotype(config.search_workdir, config.derive_rule)
+  genotype = search.load_genotype(config.search_workdir, config.derive_rule)
+  if not isinstance(genotype, space.genotype_type):
+    searched = next(name for name, s in spaces.SPACES.items()
+                    if isinstance(genotype, s.genotype_type))
+    raise ValueError(f'--search_workdir={config.search_workdir} searched the {searched} space, '
+                     f'not --space={config.space}: pass --space={searched}')
+  return genotype
 
 
 def describe_arch(config: TrainConfig) -> str:
@@ -236,11 +281,14 @@ def build_model(genotype: genotypes.Genotype, config: TrainConfig, *, auxiliary:
   Reads config.dataset, channels, layers, auxiliary_weight, remat
   (a TrainConfig or the steps' cache key, which has the same fields).
   """
-  cls = child_model.NetworkImageNet if config.dataset == 'imagenet' else child_model.NetworkCIFAR
   if auxiliary is None:
     auxiliary = config.auxiliary_weight > 0
-  return cls(genotype, config.channels, config.layers, NUM_CLASSES[config.dataset],
-             auxiliary=auxiliary, remat=config.remat, dtype=jnp.dtype(config.dtype))
+  options = dict(auxiliary=auxiliary, remat=config.remat, dtype=jnp.dtype(config.dtype))
+  if config.dataset == 'imagenet':
+    return child_model.NetworkImageNet(genotype, config.channels, config.layers,
+                                       NUM_CLASSES[config.dataset], **options)
+  return spaces.get(config.space).child_network(genotype, config.channels, config.layers,
+                                                NUM_CLASSES[config.dataset], **options)
 
 
 def image_size(config: TrainConfig) -> int:
@@ -453,6 +501,7 @@ class Steps(NamedTuple):
 class _StepSpec:
   """Everything the compiled steps depend on (lru_cache key: equal specs share compiles)."""
   genotype: genotypes.Genotype
+  space: str
   dataset: str
   channels: int
   layers: int
@@ -476,9 +525,9 @@ class _StepSpec:
 
 def make_steps(config: TrainConfig, genotype: genotypes.Genotype, mesh,
                steps_per_epoch: int) -> Steps:
-  spec = _StepSpec(genotype, config.dataset, config.channels, config.layers, image_size(config),
+  spec = _StepSpec(genotype, config.space, config.dataset, config.channels, config.layers, image_size(config),
                    config.auxiliary_weight, config.label_smoothing, config.remat,
-                   backends.resolve(config.backend, dtype=config.dtype), config.dtype, config.init,
+                   backends.resolve(config.backend, dtype=config.dtype, space=config.space), config.dtype, config.init,
                    config.grad_clip, config.weight_decay, config.momentum, config.learning_rate,
                    config.lr_schedule, config.lr_min, config.lr_decay, config.epochs,
                    steps_per_epoch)

@@ -4,6 +4,7 @@ Monte-Carlo checks state N and their tolerance in standard errors (se); keys
 are fixed, so they are deterministic, and each also checks that its tolerance
 is small next to the effect it must detect.
 """
+import dataclasses
 import itertools
 
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from snas_jax import costs, genotypes, sampling
+from snas_jax.spaces import darts
 from snas_jax.genotypes import EDGES, NUM_EDGES, NUM_OPS, PRIMITIVES
 
 N_MC = 20_000
@@ -119,7 +121,7 @@ def _row(table, name):
 
 def test_cell_cost_table_spec_check_values():
   """docs/algorithm.md §4's check values: first search cell, C = 16, 32x32, normal."""
-  t = costs.cell_cost_table(16, 32, reduction=False)
+  t = darts.cell_cost_table(16, 32, reduction=False)
   assert t.shape == (NUM_EDGES, NUM_OPS, 3)
   want = {
       'none': (0, 0, 0),
@@ -162,7 +164,7 @@ _STRIDE1_C32_Y16 = {
 def test_cell_cost_table_reduction_cell_strides():
   """First reduction cell (C = 32, output 16x16): the 8 edges from the two
   inputs are stride 2 (rows 0,1 | 2,3 | 5,6 | 9,10), the rest stride 1."""
-  t = costs.cell_cost_table(32, 16, reduction=True)
+  t = darts.cell_cost_table(32, 16, reduction=True)
   stride2_rows = [e for e, (_, s) in enumerate(EDGES) if s < 2]
   assert stride2_rows == [0, 1, 2, 3, 5, 6, 9, 10]
   for e in range(NUM_EDGES):
@@ -186,7 +188,7 @@ def test_which_cost_combinations_separate_the_parameter_free_ops():
   everything but max–avg, and so does params+FLOPs+MAC. max and avg pool have
   identical costs by design (no cost can tell them apart).
   """
-  row = costs.cell_cost_table(16, 32, reduction=False)[0]
+  row = darts.cell_cost_table(16, 32, reduction=False)[0]
   free = ('none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect')
   P = lambda a, b: frozenset((a, b))
   max_avg = P('max_pool_3x3', 'avg_pool_3x3')
@@ -206,14 +208,14 @@ def test_which_cost_combinations_separate_the_parameter_free_ops():
   # All three costs separate every pair of the 8 ops except max–avg.
   assert _tied_pairs(row, costs.COST_KINDS, PRIMITIVES) == {max_avg}
   # Stride 2 (FactorizedReduce has weights): params alone separates skip.
-  row2 = costs.cell_cost_table(32, 16, reduction=True)[0]
+  row2 = darts.cell_cost_table(32, 16, reduction=True)[0]
   assert _tied_pairs(row2, ('params',), free) == {
       P('none', 'max_pool_3x3'), P('none', 'avg_pool_3x3'), max_avg}
 
 
 @pytest.mark.parametrize('layers,n_normal,n_reduce', [(8, 6, 2), (5, 3, 2)])
 def test_network_cost_tables_cell_counts(layers, n_normal, n_reduce):
-  tables = costs.network_cost_tables(16, layers, 32)
+  tables = darts.network_cost_tables(16, layers, 32)
   assert tables['normal'].shape == (n_normal, NUM_EDGES, NUM_OPS, 3)
   assert tables['reduce'].shape == (n_reduce, NUM_EDGES, NUM_OPS, 3)
   # Per-cell geometry: L = 8 reduces at cells 2 and 5; L = 5 at cells 1 and 3.
@@ -224,9 +226,9 @@ def test_network_cost_tables_cell_counts(layers, n_normal, n_reduce):
     normal_geo = [(16, 32), (32, 16), (64, 8)]
     reduce_geo = [(32, 16), (64, 8)]
   for i, (c, y) in enumerate(normal_geo):
-    np.testing.assert_array_equal(tables['normal'][i], costs.cell_cost_table(c, y, False))
+    np.testing.assert_array_equal(tables['normal'][i], darts.cell_cost_table(c, y, False))
   for i, (c, y) in enumerate(reduce_geo):
-    np.testing.assert_array_equal(tables['reduce'][i], costs.cell_cost_table(c, y, True))
+    np.testing.assert_array_equal(tables['reduce'][i], darts.cell_cost_table(c, y, True))
   # Hand-check one reduction-cell entry (C = 64, y = 8, stride-2 sep3):
   # size 2·64·9 + 2·64² = 9,344; FLOPs 9,344·64; MAC 64·(11·64) + 9,344.
   assert tuple(tables['reduce'][-1][0, PRIMITIVES.index('sep_conv_3x3')]) == (
@@ -248,7 +250,7 @@ def test_penalty_tables_normalisation(transform):
   assert _penalty({'normal': none, 'reduce': none}, tables) == 0.0
   # C(Z) is the mean over all cells and edges of the op's cost (mean over the
   # three kinds, of log max(cost, 1) or the raw cost), recomputed here.
-  raw = costs.network_cost_tables(16, layers, 32)
+  raw = darts.network_cost_tables(16, layers, 32)
   f = (lambda v: np.log(np.maximum(v, 1.0))) if transform == 'log' else (lambda v: v)
   uniform = np.full((NUM_EDGES, NUM_OPS), 1 / NUM_OPS, np.float32)
   for z in (uniform, genotypes.cell_to_one_hot(genotypes.SNAS_MILD.normal)):
@@ -258,23 +260,23 @@ def test_penalty_tables_normalisation(transform):
     np.testing.assert_allclose(_penalty({'normal': z, 'reduce': z}, tables), want, rtol=1e-5)
 
 
-def test_penalty_is_a_per_cell_mean_independent_of_depth(monkeypatch):
+def test_penalty_is_a_per_cell_mean_independent_of_depth():
   """If every cell had the same table, C(uniform Z) would not depend on L.
 
   (The real tables differ per cell, as C and y change, so the invariance is
   checked by giving every cell the same table.)"""
-  same = costs.cell_cost_table(16, 32, reduction=False)
+  same = darts.cell_cost_table(16, 32, reduction=False)
 
   def fake_tables(c, layers, image_size):
     n_reduce = len(genotypes.reduction_layers(layers))
     return {'normal': np.stack([same] * (layers - n_reduce)),
             'reduce': np.stack([same] * n_reduce)}
 
-  monkeypatch.setattr(costs, 'network_cost_tables', fake_tables)
+  space = dataclasses.replace(darts.SPACE, cost_tables=fake_tables)
   uniform = np.full((NUM_EDGES, NUM_OPS), 1 / NUM_OPS, np.float32)
   want = np.log(np.maximum(same, 1.0)).mean(-1).mean(-1).mean()  # one cell's edge mean
   for layers in (3, 5, 8, 20):
-    tables = costs.penalty_tables(16, layers, 32)
+    tables = costs.penalty_tables(16, layers, 32, space=space)
     got = _penalty({'normal': uniform, 'reduce': uniform}, tables)
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
@@ -288,7 +290,7 @@ def test_penalty_tables_reject_bad_arguments():
     costs.penalty_tables(16, 8, 32, transform='sqrt')
   # A single kind: the table is that kind's log cost alone.
   only_params = costs.penalty_tables(16, 8, 32, kinds=('params',))
-  raw = costs.network_cost_tables(16, 8, 32)
+  raw = darts.network_cost_tables(16, 8, 32)
   np.testing.assert_allclose(
       only_params['normal'], np.log(np.maximum(raw['normal'][..., 0], 1)).sum(0) / (8 * 14),
       rtol=1e-6)
@@ -297,13 +299,13 @@ def test_penalty_tables_reject_bad_arguments():
 def test_network_costs_of_one_hot_z_sum_the_picked_entries():
   geno = genotypes.SNAS_MODERATE
   z_n, z_r = (genotypes.cell_to_one_hot(geno.normal), genotypes.cell_to_one_hot(geno.reduce))
-  tables = costs.network_cost_tables(16, 8, 32)
+  tables = darts.network_cost_tables(16, 8, 32)
   want = np.zeros(3)
   for t, z in (('normal', z_n), ('reduce', z_r)):
     for cell in tables[t]:
       for e in range(NUM_EDGES):
         want += cell[e, int(np.argmax(z[e]))]
-  got = costs.network_costs(z_n, z_r, 16, 8, 32)
+  got = costs.network_costs({'normal': z_n, 'reduce': z_r}, 16, 8, 32)
   assert set(got) == set(costs.COST_KINDS)
   # float32 einsum over ≤ 112 terms of ≤ 1e7: 1e-6 relative.
   np.testing.assert_allclose([float(got[k]) for k in costs.COST_KINDS], want, rtol=1e-6)
@@ -314,7 +316,7 @@ def test_network_costs_of_one_hot_z_sum_the_picked_entries():
   assert first_two == 2 * (2 * 800 + 2 * 656)
   # softmax(α) gives the expectation, linear in Z.
   alpha = jnp.asarray(np.random.default_rng(3).normal(size=(NUM_EDGES, NUM_OPS)), jnp.float32)
-  soft = costs.network_costs(jax.nn.softmax(alpha), jax.nn.softmax(alpha), 16, 8, 32)
+  soft = costs.network_costs({'normal': jax.nn.softmax(alpha), 'reduce': jax.nn.softmax(alpha)}, 16, 8, 32)
   p = np.asarray(jax.nn.softmax(alpha), np.float64)
   want = sum(np.einsum('ek,nekj->j', p, tables[t]) for t in tables)
   np.testing.assert_allclose([float(soft[k]) for k in costs.COST_KINDS], want, rtol=1e-5)

@@ -151,4 +151,4 @@ def test_gdas_search_step():
   assert not np.allclose(alpha0, state.params['alpha']['normal'])
   child = search.child_arch_weights(cfg, state.params['alpha'])
   want = search.derive_genotypes(state.params['alpha'])['darts']
-  np.testing.assert_array_equal(child[0], genotypes.cell_to_one_hot(want.normal))
+  np.testing.assert_array_equal(child['normal'], genotypes.cell_to_one_hot(want.normal))

@@ -318,7 +318,7 @@ def test_cost_tables_add_up_to_the_networks_counts(arch):
 
 def test_space_value():
   assert spaces.get('nb201') is nb201.SPACE
-  with pytest.raises(ValueError, match="unknown search space 'nas101'; choose one of nb201"):
+  with pytest.raises(ValueError, match="unknown search space 'nas101'; choose one of darts, nb201"):
     spaces.get('nas101')
   assert SPACE.op_names == nb201.OP_NAMES and SPACE.arch_shape == (6, 5)
   assert SPACE.edges == ((0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2))

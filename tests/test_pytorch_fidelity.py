@@ -76,15 +76,15 @@ def _search_pass():
   def run(params, batch_stats, image, label, z_normal, z_reduce):
     with jax.default_matmul_precision('highest'):  # no TF32 on GPUs
       def loss_fn(params, z_normal, z_reduce):
-        logits, new = net.apply({'params': params, 'batch_stats': batch_stats}, image, z_normal,
-                                z_reduce, True, mutable=['batch_stats'])
+        logits, new = net.apply({'params': params, 'batch_stats': batch_stats}, image,
+                                {'normal': z_normal, 'reduce': z_reduce}, True, mutable=['batch_stats'])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
         return loss, (logits, new['batch_stats'])
 
       (loss, (logits, new_stats)), (grads, gz_normal, gz_reduce) = jax.value_and_grad(
           loss_fn, (0, 1, 2), has_aux=True)(params, z_normal, z_reduce)
-      eval_logits = net.apply({'params': params, 'batch_stats': new_stats}, image, z_normal,
-                              z_reduce, False)
+      eval_logits = net.apply({'params': params, 'batch_stats': new_stats}, image,
+                              {'normal': z_normal, 'reduce': z_reduce}, False)
     return {'loss': loss, 'logits': logits, 'grads': grads, 'grad_z_normal': gz_normal,
             'grad_z_reduce': gz_reduce, 'new_batch_stats': new_stats,
             'eval_logits': eval_logits}

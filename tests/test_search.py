@@ -231,7 +231,7 @@ def test_init_draws_each_parameter_once_from_its_bound():
   z = np.full((genotypes.NUM_EDGES, genotypes.NUM_OPS), 1 / genotypes.NUM_OPS, np.float32)
   # The plain init's shapes (compiling it, random draws and all, took 30 s).
   plain = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32),
-                                          z, z, False))
+                                          {'normal': z, 'reduce': z}, False))
   assert jax.tree.structure(plain['params']) == jax.tree.structure(state.params['w'])
   # BN statistics start as Flax's (and PyTorch's) do: mean 0, variance 1.
   fresh_stats = jax.tree_util.tree_map_with_path(

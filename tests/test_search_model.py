@@ -54,12 +54,12 @@ def tiny():
   """The tiny network, its variables, and jitted train / eval forward passes
   that also return the cell outputs."""
   net = sm.SearchNetwork(**TINY)
-  shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), _images(0), UNIFORM, UNIFORM, True))
+  shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), _images(0), {'normal': UNIFORM, 'reduce': UNIFORM}, True))
   variables = _variables(shapes, 1)
 
   def forward(train):
     return jax.jit(lambda v, x, zn, zr: net.apply(
-        v, x, zn, zr, train, mutable=['batch_stats', 'intermediates'],
+        v, x, {'normal': zn, 'reduce': zr}, train, mutable=['batch_stats', 'intermediates'],
         capture_intermediates=_is_cell))
 
   return net, variables, forward(True), forward(False)
@@ -92,7 +92,7 @@ def test_paper_search_network_parameter_count_and_shapes():
   2 and 5 reduce (halve H x W, double C); every cell outputs 4·C_cell."""
   net = sm.SearchNetwork(c=16, layers=8, num_classes=10)
   logits, shapes = jax.eval_shape(lambda: net.init_with_output(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), UNIFORM, UNIFORM, True,
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), {'normal': UNIFORM, 'reduce': UNIFORM}, True,
       capture_intermediates=_is_cell))
   assert sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(shapes['params'])) == 1_930_618
   # BN running statistics exist (not counted): non-affine cell BNs keep them.
@@ -104,9 +104,9 @@ def test_paper_search_network_parameter_count_and_shapes():
 
 def test_wrong_z_shape_raises():
   net = sm.SearchNetwork(**TINY)
-  with pytest.raises(ValueError, match=r'z_reduce must be \[14, 8\], got \[14, 7\]'):
+  with pytest.raises(ValueError, match=r"z\['reduce'\] must be \[14, 8\] in the darts space, got \[14, 7\]"):
     jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((N, HW, HW, 3)),
-                                    UNIFORM, jnp.zeros((14, 7)), True))
+                                    {'normal': UNIFORM, 'reduce': jnp.zeros((14, 7))}, True))
 
 
 @pytest.mark.parametrize('train', [True, False])

@@ -1,4 +1,5 @@
-"""The search spaces, by name: ``get('nb201')`` is the NAS-Bench-201 space's ``SearchSpace``.
+"""The search spaces, by name: ``get('darts')`` is the DARTS cell's ``SearchSpace``, ``get('nb201')``
+NAS-Bench-201's.
 
 Adding a space: its own module in this folder that builds a ``SearchSpace``
 (base.py says what each field holds), and one line in ``SPACES``
@@ -6,12 +7,14 @@ Adding a space: its own module in this folder that builds a ``SearchSpace``
 """
 from __future__ import annotations
 
-from snas_jax.spaces import nb201
+from snas_jax.spaces import darts, nb201
 from snas_jax.spaces.base import Op, SearchSpace
 
 SPACES = {
+    'darts': darts.SPACE,
     'nb201': nb201.SPACE,
 }
+DEFAULT = 'darts'
 
 
 def get(name: str) -> SearchSpace:
@@ -21,4 +24,9 @@ def get(name: str) -> SearchSpace:
   return SPACES[name]
 
 
-__all__ = ['Op', 'SearchSpace', 'SPACES', 'get']
+def as_space(space) -> SearchSpace:
+  """``space`` itself, or the space it names; None: the default space."""
+  return space if isinstance(space, SearchSpace) else get(space or DEFAULT)
+
+
+__all__ = ['DEFAULT', 'Op', 'SearchSpace', 'SPACES', 'as_space', 'get']

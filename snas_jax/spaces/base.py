@@ -26,6 +26,7 @@ space):
   edges, ops, 3]}, (params, FLOPs, MAC) per op on every edge of every cell,
   with the conventions of docs/algorithm.md §4;
 * ``derive_rules[rule](alpha: {cell type: [edges, ops]})`` → genotype;
+* ``one_hot(genotype)`` → {cell type: [edges, ops]}: the derived child's Z;
 * ``draw(genotype, folder, tag)`` → the paths written, one PNG per cell type
   (``<cell type>_<tag>.png``);
 * the genotype type has ``to_json()`` and ``from_json(text)`` (NB201's also
@@ -100,6 +101,14 @@ class SearchSpace:
   derive_rules: Mapping[str, Callable[[Mapping[str, np.ndarray]], Any]]
   cost_tables: Callable[[int, int, int], dict]
   draw: Callable[[Any, str, str], list]
+  one_hot: Callable[[Any], dict]  # genotype -> its one-hot Z {cell type: [edges, ops]}
+  # (layers, image_size) -> None; a one-line ValueError for a depth or image
+  # size the space's networks cannot take.
+  check_network: Callable[[int, int], None]
+  # The genotype a retraining's --arch names (a published cell, an arch string).
+  genotype_from_flag: Callable[[str], Any]
+  # Whether the CPU backend (backends/cpu) has this space's networks.
+  cpu_backend: bool = False
 
   def __post_init__(self):
     if self.cell_output not in CELL_OUTPUTS:

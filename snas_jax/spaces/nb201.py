@@ -374,14 +374,47 @@ class ChildNetwork(nn.Module):
 
 
 def build_search_network(c: int, layers: int, num_classes: int,
-                         track_running_stats: bool = True) -> SearchNetwork:
-  """The supernet with C channels and ``layers`` = N cells per stage."""
+                         track_running_stats: bool = True, *, drop_path: float = 0.0,
+                         remat: bool = False, dtype=jnp.float32) -> SearchNetwork:
+  """The supernet with C channels and ``layers`` = N cells per stage. It has
+  no drop-path, no recomputation and computes in float32: a one-line
+  ValueError for the search's flags asking otherwise."""
+  if drop_path:
+    raise ValueError(f'--drop_path={drop_path}: the NB201 supernet has no drop-path; use '
+                     f'--drop_path=0 with --space=nb201')
+  if remat:
+    raise ValueError('--remat: the NB201 supernet does not recompute its cells; drop --remat '
+                     'with --space=nb201')
+  if jnp.dtype(dtype) != jnp.float32:
+    raise ValueError(f'--dtype={jnp.dtype(dtype).name}: the NB201 supernet computes in float32; '
+                     f'use --dtype=float32 with --space=nb201')
   return SearchNetwork(c=c, n=layers, num_classes=num_classes,
                        track_running_stats=track_running_stats)
 
 
-def build_child_network(arch: 'Arch', c: int, layers: int, num_classes: int) -> ChildNetwork:
-  """TinyNetwork with ``arch`` in every cell, C channels, ``layers`` = N cells per stage."""
+def check_network(layers: int, image_size: int) -> None:
+  """Two residual blocks halve the image: its side must be a multiple of 4."""
+  del layers
+  if image_size % 4:
+    raise ValueError(f'--image_size={image_size}: the two stride-2 residual blocks of NB201\'s '
+                     f'network halve it twice; use a multiple of 4 that divides 32 (8, 16, 32)')
+
+
+def build_child_network(arch: 'Arch', c: int, layers: int, num_classes: int, *,
+                        auxiliary: bool = False, remat: bool = False,
+                        dtype=jnp.float32) -> ChildNetwork:
+  """TinyNetwork with ``arch`` in every cell, C channels, ``layers`` = N cells
+  per stage. It has no auxiliary head, no recomputation and computes in
+  float32: a one-line ValueError for retraining flags asking otherwise."""
+  if auxiliary:
+    raise ValueError('the NB201 child has no auxiliary head; use --auxiliary_weight=0 with '
+                     '--space=nb201')
+  if remat:
+    raise ValueError('--remat: the NB201 child does not recompute its cells; drop --remat with '
+                     '--space=nb201')
+  if jnp.dtype(dtype) != jnp.float32:
+    raise ValueError(f'--dtype={jnp.dtype(dtype).name}: the NB201 child computes in float32; '
+                     f'use --dtype=float32 with --space=nb201')
   return ChildNetwork(arch=arch, c=c, n=layers, num_classes=num_classes)
 
 
@@ -596,4 +629,7 @@ SPACE = SearchSpace(
     derive_rules=DERIVE_RULES,
     cost_tables=network_cost_tables,
     draw=draw,
+    one_hot=lambda arch: {CELL_TYPE: arch.one_hot()},
+    check_network=check_network,
+    genotype_from_flag=Arch.from_string,
 )

@@ -149,7 +149,7 @@ def test_layout_maps_are_inverse_and_match_the_cpu_networks():
   """to_cpu gives exactly the CPU network's own variable tree (paths and
   shapes), and to_reference takes it back, for the search network and both
   child networks."""
-  cases = [(search_model.SearchNetwork(c=8, layers=5), (_images(0, 1, 16), UNIFORM, UNIFORM, True), {}),
+  cases = [(search_model.SearchNetwork(c=8, layers=5), (_images(0, 1, 16), {'normal': UNIFORM, 'reduce': UNIFORM}, True), {}),
            (child_model.NetworkCIFAR(genotypes.DARTS_V2, 8, 5, 10),
             (_images(0, 2, 32), jnp.float32(0)), {'train': True}),
            (child_model.NetworkImageNet(genotypes.SNAS_MODERATE, 8, 3, 1000),
@@ -180,8 +180,8 @@ def test_cpu_backend_equals_reference_search_network():
   zn, zr = (jax.nn.softmax(jnp.asarray(rng.normal(size=(NUM_EDGES, NUM_OPS)), jnp.float32))
             for _ in range(2))
   x = _images(6)
-  variables = _variables(jax.eval_shape(lambda: network.init(jax.random.key(0), x, zn, zr, False)), 7)
-  _assert_backends_agree(network, variables, (x, zn, zr), {}, rngs={'dropout': jax.random.key(8)},
+  variables = _variables(jax.eval_shape(lambda: network.init(jax.random.key(0), x, {'normal': zn, 'reduce': zr}, False)), 7)
+  _assert_backends_agree(network, variables, (x, {'normal': zn, 'reduce': zr}), {}, rngs={'dropout': jax.random.key(8)},
                          impls=('native', 'shift') if os.environ.get('SNAS_SLOW_TESTS') else ('native',))
 
 
@@ -205,7 +205,7 @@ def test_cpu_init_draws_reference_layout_variables():
   """The backend's fast init returns the reference's tree (paths, shapes), and
   different seeds give different draws."""
   network = search_model.SearchNetwork(c=4, layers=2)
-  args = (_images(0, 1), UNIFORM, UNIFORM, False)
+  args = (_images(0, 1), {'normal': UNIFORM, 'reduce': UNIFORM}, False)
   ref = jax.eval_shape(lambda: network.init(jax.random.key(0), *args))
   backend = cpu.CpuBackend('lax')
   a = backend.init_variables(network, jax.random.key(1), *args)
@@ -275,11 +275,11 @@ def test_lax_and_shift_networks_agree_in_loss_and_gradients():
   for impl in ('lax', 'shift', 'native'):
     net = cpu_sm.SearchNetwork(**TINY, impl=impl)
     if impl == 'lax':
-      variables = _variables(jax.eval_shape(lambda: net.init(jax.random.key(0), x, UNIFORM, zr, True)), 21)
+      variables = _variables(jax.eval_shape(lambda: net.init(jax.random.key(0), x, {'normal': UNIFORM, 'reduce': zr}, True)), 21)
 
     def loss(params, zr, net=net):
       logits, _ = net.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                            x, UNIFORM, zr, True, mutable=['batch_stats'])
+                            x, {'normal': UNIFORM, 'reduce': zr}, True, mutable=['batch_stats'])
       return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
     results[impl] = jax.device_get(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
