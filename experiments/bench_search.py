@@ -5,6 +5,7 @@
   python experiments/bench_search.py --sweep=batch,channels,cells,devices
   python experiments/bench_search.py --backend=reference --dtype=bfloat16  # mixed precision
   python experiments/bench_search.py --backend=reference --steps=0 --warmup=0  # start-up only
+  python experiments/bench_search.py --space=nb201 --layers=5   # NAS-Bench-201's supernet
 
 Each configuration runs in its own process (so peak memory is its own and a
 device count can be forced), on synthetic 32x32 images, with every op of the
@@ -30,6 +31,8 @@ from experiments import benchmarking  # noqa: E402
 
 flags.DEFINE_integer('batch_size', 64, 'Global batch of the base configuration.')
 flags.DEFINE_integer('channels', 16, 'C of the base configuration.')
+flags.DEFINE_enum('space', 'darts', ['darts', 'nb201'], 'Search space (nb201: --layers is N, '
+                  'the cells per stage; NB201\'s search protocol is --layers=5).')
 flags.DEFINE_integer('layers', 8, 'Cells of the base configuration.')
 flags.DEFINE_integer('image_size', 32, 'Image side of the base configuration (quick.flags: 16).')
 flags.DEFINE_string('sweep', '', 'Comma-separated sweeps beyond the base config and its remat '
@@ -77,14 +80,15 @@ def measure(spec: dict) -> dict:
   import jax
   import numpy as np
   from snas_jax import costs, parallel, search
-  cfg = search.SearchConfig(channels=spec['channels'], layers=spec['layers'],
+  cfg = search.SearchConfig(space=spec.get('space', 'darts'), channels=spec['channels'],
+                            layers=spec['layers'],
                             batch_size=spec['batch_size'], remat=spec['remat'],
                             backend=spec['backend'], dtype=spec.get('dtype', 'float32'),
                             resource_eta=1e-3, epochs=150)
   mesh = parallel.make_mesh()
   net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=100)
   size = spec['image_size']
-  tables = costs.penalty_tables(cfg.channels, cfg.layers, size)
+  tables = costs.penalty_tables(cfg.channels, cfg.layers, size, space=cfg.space)
   t = time.perf_counter()
   backend = backends.get(spec['backend'])  # cpu: builds the C++ kernels, once per machine (cached)
   build_s = time.perf_counter() - t
@@ -122,7 +126,7 @@ def measure(spec: dict) -> dict:
           'trace_s': round(trace_s, 2), 'compile_s': round(compile_s, 2),
           'step_s': round(step_s, 3) if step_s else '-',
           'images_per_s': round(cfg.batch_size / step_s, 2) if step_s else '-',
-          'dtype': cfg.dtype,
+          'dtype': cfg.dtype, 'space': cfg.space,
           'page_faults_per_step': round(faults),
           'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
           'rss_compiled_gb': round(rss_compiled, 2),
@@ -152,7 +156,7 @@ def specs(cache_dir: str) -> list:
   base = {'batch_size': FLAGS.batch_size, 'channels': FLAGS.channels, 'layers': FLAGS.layers,
           'image_size': FLAGS.image_size,
           'remat': False, 'backend': backend_name(), 'devices': 1, 'cache': 'off',
-          'dtype': FLAGS.dtype}
+          'dtype': FLAGS.dtype, 'space': FLAGS.space}
   out = [base]
   if FLAGS.cache_variant:  # a cold run that fills a fresh cache, then one that reads it
     out = [{**base, 'cache': 'cold', 'cache_dir': cache_dir},
@@ -168,7 +172,7 @@ def specs(cache_dir: str) -> list:
 
 def backend_name() -> str:
   from snas_jax import backends
-  return backends.resolve(FLAGS.backend, dtype=FLAGS.dtype)
+  return backends.resolve(FLAGS.backend, dtype=FLAGS.dtype, space=FLAGS.space)
 
 
 def run_child(spec: dict) -> dict:
@@ -186,7 +190,7 @@ def main(argv):
   if FLAGS.child:
     print(json.dumps(measure(json.loads(FLAGS.child))), flush=True)
     return
-  cols = ('batch_size', 'channels', 'layers', 'image_size', 'devices', 'backend', 'dtype', 'ops',
+  cols = ('space', 'batch_size', 'channels', 'layers', 'image_size', 'devices', 'backend', 'dtype', 'ops',
           'memory',
           'remat', 'cache', 'build_s', 'init_s',
           'trace_s', 'compile_s', 'step_s', 'images_per_s', 'page_faults_per_step',
