@@ -241,6 +241,17 @@ class ResNetBasicBlock(nn.Module):
     return ops.conv(self.c_out, 1, name='downsample')(shortcut) + y
 
 
+def _mix(edge: nn.Module, x, z):
+  """Σ_k z[k]·op_k(x) with ``edge``'s ops as submodules, BN not affine."""
+  out = 0.0
+  for k, name in enumerate(OP_NAMES):
+    op = OPS[name].module(edge.c, 1, affine=False, name=name,
+                          track_running_stats=edge.track_running_stats)
+    if op is not None:  # 'none' adds z·0
+      out = out + z[k] * op(x, edge.train)
+  return out
+
+
 class MixedOp(nn.Module):
   """One supernet edge: Σ_k z[k]·op_k(x), BN not affine. x [N,H,W,C], z [5] -> [N,H,W,C]."""
   c: int
@@ -249,18 +260,23 @@ class MixedOp(nn.Module):
 
   @nn.compact
   def __call__(self, x, z):
-    out = 0.0
-    for k, name in enumerate(OP_NAMES):
-      op = OPS[name].module(self.c, 1, affine=False, name=name,
-                            track_running_stats=self.track_running_stats)
-      if op is not None:  # 'none' adds z·0
-        out = out + z[k] * op(x, self.train)
-    return out
+    return _mix(self, x, z)
 
 
-# A batch of edges: x [G,N,H,W,C], z [G,5] -> [G,N,H,W,C], every variable with a leading G axis.
-EdgeBatch = nn.vmap(MixedOp, in_axes=(0, 0), out_axes=0,
-                    variable_axes={'params': 0, 'batch_stats': 0}, split_rngs={'params': True})
+class _EdgeStep(MixedOp):
+  """MixedOp as the body of a scan over edges: (carry, (x, z)) -> (carry, edge output)."""
+
+  @nn.compact
+  def __call__(self, carry, xz):
+    return carry, _mix(self, *xz)
+
+
+# A batch of edges: (None, (x [G,N,H,W,C], z [G,5])) -> (None, [G,N,H,W,C]), every variable
+# with a leading G axis. A scan unrolled over the G edges, not a vmap: vmapped, the convs
+# batch into grouped convolutions, which XLA:CPU runs ~24x slower than G plain ones
+# (docs/performance.md).
+EdgeBatch = nn.scan(_EdgeStep, variable_axes={'params': 0, 'batch_stats': 0},
+                    split_rngs={'params': True}, in_axes=0, out_axes=0, unroll=NUM_NODES)
 
 
 class SearchCell(nn.Module):
@@ -279,8 +295,8 @@ class SearchCell(nn.Module):
     nodes = [0.0] * NUM_NODES
     for b, (sources, dests, rows) in enumerate(EDGE_BATCHES):
       xs = jnp.stack([states[s] for s in sources] * len(dests))  # edge g reads sources[g % S]
-      y = EdgeBatch(self.c, self.train, self.track_running_stats, name=edge_batch_name(sources))(
-          xs, z[jnp.array(rows)])
+      _, y = EdgeBatch(self.c, self.train, self.track_running_stats,
+                       name=edge_batch_name(sources))(None, (xs, z[jnp.array(rows)]))
       for i, d in enumerate(dests):
         nodes[d] = nodes[d] + y[i * len(sources):(i + 1) * len(sources)].sum(0)
       states.append(nodes[b])  # intermediate node b has all its inputs after batch b
