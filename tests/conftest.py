@@ -26,6 +26,17 @@ def script_command(script, *args, env=None):
            f'--compilation_cache_dir={CACHE_DIR}'], full_env)
 
 
+def load_experiment(name: str):
+  """experiments/<name>.py as a module (run once per call: an experiment
+  script imports torch and defines its flags only when it runs)."""
+  import importlib.util
+  path = os.path.join(ROOT, 'experiments', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def run_script(script, *args, env=None, timeout=600):
   """Runs experiments/<script> in a subprocess; returns CompletedProcess."""
   import subprocess

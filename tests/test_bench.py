@@ -3,7 +3,6 @@
 experiments/benchmarking.py's kernel count; experiments/bench_cpu_ops.py and
 experiments/bench_gpu.py: smoke runs on a tiny geometry (bench_gpu's with
 TensorFlow unimportable, as on the GPU machines)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,16 +11,12 @@ import sys
 import pytest
 from absl import flags
 
-from conftest import ROOT
+from conftest import ROOT, load_experiment
 
 
 @pytest.fixture(scope='module')
 def bench_module():
-  path = os.path.join(ROOT, 'experiments', 'bench_search.py')
-  spec = importlib.util.spec_from_file_location('bench_search', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)  # defines its flags, once
-  return module
+  return load_experiment('bench_search')  # defines its flags, once
 
 
 @pytest.fixture()

@@ -9,7 +9,6 @@ and xautodl are importable, they are also compared live. Then arch strings,
 derivation, costs and the space value.
 """
 import functools
-import importlib.util
 import itertools
 import os
 
@@ -19,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_experiment
 from snas_jax import genotypes, spaces, train
 from snas_jax.spaces import nb201
 from snas_jax.spaces.base import dag_edge_batches, dag_edges
@@ -27,15 +26,7 @@ from snas_jax.spaces.nb201 import Arch
 from test_pytorch_fidelity import _jit, mismatches
 
 
-def _load_generator():
-  path = os.path.join(ROOT, 'experiments', 'nb201_golden.py')
-  spec = importlib.util.spec_from_file_location('nb201_golden', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)  # imports torch only when it generates
-  return module
-
-
-gen = _load_generator()
+gen = load_experiment('nb201_golden')  # imports torch only when it generates
 
 # tests/test_pytorch_fidelity.py's tolerances, by the same float32 reasoning.
 # Observed |ours − xautodl| on these networks: ≤ 1.3e-6 on gradients,

@@ -9,7 +9,6 @@ the first test needs no torch. Drop-path is off on both sides (the child runs
 its drop-path code at rate 0, an all-ones mask).
 """
 import functools
-import importlib.util
 import os
 
 import jax
@@ -18,21 +17,13 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_experiment
 from snas_jax import genotypes, train
 from snas_jax.child_model import NetworkCIFAR
 from snas_jax.search_model import SearchNetwork
 
 
-def _load_generator():
-  path = os.path.join(ROOT, 'experiments', 'pytorch_golden.py')
-  spec = importlib.util.spec_from_file_location('pytorch_golden', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)  # imports torch only when it generates
-  return module
-
-
-gen = _load_generator()
+gen = load_experiment('pytorch_golden')  # imports torch only when it generates
 
 # Elementwise |ours − PyTorch| ≤ atol + rtol·|PyTorch|. float32 rounds at
 # ε = 1.2e-7, and the two frameworks sum the same terms in different orders:
