@@ -148,12 +148,16 @@ def test_wheel_installs_every_runtime_file(venv, tmp_path):
 
 def test_installed_console_script_runs_a_search_step(venv, tmp_path, cifar_dir):
   """snas-search from another folder: --config read from the package, the
-  restart (the CPU backend's memory tuning re-executes the console script),
-  the native kernels, one step and its checkpoint."""
+  data found through $SNAS_JAX_DATA_DIR (an installed package has no
+  checkout around it), the restart (the CPU backend's memory tuning
+  re-executes the console script), the native kernels, one step and its
+  checkpoint."""
   proc = run([venv / 'bin' / 'snas-search', '--config=quick', f'--workdir={tmp_path / "w"}',
-              f'--data_dir={cifar_dir}', *TINY_SEARCH, *NATIVE_FLAGS,
+              *TINY_SEARCH, *NATIVE_FLAGS,
               '--epochs=1', '--stop_after_step=1', f'--compilation_cache_dir={CACHE_DIR}'],
-             cwd=tmp_path, timeout=600)
+             cwd=tmp_path, timeout=600, SNAS_JAX_DATA_DIR=cifar_dir)
+  assert proc.stdout.startswith(
+      f'CIFAR-10: npz copy in {os.path.abspath(cifar_dir)} ($SNAS_JAX_DATA_DIR)\n'), proc.stdout
   assert 'stopped after step 1' in proc.stdout
   assert 'kernels unavailable' not in proc.stderr
   assert any((tmp_path / 'w' / 'checkpoints').iterdir())
