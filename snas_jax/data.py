@@ -86,6 +86,10 @@ def normalize(images, mean=CIFAR_MEAN, std=CIFAR_STD):
 # environment variable, else the one beside the repository's checkouts, else tfds.
 DATA_DIR_ENV = 'SNAS_JAX_DATA_DIR'
 AUTO = 'auto'
+# The --data_dir flag's help, for the search and retraining alike.
+DATA_DIR_HELP = ('CIFAR-10: folder with train.npz / test.npz, read in place. auto: '
+                 '$SNAS_JAX_DATA_DIR, else ../shared/data/cifar10 beside the repository, else '
+                 'tensorflow-datasets (downloaded on first use). Empty: tensorflow-datasets.')
 _NO_DATA = ('pass --data_dir=<folder with train.npz, test.npz> (or set $SNAS_JAX_DATA_DIR), or '
             'run with a network so that tensorflow-datasets can download it')
 

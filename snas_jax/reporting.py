@@ -433,6 +433,21 @@ def _arc(x0: float, x1: float, height: float):
   return start, ctrl, end
 
 
+def cell_canvas(width: float, x_lim: tuple, y_lim: tuple, title: str, title_x: float,
+                fontsize: int):
+  """(figure, axes) for a cell drawing: equal aspect, no axes, ``title`` on top."""
+  (x_low, x_high), (y_low, y_high) = x_lim, y_lim
+  fig = Figure(figsize=(width, width * (y_high - y_low) / (x_high - x_low)), dpi=120)
+  ax = fig.add_axes([0.0, 0.0, 1.0, 1.0])
+  ax.set_aspect('equal')
+  ax.axis('off')
+  ax.set_xlim(x_low, x_high)
+  ax.set_ylim(y_low, y_high)
+  if title:
+    ax.text(title_x, y_high - 0.35, title, ha='center', va='center', fontsize=fontsize)
+  return fig, ax
+
+
 def _draw_cell_matplotlib(edges, path: str, title: str, concat) -> str:
   # Column of each state on the line; 'out' is c_{k}.
   col = {s: s for s in range(NUM_INPUT_STATES + NUM_NODES)}
@@ -442,16 +457,7 @@ def _draw_cell_matplotlib(edges, path: str, title: str, concat) -> str:
   # Tallest arcs: c_{k-2} -> node 3 below, node 0 -> c_{k} above.
   y_low = -(_ARC_HEIGHT * (NUM_INPUT_STATES + NUM_NODES - 1) + 0.4)
   y_high = _ARC_HEIGHT * NUM_NODES + 0.4 + (0.7 if title else 0.0)
-  x_low, x_high = -0.8, x['out'] + 0.8
-  width = 12.0
-  fig = Figure(figsize=(width, width * (y_high - y_low) / (x_high - x_low)), dpi=120)
-  ax = fig.add_axes([0.0, 0.0, 1.0, 1.0])
-  ax.set_aspect('equal')
-  ax.axis('off')
-  ax.set_xlim(x_low, x_high)
-  ax.set_ylim(y_low, y_high)
-  if title:
-    ax.text(x['out'] / 2, y_high - 0.35, title, ha='center', va='center', fontsize=14)
+  fig, ax = cell_canvas(12.0, (-0.8, x['out'] + 0.8), (y_low, y_high), title, x['out'] / 2, 14)
 
   def draw_node(key, label, face, dashed=False):
     ax.add_patch(Circle((x[key], 0.0), _NODE_RADIUS, facecolor=face, edgecolor='black',
@@ -464,7 +470,7 @@ def _draw_cell_matplotlib(edges, path: str, title: str, concat) -> str:
     draw_node(node + NUM_INPUT_STATES, str(node),
               '#add8e6' if node in fed else '#eeeeee', dashed=node not in fed)
   draw_node('out', f'${_OUTPUT_NAME}$', '#eee8aa')
-  ax.text(x_low + 0.2, y_low + 0.2, 'grey dashed arrows: concatenation into $c_{k}$'
+  ax.text(-0.6, y_low + 0.2, 'grey dashed arrows: concatenation into $c_{k}$'
           + ('' if fed == set(range(NUM_NODES)) else ';  dashed node: no inputs (zeros)'),
           ha='left', va='bottom', fontsize=8.5, color='0.4')
 

@@ -32,10 +32,7 @@ from snas_jax.config import BACKEND_HELP, field
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
   # Data.
-  data_dir: str = field('auto', 'Folder with the CIFAR-10 npz copy (train.npz, test.npz), read '
-                        'in place. auto: $SNAS_JAX_DATA_DIR, else ../shared/data/cifar10 beside '
-                        'the repository, else tensorflow-datasets (downloaded on first use). '
-                        'Empty: tensorflow-datasets.')
+  data_dir: str = field(data.AUTO, data.DATA_DIR_HELP)
   tfds_data_dir: str = field('', 'tensorflow-datasets data dir for cifar10 when it is read '
                              'through tfds; empty: the tfds default.')
   dataset: str = field('cifar10', 'Data set to search on: cifar10 or cifar100 (tensorflow-'

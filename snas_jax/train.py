@@ -114,10 +114,7 @@ class TrainConfig:
   grad_clip: float = field(5.0, 'Clip the gradient\'s global norm to this; 0 disables clipping.')
   label_smoothing: float = field(0.0, 'Label smoothing of the training loss (0.1 on ImageNet).')
   # Data.
-  data_dir: str = field('auto', 'CIFAR-10: folder with train.npz / test.npz, read in place. '
-                        'auto: $SNAS_JAX_DATA_DIR, else ../shared/data/cifar10 beside the '
-                        'repository, else tensorflow-datasets (downloaded on first use). Empty: '
-                        'tensorflow-datasets.')
+  data_dir: str = field(data.AUTO, data.DATA_DIR_HELP)
   tfds_data_dir: str = field('', 'tfds data folder (ImageNet: imagenet2012, prepared from the '
                              'manual download); empty: the tfds default.')
   cutout: int = field(16, 'CIFAR-10: side of the cutout square (0 = off).')

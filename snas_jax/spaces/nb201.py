@@ -586,7 +586,6 @@ def draw_arch(arch: Arch, path: str, title: str = '') -> str:
   """Draws the cell to a PNG at ``path``: nodes 0 (input) .. 3 (output) on a line, edges from
   the input below it, the others above; ``none`` edges are not drawn, a node no edge feeds is
   dashed, and a cell with no path from input to output says so. Returns ``path``."""
-  from matplotlib.figure import Figure
   from matplotlib.patches import Circle, FancyArrowPatch
   from matplotlib.path import Path
   from snas_jax import reporting
@@ -594,16 +593,9 @@ def draw_arch(arch: Arch, path: str, title: str = '') -> str:
   radius, step, rise = reporting._NODE_RADIUS, reporting._X_STEP, reporting._ARC_HEIGHT
   edges = [(op, state, node + 1) for (node, state), op in zip(EDGES, arch.ops) if op != 'none']
   fed = {node for _, _, node in edges}
-  x_low, x_high = -0.8, step * NUM_NODES + 0.8
-  y_low, y_high = -(rise * NUM_NODES + 0.6), rise * (NUM_NODES - 1) + 0.6 + (0.7 if title else 0)
-  fig = Figure(figsize=(8.0, 8.0 * (y_high - y_low) / (x_high - x_low)), dpi=120)
-  ax = fig.add_axes([0.0, 0.0, 1.0, 1.0])
-  ax.set_aspect('equal')
-  ax.axis('off')
-  ax.set_xlim(x_low, x_high)
-  ax.set_ylim(y_low, y_high)
-  if title:
-    ax.text(step * NUM_NODES / 2, y_high - 0.35, title, ha='center', va='center', fontsize=9)
+  y_lim = (-(rise * NUM_NODES + 0.6), rise * (NUM_NODES - 1) + 0.6 + (0.7 if title else 0))
+  fig, ax = reporting.cell_canvas(8.0, (-0.8, step * NUM_NODES + 0.8), y_lim, title,
+                                  step * NUM_NODES / 2, 9)
   for state in range(NUM_NODES + 1):
     face = ('#c1ffc1' if state == 0 else '#eee8aa' if state == NUM_NODES else '#add8e6')
     dashed = state > 0 and state not in fed
@@ -623,7 +615,7 @@ def draw_arch(arch: Arch, path: str, title: str = '') -> str:
   note = 'node 0: the cell input; node 3: its output'
   if arch.disconnection():
     note += ';  NO PATH from input to output: the cell outputs zeros'
-  ax.text(x_low + 0.2, y_low + 0.15, note, ha='left', va='bottom', fontsize=8, color='0.3')
+  ax.text(-0.6, y_lim[0] + 0.15, note, ha='left', va='bottom', fontsize=8, color='0.3')
   return reporting._save_figure(fig, path)
 
 
