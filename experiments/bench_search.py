@@ -172,7 +172,7 @@ def specs(cache_dir: str) -> list:
 
 def backend_name() -> str:
   from snas_jax import backends
-  return backends.resolve(FLAGS.backend, dtype=FLAGS.dtype, space=FLAGS.space)
+  return backends.resolve(FLAGS.backend, dtype=FLAGS.dtype)
 
 
 def run_child(spec: dict) -> dict:

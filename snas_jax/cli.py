@@ -55,11 +55,11 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def start_backend(name: str, dtype: str = 'float32', space: str = 'darts') -> str:
+def start_backend(name: str, dtype: str = 'float32') -> str:
   """Resolves --backend (for --dtype) before JAX starts and applies the CPU
   backend's process settings where it runs (they are read when JAX starts its
   CPU client; memory tuning restarts the script once). Returns the backend's name."""
-  resolved = backends.resolve(name, dtype=dtype, space=space)
+  resolved = backends.resolve(name, dtype=dtype)
   if resolved == 'cpu':
     from snas_jax.backends.cpu import process
     process.configure(FLAGS.tune_memory, FLAGS.cpu_devices)
@@ -97,8 +97,7 @@ def main(run_fn, config_cls, summary_fn=None) -> None:
       return
     if not FLAGS.workdir:
       raise ValueError('--workdir is required: the folder for checkpoints and outputs')
-    cfg = dataclasses.replace(cfg, backend=start_backend(cfg.backend, cfg.dtype,
-                                                         getattr(cfg, 'space', 'darts')))
+    cfg = dataclasses.replace(cfg, backend=start_backend(cfg.backend, cfg.dtype))
     enable_compilation_cache(FLAGS.compilation_cache_dir)
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)

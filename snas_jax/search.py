@@ -439,7 +439,7 @@ class SearchTask(loop.Task):
     """Every check that needs no compile (data, batch sizes) happens here."""
     self.cfg = cfg
     self.space = spaces.get(cfg.space)
-    self.backend = backends.get(backends.resolve(cfg.backend, dtype=cfg.dtype, space=cfg.space))
+    self.backend = backends.get(backends.resolve(cfg.backend, dtype=cfg.dtype))
     self.benchmark = benchmark.check_benchmark_flag(cfg.space, cfg.benchmark_dir)
     arrays = load_data(cfg)
     self.mesh = parallel.make_mesh()

@@ -524,7 +524,7 @@ def make_steps(config: TrainConfig, genotype: genotypes.Genotype, mesh,
                steps_per_epoch: int) -> Steps:
   spec = _StepSpec(genotype, config.space, config.dataset, config.channels, config.layers, image_size(config),
                    config.auxiliary_weight, config.label_smoothing, config.remat,
-                   backends.resolve(config.backend, dtype=config.dtype, space=config.space), config.dtype, config.init,
+                   backends.resolve(config.backend, dtype=config.dtype), config.dtype, config.init,
                    config.grad_clip, config.weight_decay, config.momentum, config.learning_rate,
                    config.lr_schedule, config.lr_min, config.lr_decay, config.epochs,
                    steps_per_epoch)

@@ -1,6 +1,7 @@
 """--space=nb201 through the search: a tiny NAS-Bench-201 search end to end
 on the reference backend (CLI, resume, outputs, the benchmark's record per
-epoch), GDAS at the step level, and the one-line refusals."""
+epoch) and on the CPU backend (resume), GDAS at the step level, and the
+one-line refusals."""
 import json
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import search_cli
-from snas_jax import backends, costs, reporting, search
+from snas_jax import costs, reporting, search
 from snas_jax.spaces import nb201
 
 # C = 4, N = 1 (3 cells), 8x8 images, 128 training images: 4 steps of 32 in
@@ -95,6 +96,21 @@ def test_resume_with_the_benchmark_ends_as_the_uninterrupted_run(nb201_search, t
   assert json.loads((workdir / 'summary.json').read_text())['benchmark'] == want
 
 
+def test_cpu_backend_search_resumed_ends_as_the_reference_run(nb201_search, tmp_path, cifar_dir):
+  """On the CPU backend (its process settings; NB201's ops have no CPU form, so
+  the reference modules run), stopped after step 2 with --backend=cpu and
+  resumed with --backend=auto (the CPU backend on this host): the same α and
+  cells as the uninterrupted reference run."""
+  workdir = tmp_path / 'cpu'
+  stopped = search_cli(workdir, cifar_dir, *NB201, '--backend=cpu', '--stop_after_step=2')
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  assert not (workdir / 'genotype.json').exists()
+  resumed = search_cli(workdir, cifar_dir, *NB201, '--backend=auto')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  for name in ('genotype.json', 'alpha_cell.npy'):
+    assert (workdir / name).read_bytes() == (nb201_search / name).read_bytes(), name
+
+
 def test_gdas_search_step_on_nb201():
   """--method=gdas --space=nb201 at the step level: one-hot Z per step, α
   learns, the child is the DARTS rule's cell (no none)."""
@@ -125,10 +141,6 @@ def test_gdas_search_step_on_nb201():
 
 
 def test_one_line_refusals():
-  with pytest.raises(ValueError, match='the CPU backend has no networks for --space=nb201'):
-    backends.resolve('cpu', space='nb201')
-  assert backends.resolve('auto', platform='cpu', space='nb201') == 'reference'
-  assert backends.resolve('auto', platform='cpu', space='darts') == 'cpu'
   with pytest.raises(ValueError, match='for --space=nb201; a --space=darts search has no benchmark'):
     search.SearchTask(search.SearchConfig(benchmark_dir='/nonexistent', backend='reference'))
   with pytest.raises(ValueError, match='the NB201 supernet has no drop-path'):

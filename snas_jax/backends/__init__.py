@@ -59,23 +59,15 @@ def host_platform() -> str:
   return 'accelerator' if any(n.startswith(_ACCELERATOR_PLUGINS) for n in names) else 'cpu'
 
 
-def resolve(name: str, platform: str | None = None, dtype: str = 'float32',
-            space: str = 'darts') -> str:
-  """'auto' -> 'cpu' on a CPU-only host computing in float32 a space the CPU
-  backend has networks for, 'reference' elsewhere; other names as given (a
-  one-line ValueError for 'cpu' with a space it cannot run).
-  ``platform``: 'cpu' or 'accelerator' (default: ``host_platform()``);
-  ``dtype``: the network's compute dtype (--dtype); ``space``: --space."""
+def resolve(name: str, platform: str | None = None, dtype: str = 'float32') -> str:
+  """'auto' -> 'cpu' on a CPU-only host computing in float32, 'reference'
+  elsewhere; other names as given. ``platform``: 'cpu' or 'accelerator'
+  (default: ``host_platform()``); ``dtype``: the network's compute dtype (--dtype)."""
   if name not in NAMES:
     raise ValueError(f'unknown --backend={name!r}; choose one of {", ".join(NAMES)}')
-  from snas_jax import spaces  # JAX is imported, not started
-  on_cpu_backend = spaces.get(space).cpu_backend
-  if name == 'cpu' and not on_cpu_backend:
-    raise ValueError(f'the CPU backend has no networks for --space={space}: use '
-                     f'--backend=reference (or auto)')
   if name == 'auto':
     cpu_only = (platform or host_platform()) == 'cpu'
-    return 'cpu' if cpu_only and dtype == 'float32' and on_cpu_backend else 'reference'
+    return 'cpu' if cpu_only and dtype == 'float32' else 'reference'
   return name
 
 

@@ -107,8 +107,6 @@ class SearchSpace:
   check_network: Callable[[int, int], None]
   # The genotype a retraining's --arch names (a published cell, an arch string).
   genotype_from_flag: Callable[[str], Any]
-  # Whether the CPU backend (backends/cpu) has this space's networks.
-  cpu_backend: bool = False
 
   def __post_init__(self):
     if self.cell_output not in CELL_OUTPUTS:

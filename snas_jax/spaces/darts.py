@@ -137,5 +137,4 @@ SPACE = SearchSpace(
     one_hot=one_hot,
     check_network=check_network,
     genotype_from_flag=genotypes.published,
-    cpu_backend=True,
 )

@@ -290,16 +290,18 @@ def test_lax_and_shift_networks_agree_in_loss_and_gradients():
     _compare_grads(g_lax, results[impl][1])
 
 
-def test_checkpoint_crosses_backends(tmp_path):
+@pytest.mark.parametrize('space,layers,drop_path', [('darts', 3, 0.2), ('nb201', 1, 0.0)])
+def test_checkpoint_crosses_backends(tmp_path, space, layers, drop_path):
   """A search state checkpointed under one backend restores under the other
   and continues: from the restored state, a step on either backend gives the
-  same loss and the same updated α (both directions, through Orbax)."""
-  from snas_jax import backends, checkpoint, costs, parallel, search
-  cfg = search.SearchConfig(channels=4, layers=3, batch_size=8, epochs=1, resource_eta=1e-3,
-                            drop_path=0.2)
+  same loss and the same updated α (both directions, through Orbax). NB201:
+  the CPU backend runs its reference modules under its own init path."""
+  from snas_jax import backends, checkpoint, costs, parallel, search, spaces
+  cfg = search.SearchConfig(space=space, channels=4, layers=layers, batch_size=8, epochs=1,
+                            resource_eta=1e-3, drop_path=drop_path)
   net, tx = search.make_network(cfg), search.make_optimizer(cfg, steps_per_epoch=10)
   mesh = parallel.make_mesh()
-  tables = costs.penalty_tables(cfg.channels, cfg.layers, HW)
+  tables = costs.penalty_tables(cfg.channels, cfg.layers, HW, space=space)
   steps = {name: search.make_train_step(cfg, backends.get(name).bind(net), tx, tables, mesh)
            for name in ('reference', 'cpu')}
   rng = np.random.default_rng(0)
@@ -323,7 +325,7 @@ def test_checkpoint_crosses_backends(tmp_path):
     after = {name: jax.device_get(steps[name](copy(restored), batches[1], tau))
              for name in (second, first)}
     np.testing.assert_allclose(after[second][1]['loss'], after[first][1]['loss'], rtol=1e-5)
-    for cell in ('normal', 'reduce'):
+    for cell in spaces.get(space).cell_types:
       np.testing.assert_allclose(after[second][0].params['alpha'][cell],
                                  after[first][0].params['alpha'][cell], rtol=1e-5, atol=1e-7)
     assert int(after[second][0].step) == int(state.step) + 1 == i + 2

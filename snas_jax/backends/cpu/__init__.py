@@ -6,7 +6,8 @@ forms (``ops``), the C++ kernels built on first use (``native``), the
 networks built from them (``search_model``, ``child_model``), the map between
 their variable layout and the reference's (``layout``), fast init, and the
 process settings XLA:CPU wants (``process``). docs/cpu_backend.md says what
-each piece fuses and why.
+each piece fuses and why. A network it has no forms for (NB201's) runs as
+the reference modules themselves, under the same process settings.
 
 Float32 only: its kernels and fused VJPs are written for float32, so a
 network with another compute dtype (``--dtype=bfloat16``) is refused here and
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 
 from snas_jax import child_model as reference_child
 from snas_jax import search_model as reference_search
+from snas_jax.backends import reference
 from snas_jax.backends.cpu import child_model, layout, native, ops, search_model
 
 _NETWORKS = {reference_search.SearchNetwork: search_model.SearchNetwork,
@@ -64,24 +66,30 @@ class CpuBackend:
     ops.resolve_impl(self.impl)  # 'native' without kernels: one line saying why
 
   def cpu_network(self, network, impl: str | None = None):
-    cls = _NETWORKS.get(type(network))
-    if cls is None:
-      raise TypeError(f'the CPU backend has no form of {type(network).__name__}')
-    if jnp.dtype(network.dtype) != jnp.float32:
+    """``network`` built from this backend's forms, or None where it has none
+    (then the reference modules themselves run: NB201's networks)."""
+    if jnp.dtype(getattr(network, 'dtype', jnp.float32)) != jnp.float32:
       raise ValueError(f'the CPU backend computes in float32 only: use --backend=reference '
                        f'with --dtype={jnp.dtype(network.dtype).name}')
+    cls = _NETWORKS.get(type(network))
+    if cls is None:
+      return None
     fields = {f.name: getattr(network, f.name) for f in dataclasses.fields(network)
               if f.init and f.name not in ('parent', 'name', 'dtype')}
     return cls(**fields, impl=impl or self.impl)
 
-  def bind(self, network) -> CpuModel:
-    return CpuModel(network, self.cpu_network(network))
+  def bind(self, network):
+    cpu = self.cpu_network(network)
+    return network if cpu is None else CpuModel(network, cpu)
 
   def init_variables(self, network, rngs, *args, **kwargs) -> dict:
     """All drawn parameters from one host-side stream (``ops.init_with_one_draw``:
     XLA:CPU compiles a per-parameter random draw slowly), traced with the
-    compact 'lax' ops (the parameters do not depend on the ops' form)."""
+    compact 'lax' ops (the parameters do not depend on the ops' form). A
+    network without this backend's forms: drawn as the reference draws it."""
     cpu = self.cpu_network(network, impl='lax')
+    if cpu is None:
+      return reference.ReferenceBackend().init_variables(network, rngs, *args, **kwargs)
     like = jax.eval_shape(lambda: network.init(rngs, *args, **kwargs))
     key = rngs['params'] if isinstance(rngs, dict) else rngs
     return ops.init_with_one_draw(
