@@ -277,10 +277,11 @@ def cell_specs() -> list:
 
 def measure_cell(spec: dict) -> dict:
   import jax
-  from snas_jax.backends.cpu import ops, search_model
+  from snas_jax import search_model
+  from snas_jax.backends.cpu import forms, ops
   n, size, c = FLAGS.batch_size, FLAGS.image_size, FLAGS.channels
   cell = search_model.SearchCell(c, reduction=False, reduction_prev=False, train=True,
-                                 impl=spec['impl'])
+                                 forms=forms.forms(spec['impl']))
   z = jax.nn.softmax(normal(14, 8))
   off = [] if spec['materialize'] else [
       mock.patch.object(ops, 'materialize', lambda x, after=None: x),

@@ -36,6 +36,7 @@ from flax import linen as nn
 
 from snas_jax import ops
 from snas_jax.genotypes import NUM_INPUT_STATES, Genotype, reduction_layers
+from snas_jax.search_model import REFERENCE, Forms
 
 AUX_SCOPE = 'auxiliary_head'  # parameter subtree excluded from the paper's counts
 INITS = ('snas', 'pytorch')
@@ -72,14 +73,16 @@ class ChildCell(nn.Module):
   c: int
   reduction: bool
   reduction_prev: bool
+  forms: Forms = REFERENCE
 
   @nn.compact
   def __call__(self, s0, s1, drop_rate, train: bool):
+    forms = self.forms
     if self.reduction_prev:
-      s0 = ops.FactorizedReduce(self.c, name='preprocess0')(s0, train)
+      s0 = forms.factorized_reduce(self.c, affine=True, name='preprocess0')(s0, train)
     else:
-      s0 = ops.ReLUConvBN(self.c, name='preprocess0')(s0, train)
-    s1 = ops.ReLUConvBN(self.c, name='preprocess1')(s1, train)
+      s0 = forms.relu_conv_bn(self.c, affine=True, name='preprocess0')(s0, train)
+    s1 = forms.relu_conv_bn(self.c, affine=True, name='preprocess1')(s1, train)
     states = [s0, s1]
     n, h, w, c = s1.shape
     # Every op of a stride-2 edge yields ceil(H/2) (pad 'same', stride 2).
@@ -88,11 +91,11 @@ class ChildCell(nn.Module):
       total = None
       for j, (name, state) in enumerate(edges):
         stride = 2 if self.reduction and state < NUM_INPUT_STATES else 1
-        op = ops.make_op(name, self.c, stride, affine=True, op_name=f'node{node}_edge{j}_{name}')
+        op = forms.op(name, self.c, stride, affine=True, op_name=f'node{node}_edge{j}_{name}')
         if op is None:  # 'none': nothing to compute, no parameters
           continue
         y = op(states[state], train)
-        if train and not isinstance(op, ops.Identity):
+        if train and not (name == 'skip_connect' and stride == 1):  # the identity
           y = drop_path(y, drop_rate, self.make_rng('dropout'))
         total = y if total is None else total + y
       states.append(jnp.zeros(node_shape, s1.dtype) if total is None else total)
@@ -135,13 +138,16 @@ class _ChildNetwork(nn.Module):
   auxiliary: bool = True
   remat: bool = False  # recompute each cell in the backward pass (less memory)
   dtype: jnp.dtype = jnp.float32  # convolutions and activations (parameters, BN stats: float32)
+  forms: Forms = REFERENCE  # what the cells run (a backend binds its own)
 
   def stem(self, images, train: bool):
     raise NotImplementedError
 
   def make_cell(self, cell: tuple, c: int, reduction: bool, reduction_prev: bool, name: str):
-    cell_cls = nn.remat(ChildCell, static_argnums=(4,)) if self.remat else ChildCell
-    return cell_cls(cell, self.genotype.concat, c, reduction, reduction_prev, name=name)
+    remat = self.remat and self.forms.remat_cells
+    cell_cls = nn.remat(ChildCell, static_argnums=(4,)) if remat else ChildCell
+    return cell_cls(cell, self.genotype.concat, c, reduction, reduction_prev, self.forms,
+                    name=name)
 
   # (first cell reads a reduced s0?, aux pool stride, aux BN after the 768 conv)
   reduction_prev_at_start = False

@@ -16,6 +16,9 @@ batches per cell instead of 14 edges, so accelerators compile a small graph.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -55,50 +58,95 @@ def edge_batch_name(sources) -> str:
   return f'edges_from_{"_".join(map(str, sources))}'
 
 
+def mix_edge_batch(states, z, rows, keep, *, c: int, stride: int, train: bool, name: str):
+  """The node inputs of one batch of edges, as the reference computes them:
+  ``EdgeBatch`` over every (destination, source) pair, edge g = d·S + s reads
+  ``states[s]`` and has Z row ``rows[g]``; its output is scaled by ``keep``
+  [G, N or 1] (drop-path) and summed into destination d. -> tuple of the
+  fan_out = G / S node inputs [N,H',W',C]."""
+  n_src, fan_out = len(states), len(rows) // len(states)
+  x = jnp.stack(list(states) * fan_out)
+  y = EdgeBatch(c, stride, train, name=name)(x, jnp.asarray(z)[jnp.array(rows)])
+  y = y * keep.reshape(keep.shape + (1, 1, 1)).astype(y.dtype)
+  return tuple(y[d * n_src:(d + 1) * n_src].sum(0) for d in range(fan_out))
+
+
+@dataclasses.dataclass(frozen=True)
+class Forms:
+  """What the cells of the DARTS space (``SearchCell`` here, ``child_model.ChildCell``)
+  run: the reference modules (``REFERENCE``) or a backend's own forms of them
+  (the CPU backend's ``backends.cpu.forms``). Each builds its module inside
+  the calling cell, under the name given, so that the variables are named
+  as the reference's whichever forms run; one cell loop serves every backend.
+
+  * ``relu_conv_bn(c_out, affine, name)``, ``factorized_reduce(c_out, affine,
+    name)``: the cell's input preprocessing, a module called ``(x [N,H,W,C], train)``;
+  * ``op(name, c, stride, *, affine, op_name)``: one child edge's op, a module
+    called ``(x, train)``, or None for 'none' (never computed);
+  * ``edge_batch(states, z, rows, keep, *, c, stride, train, name)``: the node
+    inputs of a batch of search edges (``mix_edge_batch``);
+  * ``remat_cells``: whether the networks' ``remat`` recomputes whole cells
+    (``nn.remat``); False where the forms take ``remat`` into their ops.
+  """
+  relu_conv_bn: Callable[..., Any]
+  factorized_reduce: Callable[..., Any]
+  op: Callable[..., Any]
+  edge_batch: Callable[..., Any]
+  remat_cells: bool = True
+
+
+def _reference_op(name: str, c: int, stride: int, *, affine: bool = True, op_name=None):
+  return ops.make_op(name, c, stride, affine=affine, op_name=op_name)
+
+
+REFERENCE = Forms(relu_conv_bn=ops.ReLUConvBN, factorized_reduce=ops.FactorizedReduce,
+                  op=_reference_op, edge_batch=mix_edge_batch)
+
+
 class SearchCell(nn.Module):
   """One search cell: s0, s1 [N,H,W,C_prev*], z [14, 8] -> [N,H',W',4C].
 
   ``drop_path``: in training each edge's output is zeroed per image with this
-  probability and the rest scaled by 1/(1 − p).
+  probability and the rest scaled by 1/(1 − p). ``forms``: the modules it
+  runs (``Forms``).
   """
   c: int
   reduction: bool
   reduction_prev: bool
   train: bool
   drop_path: float = 0.0
+  forms: Forms = REFERENCE
 
   @nn.compact
   def __call__(self, s0, s1, z):
+    forms = self.forms
     if self.reduction_prev:
-      s0 = ops.FactorizedReduce(self.c, affine=False, name='preprocess0')(s0, self.train)
+      s0 = forms.factorized_reduce(self.c, affine=False, name='preprocess0')(s0, self.train)
     else:
-      s0 = ops.ReLUConvBN(self.c, affine=False, name='preprocess0')(s0, self.train)
-    s1 = ops.ReLUConvBN(self.c, affine=False, name='preprocess1')(s1, self.train)
+      s0 = forms.relu_conv_bn(self.c, affine=False, name='preprocess0')(s0, self.train)
+    s1 = forms.relu_conv_bn(self.c, affine=False, name='preprocess1')(s1, self.train)
     states = [s0, s1]
     nodes = [0.0] * NUM_NODES
     for b, (sources, dests, rows) in enumerate(edge_batches()):
       # Edges leaving the cell inputs stride 2 in a reduction cell.
       stride = 2 if self.reduction and sources[0] < NUM_INPUT_STATES else 1
-      x = jnp.stack([states[s] for s in sources] * len(dests))  # edge g reads sources[g % S]
-      y = EdgeBatch(self.c, stride, self.train, name=edge_batch_name(sources))(
-          x, jnp.asarray(z)[jnp.array(rows)])
-      y = y * drop_path_scale(self, y.shape[:2], y.dtype)
-      for i, d in enumerate(dests):  # node d += Σ over its edges in this batch
-        nodes[d] = nodes[d] + y[i * len(sources):(i + 1) * len(sources)].sum(0)
+      keep = drop_path_scale(self, (len(rows), s1.shape[0]))
+      inputs = forms.edge_batch([states[s] for s in sources], z, rows, keep, c=self.c,
+                                stride=stride, train=self.train, name=edge_batch_name(sources))
+      for d, node_input in zip(dests, inputs):  # node d += Σ over its edges in this batch
+        nodes[d] = nodes[d] + node_input
       states.append(nodes[b])  # node b has all its inputs once batch b is done
     return jnp.concatenate(nodes, axis=-1)
 
 
-def drop_path_scale(cell: nn.Module, edges_by_images, dtype) -> jax.Array:
-  """Per-(edge, image) drop-path scale [G,N,1,1,1] in ``dtype``: Bernoulli(1 − p)/(1 − p)
-  in training with p = ``cell.drop_path`` > 0, else ones."""
+def drop_path_scale(cell: nn.Module, edges_by_images) -> jax.Array:
+  """Per-(edge, image) drop-path scale [G, N], float32: Bernoulli(1 − p)/(1 − p)
+  in training with p = ``cell.drop_path`` > 0, else ones [G, 1]."""
   g, n = edges_by_images
   if cell.train and cell.drop_path > 0:
     keep = 1.0 - cell.drop_path
-    scale = jax.random.bernoulli(cell.make_rng('dropout'), keep, (g, n)) / keep
-  else:
-    scale = jnp.ones((g, 1))
-  return scale.reshape(scale.shape + (1, 1, 1)).astype(dtype)
+    return jax.random.bernoulli(cell.make_rng('dropout'), keep, (g, n)) / keep
+  return jnp.ones((g, 1))
 
 
 class SearchNetwork(nn.Module):
@@ -109,7 +157,8 @@ class SearchNetwork(nn.Module):
   channels. ``remat`` recomputes each cell in the backward pass (less
   memory, more compute). ``dtype``: what the convolutions and activations
   compute in (mixed precision with bfloat16); parameters, BN statistics and
-  the logits stay float32.
+  the logits stay float32. ``forms``: what its cells run (``Forms``; a
+  backend binds its own).
   """
   c: int = 16
   num_classes: int = 10
@@ -118,10 +167,12 @@ class SearchNetwork(nn.Module):
   drop_path: float = 0.0
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
+  forms: Forms = REFERENCE
 
   def make_cell(self, c: int, reduction: bool, reduction_prev: bool, train: bool, name: str):
-    cell_cls = nn.remat(SearchCell) if self.remat else SearchCell
-    return cell_cls(c, reduction, reduction_prev, train, self.drop_path, name=name)
+    remat = self.remat and self.forms.remat_cells
+    cell_cls = nn.remat(SearchCell) if remat else SearchCell
+    return cell_cls(c, reduction, reduction_prev, train, self.drop_path, self.forms, name=name)
 
   @nn.compact
   def __call__(self, images, z, train: bool):

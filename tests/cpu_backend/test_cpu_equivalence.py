@@ -18,7 +18,7 @@ import pytest
 from snas_jax import child_model, genotypes, sampling, search_model
 from snas_jax.backends import cpu
 from snas_jax.backends.cpu import layout
-from snas_jax.backends.cpu import search_model as cpu_sm
+from snas_jax.backends.cpu import forms as cpu_forms
 from snas_jax.genotypes import NUM_EDGES, NUM_OPS, PRIMITIVES
 
 # The CPU backend runs on the CPU: skipped where JAX runs on another platform.
@@ -82,7 +82,7 @@ def test_lax_and_shift_mixed_edges_agree_in_loss_and_gradients():
   results = {}
   for impl, remat in (('lax', False), ('shift', False), ('shift', True), ('native', False),
                       ('native', True)):
-    edges = cpu_sm.MixedEdges(C, stride=2, fan_out=4, train=True, impl=impl, remat=remat)
+    edges = cpu_forms.MixedEdges(C, stride=2, fan_out=4, train=True, impl=impl, remat=remat)
     if impl == 'lax':
       variables = _variables(jax.eval_shape(lambda: edges.init(jax.random.key(0), x, z, keep)), 8)
       # The zero op is never built: 7 op modules (the pools hold only BN
@@ -244,7 +244,8 @@ def test_lax_and_shift_cells_agree_in_loss_and_gradients():
   weights = rng.normal(size=(N, HW // 2, HW // 2, 4 * C)).astype(np.float32)
   results = {}
   for impl in ('lax', 'shift', 'native'):
-    cell = cpu_sm.SearchCell(C, reduction=True, reduction_prev=False, train=True, impl=impl)
+    cell = search_model.SearchCell(C, reduction=True, reduction_prev=False, train=True,
+                                   forms=cpu_forms.forms(impl))
     if impl == 'lax':
       variables = _variables(jax.eval_shape(lambda: cell.init(jax.random.key(0), s0, s1, UNIFORM)), 8)
 
@@ -273,7 +274,7 @@ def test_lax_and_shift_networks_agree_in_loss_and_gradients():
   zr = jax.nn.softmax(jnp.asarray(rng.normal(size=(NUM_EDGES, NUM_OPS)), jnp.float32))
   results = {}
   for impl in ('lax', 'shift', 'native'):
-    net = cpu_sm.SearchNetwork(**TINY, impl=impl)
+    net = search_model.SearchNetwork(**TINY, forms=cpu_forms.forms(impl))
     if impl == 'lax':
       variables = _variables(jax.eval_shape(lambda: net.init(jax.random.key(0), x, {'normal': UNIFORM, 'reduce': zr}, True)), 21)
 

@@ -2,12 +2,13 @@
 
 Everything CPU-specific lives here and is imported only when this backend is
 chosen: the edge-batched ops with hand-written VJPs and their XLA 'shift'
-forms (``ops``), the C++ kernels built on first use (``native``), the
-networks built from them (``search_model``, ``child_model``), the map between
-their variable layout and the reference's (``layout``), fast init, and the
-process settings XLA:CPU wants (``process``). docs/cpu_backend.md says what
-each piece fuses and why. A network it has no forms for (NB201's) runs as
-the reference modules themselves, under the same process settings.
+forms (``ops``), the C++ kernels built on first use (``native``), the forms
+built from them that the reference cells run in place of the reference
+modules (``forms``), the map between their variable layout and the
+reference's (``layout``), fast init, and the process settings XLA:CPU wants
+(``process``). docs/cpu_backend.md says what each piece fuses and why. A
+network that takes no forms (NB201's) runs as the reference modules
+themselves, under the same process settings.
 
 Float32 only: its kernels and fused VJPs are written for float32, so a
 network with another compute dtype (``--dtype=bfloat16``) is refused here and
@@ -19,19 +20,11 @@ kernels do not build (no compiler; a warning says so).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-from snas_jax import child_model as reference_child
-from snas_jax import search_model as reference_search
 from snas_jax.backends import reference
-from snas_jax.backends.cpu import child_model, layout, native, ops, search_model
-
-_NETWORKS = {reference_search.SearchNetwork: search_model.SearchNetwork,
-             reference_child.NetworkCIFAR: child_model.NetworkCIFAR,
-             reference_child.NetworkImageNet: child_model.NetworkImageNet}
+from snas_jax.backends.cpu import forms, layout, native, ops
 
 
 def default_impl() -> str:
@@ -66,17 +59,15 @@ class CpuBackend:
     ops.resolve_impl(self.impl)  # 'native' without kernels: one line saying why
 
   def cpu_network(self, network, impl: str | None = None):
-    """``network`` built from this backend's forms, or None where it has none
-    (then the reference modules themselves run: NB201's networks)."""
+    """``network`` with this backend's forms plugged into its cells, or None
+    for a network that takes no forms (then the reference modules themselves
+    run: NB201's networks)."""
     if jnp.dtype(getattr(network, 'dtype', jnp.float32)) != jnp.float32:
       raise ValueError(f'the CPU backend computes in float32 only: use --backend=reference '
                        f'with --dtype={jnp.dtype(network.dtype).name}')
-    cls = _NETWORKS.get(type(network))
-    if cls is None:
+    if not hasattr(network, 'forms'):
       return None
-    fields = {f.name: getattr(network, f.name) for f in dataclasses.fields(network)
-              if f.init and f.name not in ('parent', 'name', 'dtype')}
-    return cls(**fields, impl=impl or self.impl)
+    return network.clone(forms=forms.forms(impl or self.impl, network.remat))
 
   def bind(self, network):
     cpu = self.cpu_network(network)
