@@ -12,10 +12,10 @@ one ran, and a checkpoint written under one backend resumes under the other.
   kernels, fast init and the process settings XLA:CPU wants; float32 only.
   Imported only when chosen.
 
-The boundary sits at the network, not at an edge batch: the CPU backend's
-fusions span a whole cell (the preprocessing convs, FactorizedReduce, the
-edge batches and the mixer that sums them into the nodes), so variables
-cross once, converted by a pure map inside the jitted step.
+The CPU backend swaps ops, not networks: it binds a reference network with
+its own forms of the modules its cells run (``search_model.Forms``; its
+fusions span a whole edge batch), which declare the reference's variables;
+a network that takes no forms runs as it is.
 
 A backend is chosen once at start-up (``resolve``), before JAX starts: the
 CPU backend's process settings must be in place by then.

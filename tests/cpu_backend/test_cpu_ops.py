@@ -391,12 +391,12 @@ def test_factorized_reduce_hand_example():
   Eval-mode BN with fresh statistics (mean 0, var 1) divides by sqrt(1 + eps)."""
   x = (jnp.arange(16, dtype=jnp.float32) - 5).reshape(1, 1, 4, 4, 1)
   # relu(x) = [[0 0 0 0] [0 0 1 2] [3 4 5 6] [7 8 9 10]]
-  fr = ops.FactorizedReduce(2, affine=False)
-  variables = {'params': {'conv_1': {'kernel': jnp.ones((1, 1, 1))},
-                          'conv_2': {'kernel': jnp.full((1, 1, 1), 2.0)}},
+  fr = ops.FactorizedReduce(2, affine=False, edge_axis=False)
+  variables = {'params': {'conv_1': {'kernel': jnp.ones((1, 1, 1, 1))},
+                          'conv_2': {'kernel': jnp.full((1, 1, 1, 1), 2.0)}},
                'batch_stats': {'bn': {'mean': jnp.zeros(2), 'var': jnp.ones(2)}}}
   shapes = jax.eval_shape(lambda: fr.init(jax.random.key(0), x, False))
-  chex.assert_trees_all_equal_shapes(variables, shapes)  # the module's own layout
+  chex.assert_trees_all_equal_shapes(variables, shapes)  # the reference FactorizedReduce's
   y = jax.jit(lambda v, x: fr.apply(v, x, False))(variables, x)
   chex.assert_shape(y, (1, 1, 2, 2, 2))
   scale = 1 / math.sqrt(1 + ops.BN_EPSILON)
@@ -434,20 +434,11 @@ def test_parameter_counts_match_spec_sizes(fan_out, s):
   assert _param_count(op, x) == g * 2 * c
 
 
-def _edge_slice(tree, g, n_edges, n_src, c):
-  """Edge g's slice of an edge-batched variable tree (see ops.py's layouts):
-  depthwise kernel [K,K,G,C] on axis 2, 1x1 kernel [G,C,F] on axis 0, BN
-  vectors [G·C] (or [S·C] where the BN runs before the fan-out)."""
-  def cut(path, leaf):
-    names = [getattr(p, 'key', '') for p in path]
-    if names[-1] == 'depthwise_kernel':
-      return leaf[:, :, g:g + 1]
-    if names[-1] == 'pointwise_kernel' or (names[-1] == 'kernel' and names[-2].startswith('conv')):
-      return leaf[g:g + 1]
-    rows = leaf.reshape(-1, c)
-    assert rows.shape[0] in (n_edges, n_src), (names, leaf.shape)
-    return rows[g if rows.shape[0] == n_edges else g % n_src]
-  return jax.tree_util.tree_map_with_path(cut, tree)
+def _edge_slice(tree, g):
+  """Edge g's slice of an edge-batched variable tree: every variable has the
+  reference edge batch's leading edge axis (a pool's BN without affine
+  parameters too, though it runs once per source)."""
+  return jax.tree.map(lambda leaf: leaf[g:g + 1], tree)
 
 
 # (op, stride, affine, fan_out, S): every module type (SepConv, DilConv,
@@ -482,10 +473,9 @@ def test_fan_out_gives_independent_edges(name, stride, affine, fan_out, s):
   apply_single = jax.jit(lambda v, x: single.apply(v, x, True, mutable=['batch_stats']))
   assert y.shape[0] == g_total
   for g in range(g_total):
-    v_g = _edge_slice(variables, g, g_total, s, c)
-    y_g, stats_g = apply_single(v_g, x[g % s:g % s + 1])
+    y_g, stats_g = apply_single(_edge_slice(variables, g), x[g % s:g % s + 1])
     _assert_close(y[g:g + 1], y_g)
-    _assert_close(_edge_slice(new_stats, g, g_total, s, c), stats_g)
+    _assert_close(_edge_slice(new_stats, g), stats_g)
 
 
 @pytest.mark.parametrize('fan_out,s,keep_per_image,raw', [(1, 2, False, False), (3, 2, True, False),

@@ -4,8 +4,8 @@ Everything CPU-specific lives here and is imported only when this backend is
 chosen: the edge-batched ops with hand-written VJPs and their XLA 'shift'
 forms (``ops``), the C++ kernels built on first use (``native``), the forms
 built from them that the reference cells run in place of the reference
-modules (``forms``), the map between their variable layout and the
-reference's (``layout``), fast init, and the process settings XLA:CPU wants
+modules (``forms``; they declare the reference's variables, so nothing is
+converted), fast init, and the process settings XLA:CPU wants
 (``process``). docs/cpu_backend.md says what each piece fuses and why. A
 network that takes no forms (NB201's) runs as the reference modules
 themselves, under the same process settings.
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from snas_jax.backends import reference
-from snas_jax.backends.cpu import forms, layout, native, ops
+from snas_jax.backends.cpu import forms, native, ops
 
 
 def default_impl() -> str:
@@ -34,21 +34,6 @@ def default_impl() -> str:
   if jax.device_count() == 1:
     native.warn_fallback()
   return 'shift'
-
-
-class CpuModel:
-  """A reference network run by the CPU backend's modules: ``apply`` takes
-  and returns reference-layout variables."""
-
-  def __init__(self, network, cpu_network):
-    self.network, self.cpu_network = network, cpu_network
-
-  def apply(self, variables, *args, mutable=False, **kwargs):
-    out = self.cpu_network.apply(layout.to_cpu(variables), *args, mutable=mutable, **kwargs)
-    if not mutable:
-      return out
-    y, updates = out
-    return y, layout.to_reference(updates, variables)
 
 
 class CpuBackend:
@@ -71,7 +56,7 @@ class CpuBackend:
 
   def bind(self, network):
     cpu = self.cpu_network(network)
-    return network if cpu is None else CpuModel(network, cpu)
+    return network if cpu is None else cpu
 
   def init_variables(self, network, rngs, *args, **kwargs) -> dict:
     """All drawn parameters from one host-side stream (``ops.init_with_one_draw``:
@@ -81,7 +66,5 @@ class CpuBackend:
     cpu = self.cpu_network(network, impl='lax')
     if cpu is None:
       return reference.ReferenceBackend().init_variables(network, rngs, *args, **kwargs)
-    like = jax.eval_shape(lambda: network.init(rngs, *args, **kwargs))
     key = rngs['params'] if isinstance(rngs, dict) else rngs
-    return ops.init_with_one_draw(
-        lambda: layout.to_reference(cpu.init(rngs, *args, **kwargs), like), key)
+    return ops.init_with_one_draw(lambda: cpu.init(rngs, *args, **kwargs), key)

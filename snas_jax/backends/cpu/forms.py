@@ -8,8 +8,10 @@ the batch with edge-batched parameters ([K,K,G,C] depthwise kernels, [G,C,F]
 whose VJP keeps only the terms. Ops whose result is the same for every edge
 leaving a source (identity; pools, whose BN has no affine parameters here)
 are computed once per source. A child edge and the preprocessing run the
-same ops with one edge (S = fan_out = 1). Variable names match the
-reference's; ``layout`` converts the shapes.
+same ops with one edge (S = fan_out = 1). Every op declares the reference
+module's variables (paths and shapes: ``edge_axis``, ``EdgeBatchNorm``) and
+reshapes or transposes its kernels inside, so the reference's variables run
+both backends unconverted.
 """
 from __future__ import annotations
 
@@ -44,9 +46,8 @@ class MixedEdges(nn.Module):
   def __call__(self, x, z, keep):
     terms, columns = [], []
     for k, name in enumerate(PRIMITIVES):
-      shared = name.endswith('pool_3x3') or (name == 'skip_connect' and self.stride == 1)
-      op = ops.make_op(name, self.c, self.stride, fan_out=1 if shared else self.fan_out,
-                       affine=False, impl=self.impl, remat=self.remat, op_name=name)
+      op = ops.make_op(name, self.c, self.stride, fan_out=self.fan_out, affine=False,
+                       impl=self.impl, remat=self.remat, share=True, op_name=name)
       if op is None:  # 'none' contributes Z·0: nothing to compute
         continue
       # DilConvs hand their output before BN to mix_edges, which normalises it
@@ -75,11 +76,12 @@ def _relu_conv_bn(c_out, *, affine, name):
 
 
 def _factorized_reduce(c_out, *, affine, name):
-  return _one_state(ops.FactorizedReduce(c_out, affine=affine, name=name))
+  return _one_state(ops.FactorizedReduce(c_out, affine=affine, edge_axis=False, name=name))
 
 
 def _op(name, c, stride, *, affine=True, op_name=None, impl, remat):
-  op = ops.make_op(name, c, stride, affine=affine, impl=impl, remat=remat, op_name=op_name)
+  op = ops.make_op(name, c, stride, affine=affine, impl=impl, remat=remat, edge_axis=False,
+                   op_name=op_name)
   return None if op is None else _one_state(op)
 
 

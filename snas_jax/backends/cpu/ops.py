@@ -10,7 +10,12 @@ lever, see ``search_model.py``):
 
 Parameters carry an edge axis G, so each edge has its own weights. With
 S = fan_out = 1 an op is the plain single-edge op that the child networks use:
-one implementation of each op serves search and evaluation.
+one implementation of each op serves search and evaluation. Every module
+declares the variables of the reference module it stands for
+(``snas_jax/ops.py``, vmapped over the edges in a search edge batch): same
+names, same shapes, the leading edge axis G only where the reference has one
+(``edge_axis``); it reshapes and transposes them inside into what its fused
+code wants.
 
 Why the edge axis leads: a per-edge 1x1 conv is then a batched matmul over a
 leading batch axis and a BN a reduction over the middle axes, with no
@@ -591,25 +596,70 @@ class EdgeBatchNorm(nn.Module):
 
   Statistics over (N, H, W) as torch.nn.BatchNorm2d / flax BatchNorm (biased
   batch variance, E[x²] − E[x]²); running averages with momentum 0.1 in
-  PyTorch's convention. Variables are [G·C] vectors, edge-major.
+  PyTorch's convention.
+
+  Its variables are the reference BatchNorm's (``snas_jax.ops.BatchNorm``),
+  at its path and in its layout: [edges, C] as in a search edge batch, or
+  [C] for one edge (``edge_axis`` False: a child op, a cell's preprocessing).
+  ``sources``: it normalises one tensor per source, shared by the
+  edges // sources edges leaving it (a pool without affine parameters: each
+  of those edges' BNs is the same function of the same tensor); it keeps the
+  reference's per-edge statistics, each source's in every edge leaving it.
 
   ``pooled=(kind, stride, impl)``: normalise ``pool_3x3(x)`` instead — in
   training without affine parameters on impl 'native', one C++ call with its
   own VJP (``pool_bn``); the BN keeps its variables and their place either way.
   """
+  edges: int
+  c: int
   affine: bool = True
+  edge_axis: bool = True
+  sources: int | None = None
 
-  @nn.compact
+  def setup(self):
+    shape = (self.edges, self.c) if self.edge_axis else (self.c,)
+    self.running_mean = self.variable('batch_stats', 'mean', jnp.zeros, shape, jnp.float32)
+    self.running_var = self.variable('batch_stats', 'var', jnp.ones, shape, jnp.float32)
+    if self.affine:
+      self.scale = self.param('scale', nn.initializers.ones, shape)
+      self.bias = self.param('bias', nn.initializers.zeros, shape)
+
   def __call__(self, x, train: bool, pooled: tuple | None = None):
     if pooled is None:
-      return _batch_norm(x, train, *_bn_variables(self, x.shape[0], x.shape[-1], self.affine, train))
+      return _batch_norm(x, train, *self.parts(train))
     kind, stride, impl = pooled
-    scale, bias, statistics = _bn_variables(self, x.shape[0], x.shape[-1], self.affine, train)
+    scale, bias, statistics = self.parts(train)
     if train and not self.affine and resolve_impl(impl) == 'native':
       y, mean, var = pool_bn(x, kind, stride)
       statistics(mean, var, _per_statistic(y))
       return y
     return _batch_norm(pool_3x3(x, kind, stride, impl), train, scale, bias, statistics)
+
+  def parts(self, train: bool):
+    """(scale, bias) as [G,C] (None without affine) and ``statistics``: () ->
+    running (mean, var) as [G,C]; (mean, var, count) -> update them with a
+    batch's (not while initialising). G: the edges, or the sources if shared."""
+    scale = bias = None
+    if self.affine:
+      scale, bias = self.scale.reshape(self.edges, self.c), self.bias.reshape(self.edges, self.c)
+    copies = self.edges // self.sources if self.sources else 1
+
+    def statistics(*batch):
+      if not batch:
+        running = (v.value.reshape(self.edges, self.c)
+                   for v in (self.running_mean, self.running_var))
+        # A shared BN's copies are equal: the first destination's.
+        return tuple(v[:self.sources] if copies > 1 else v for v in running)
+      mean, var, count = batch
+      if train and not self.is_initializing():
+        # The running variance takes the unbiased batch variance, as PyTorch's.
+        for v, batch_value in ((self.running_mean, mean),
+                               (self.running_var, var * (count / max(count - 1, 1)))):
+          if copies > 1:
+            batch_value = jnp.tile(batch_value, (copies, 1))
+          v.value = BN_MOMENTUM * v.value + (1 - BN_MOMENTUM) * batch_value.reshape(v.value.shape)
+
+    return scale, bias, statistics
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -647,35 +697,11 @@ pool_bn.defvjp(_pool_bn_fwd, _pool_bn_bwd)
 
 def _batch_norm(x, train: bool, scale, bias, statistics):
   """Training: normalise with x's batch statistics and update the running
-  ones; evaluation: normalise with the running ones (``_bn_variables``)."""
+  ones; evaluation: normalise with the running ones (``EdgeBatchNorm.parts``)."""
   mean, var = _moments(x) if train else statistics()
   if train:
     statistics(mean, var, _per_statistic(x))
   return _normalize(x, mean, var, scale, bias)
-
-
-def _bn_variables(module: nn.Module, g: int, c: int, affine: bool, train: bool):
-  """A BN's variables inside ``module``: (scale, bias) as [G,C] (None without
-  affine) and ``statistics``: () -> running (mean, var) as [G,C]; (mean, var)
-  -> update them with a batch's (not while initialising)."""
-  ra_mean = module.variable('batch_stats', 'mean', lambda: jnp.zeros((g * c,), jnp.float32))
-  ra_var = module.variable('batch_stats', 'var', lambda: jnp.ones((g * c,), jnp.float32))
-  scale = bias = None
-  if affine:
-    scale = module.param('scale', nn.initializers.ones, (g * c,)).reshape(g, c)
-    bias = module.param('bias', nn.initializers.zeros, (g * c,)).reshape(g, c)
-
-  def statistics(*batch):
-    if not batch:
-      return ra_mean.value.reshape(g, c), ra_var.value.reshape(g, c)
-    mean, var, count = batch
-    if train and not module.is_initializing():
-      # The running variance takes the unbiased batch variance, as PyTorch's.
-      ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean.reshape(-1)
-      ra_var.value = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * (
-          var.reshape(-1) * (count / max(count - 1, 1)))
-
-  return scale, bias, statistics
 
 
 def _native_raw(module: nn.Module, train: bool) -> bool:
@@ -685,24 +711,48 @@ def _native_raw(module: nn.Module, train: bool) -> bool:
           and resolve_impl(module.impl) == 'native')
 
 
+class ConvKernel(nn.Module):
+  """A reference conv's kernel (``nn.Conv``'s 'kernel' at this module's path,
+  in its layout: ``shape``, with a leading edge axis in a search edge batch),
+  for an op that runs the conv itself. PyTorch's init, U(±1/sqrt(fan_in))."""
+  shape: tuple
+  fan_in: int
+
+  @nn.compact
+  def __call__(self):
+    return self.param('kernel', torch_uniform_init(self.fan_in), self.shape)
+
+
+def _edges_shape(shape: tuple, edges: int, edge_axis: bool) -> tuple:
+  """A reference variable's shape: with the edge axis of an edge batch, or of one edge."""
+  return ((edges,) if edge_axis else ()) + shape
+
+
 class PointwiseConv(nn.Module):
+  """Per-edge 1x1 conv: x [S,N,H,W,C] -> [fan_out·S,N,H,W,features]; its kernel
+  the reference's [(G,) 1, 1, C, F]."""
   features: int
   fan_out: int = 1
+  edge_axis: bool = True
 
   @nn.compact
   def __call__(self, x):
     s, c = x.shape[0], x.shape[-1]
-    kernel = self.param('kernel', torch_uniform_init(c), (self.fan_out * s, c, self.features))
-    return pointwise_conv(x, kernel)
+    g = self.fan_out * s
+    kernel = self.param('kernel', torch_uniform_init(c),
+                        _edges_shape((1, 1, c, self.features), g, self.edge_axis))
+    return pointwise_conv(x, kernel.reshape(g, c, self.features))
 
 
 class DilConv(nn.Module):
   """ReLU -> depthwise KxK (dilation, stride) -> 1x1 -> BN.
 
-  Its variables sit in this module ('depthwise_kernel' [K,K,G,C],
-  'pointwise_kernel' [G,C,F], and the BN's) rather than in sub-modules,
-  because in training on XLA:CPU ('shift', 'native') the four steps are one
-  function with a hand-written VJP, ``relu_conv_bn``. ``remat``: that VJP
+  Its variables are the reference DilConv's ('depthwise', 'pointwise' and
+  'bn', with a leading edge axis in a search edge batch: ``edge_axis``), taken
+  as arrays (``ConvKernel``, ``EdgeBatchNorm.parts``) because in training on
+  XLA:CPU ('shift', 'native') the four steps are one function with a
+  hand-written VJP, ``relu_conv_bn``, on a [K,K,G,C] depthwise kernel and a
+  [G,C,F] 1x1 kernel. ``remat``: that VJP
   keeps less and recomputes more (less memory, slower); the 'lax' path
   (GPU/TPU) ignores it (the networks remat whole cells there).
 
@@ -720,15 +770,20 @@ class DilConv(nn.Module):
   affine: bool = True
   impl: str = 'auto'
   remat: bool = False
+  edge_axis: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool, raw: bool = False):
     x_in = x[0] if isinstance(x, tuple) else x
     s, c, k = x_in.shape[0], x_in.shape[-1], self.kernel_size
     g = self.fan_out * s
-    dw = self.param('depthwise_kernel', torch_uniform_init(k * k), (k, k, g, c))
-    pw = self.param('pointwise_kernel', torch_uniform_init(c), (g, c, self.c_out))
-    scale, bias, statistics = _bn_variables(self, g, self.c_out, self.affine, train)
+    shape = lambda *dims: _edges_shape(dims, g, self.edge_axis)
+    # The reference's [(G,) K, K, 1, C] as [K, K, G, C]; [(G,) 1, 1, C, F] as [G, C, F].
+    dw = ConvKernel(shape(k, k, 1, c), k * k, name='depthwise')()
+    dw = jnp.moveaxis(dw.reshape(g, k, k, c), 0, 2)
+    pw = ConvKernel(shape(1, 1, c, self.c_out), c, name='pointwise')().reshape(g, c, self.c_out)
+    scale, bias, statistics = EdgeBatchNorm(g, self.c_out, self.affine, self.edge_axis,
+                                            name='bn').parts(train)
     if isinstance(x, tuple) or (raw and _native_raw(self, train)):
       h, mean, var = dilconv_raw(x, dw, pw, self.stride, self.dilation)
       statistics(mean, var, _per_statistic(h))
@@ -926,6 +981,7 @@ class SepConv(nn.Module):
   affine: bool = True
   impl: str = 'auto'
   remat: bool = False
+  edge_axis: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool, raw: bool = False):
@@ -934,28 +990,38 @@ class SepConv(nn.Module):
     normalises it inside its native calls."""
     c_in = x.shape[-1]
     x = DilConv(c_in, self.kernel_size, self.stride, 1, self.fan_out, self.affine,
-                self.impl, self.remat, name='dil_0')(x, train, raw=_native_raw(self, train))
+                self.impl, self.remat, self.edge_axis, name='dil_0')(
+                    x, train, raw=_native_raw(self, train))
     return DilConv(self.c_out, self.kernel_size, 1, 1, 1, self.affine, self.impl,
-                   self.remat, name='dil_1')(x, train, raw=raw)
+                   self.remat, self.edge_axis, name='dil_1')(x, train, raw=raw)
 
 
 class Pool(nn.Module):
-  """3x3 max or average pool -> BN (the reference's search cells add the BN)."""
+  """3x3 max or average pool -> BN (the reference's search cells add the BN).
+
+  ``share``: without affine parameters, return one output per source
+  [S,N,H',W',C] that its fan_out edges share, for ``mix_edges``."""
   kind: str  # 'max' | 'avg'
   stride: int = 1
   fan_out: int = 1
   affine: bool = True
   impl: str = 'auto'
+  edge_axis: bool = True
+  share: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
+    s, c = x.shape[0], x.shape[-1]
+    g = self.fan_out * s
     if self.affine:
       y = pool_3x3(x, self.kind, self.stride, self.impl)
-      return EdgeBatchNorm(True, name='bn')(fan_out_edges(y, self.fan_out), train)
+      return EdgeBatchNorm(g, c, True, self.edge_axis, name='bn')(
+          fan_out_edges(y, self.fan_out), train)
     # Without affine parameters the BN of every edge leaving one source is the
-    # same function of the same tensor: normalise once, then fan out.
-    y = EdgeBatchNorm(False, name='bn')(x, train, pooled=(self.kind, self.stride, self.impl))
-    return fan_out_edges(y, self.fan_out)
+    # same function of the same tensor: normalise once per source.
+    y = EdgeBatchNorm(g, c, False, self.edge_axis, sources=s, name='bn')(
+        x, train, pooled=(self.kind, self.stride, self.impl))
+    return y if self.share else fan_out_edges(y, self.fan_out)
 
 
 class FactorizedReduce(nn.Module):
@@ -963,51 +1029,60 @@ class FactorizedReduce(nn.Module):
   c_out: int
   fan_out: int = 1
   affine: bool = True
+  edge_axis: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
     if self.c_out % 2:
       raise ValueError(f'FactorizedReduce needs an even channel count, got {self.c_out}')
     x = nn.relu(x)
-    a = PointwiseConv(self.c_out // 2, self.fan_out, name='conv_1')(x[:, :, ::2, ::2])
-    b = PointwiseConv(self.c_out // 2, self.fan_out, name='conv_2')(x[:, :, 1::2, 1::2])
-    return EdgeBatchNorm(self.affine, name='bn')(jnp.concatenate([a, b], axis=-1), train)
+    half = self.c_out // 2
+    a = PointwiseConv(half, self.fan_out, self.edge_axis, name='conv_1')(x[:, :, ::2, ::2])
+    b = PointwiseConv(half, self.fan_out, self.edge_axis, name='conv_2')(x[:, :, 1::2, 1::2])
+    return EdgeBatchNorm(self.fan_out * x.shape[0], self.c_out, self.affine, self.edge_axis,
+                         name='bn')(jnp.concatenate([a, b], axis=-1), train)
 
 
 class ReLUConvBN(nn.Module):
-  """ReLU -> 1x1 conv -> BN (cell preprocessing)."""
+  """ReLU -> 1x1 conv -> BN (cell preprocessing: one edge, x [1,N,H,W,C])."""
   c_out: int
   affine: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
-    return EdgeBatchNorm(self.affine, name='bn')(PointwiseConv(self.c_out, name='conv')(nn.relu(x)), train)
+    y = PointwiseConv(self.c_out, edge_axis=False, name='conv')(nn.relu(x))
+    return EdgeBatchNorm(1, self.c_out, self.affine, edge_axis=False, name='bn')(y, train)
 
 
 class Identity(nn.Module):
   fan_out: int = 1
+  share: bool = False  # return x itself, which its fan_out edges share (``mix_edges``)
 
   @nn.compact
   def __call__(self, x, train: bool):
     del train
-    return fan_out_edges(x, self.fan_out)
+    return x if self.share else fan_out_edges(x, self.fan_out)
 
 
 def make_op(name: str, c: int, stride: int, *, fan_out: int = 1, affine: bool = True,
-            impl: str = 'auto', remat: bool = False,
-            op_name: str | None = None) -> nn.Module | None:
+            impl: str = 'auto', remat: bool = False, edge_axis: bool = True,
+            share: bool = False, op_name: str | None = None) -> nn.Module | None:
   """The module for PRIMITIVES ``name`` (None for 'none': it is never computed).
-  ``remat``: the convolutions recompute more in the backward pass (DilConv)."""
+  ``remat``: the convolutions recompute more in the backward pass (DilConv).
+  ``edge_axis``: its variables carry the leading edge axis of the reference's
+  search edge batch; False: one edge's (a child op; fan_out = S = 1). ``share``: an op whose output
+  is the same for every edge leaving a source (identity; a pool without
+  affine parameters) returns it once per source."""
   kw = dict(name=op_name)
   if name == 'none':
     return None
   if name in ('max_pool_3x3', 'avg_pool_3x3'):
-    return Pool(name[:3], stride, fan_out, affine, impl, **kw)
+    return Pool(name[:3], stride, fan_out, affine, impl, edge_axis, share, **kw)
   if name == 'skip_connect':
-    return (Identity(fan_out, **kw) if stride == 1
-            else FactorizedReduce(c, fan_out, affine, **kw))
+    return (Identity(fan_out, share, **kw) if stride == 1
+            else FactorizedReduce(c, fan_out, affine, edge_axis, **kw))
   if name in ('sep_conv_3x3', 'sep_conv_5x5'):
-    return SepConv(c, int(name[-1]), stride, fan_out, affine, impl, remat, **kw)
+    return SepConv(c, int(name[-1]), stride, fan_out, affine, impl, remat, edge_axis, **kw)
   if name in ('dil_conv_3x3', 'dil_conv_5x5'):
-    return DilConv(c, int(name[-1]), stride, 2, fan_out, affine, impl, remat, **kw)
+    return DilConv(c, int(name[-1]), stride, 2, fan_out, affine, impl, remat, edge_axis, **kw)
   raise ValueError(f'unknown op {name!r}; choose one of {", ".join(PRIMITIVES)}')
