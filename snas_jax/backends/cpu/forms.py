@@ -3,9 +3,10 @@ plugged into the reference cells (``search_model.SearchCell``,
 ``child_model.ChildCell``): one cell loop serves both backends.
 
 The edges leaving one state run as ``MixedEdges``: every op of every edge of
-the batch with edge-batched parameters ([K,K,G,C] depthwise kernels, [G,C,F]
-1x1 kernels, [G·C] BN vectors), summed into their nodes by ``ops.mix_edges``,
-whose VJP keeps only the terms. Ops whose result is the same for every edge
+the batch with edge-batched parameters (as the reference's vmapped edge
+batch: [G,K,K,1,C] depthwise kernels, [G,1,1,C,F] 1x1 kernels, [G,C] BN
+vectors), summed into their nodes by ``ops.mix_edges``, whose VJP keeps only
+the terms. Ops whose result is the same for every edge
 leaving a source (identity; pools, whose BN has no affine parameters here)
 are computed once per source. A child edge and the preprocessing run the
 same ops with one edge (S = fan_out = 1). Every op declares the reference

@@ -2,7 +2,7 @@
 
 Every op works on *edge-batched* tensors, edge axis leading, so that the
 edges leaving one state are computed together (the search cell's main speed
-lever, see ``search_model.py``):
+lever, see ``forms.py``):
 
 * input  ``x``: ``[S, N, H, W, C]`` — S distinct source states;
 * output:       ``[G, N, H', W', C_out]`` — G = ``fan_out`` · S edges, edge
@@ -897,7 +897,7 @@ def _relu_conv_bn_bwd(stride, dilation, remat, impl, residuals, cotangents):
 
 
 def _dilconv_native(x, dw, pw, stride, dilation):
-  """(h, mean, var) of the native DilConv; dw [K,K,G,C] as the module holds it;
+  """(h, mean, var) of the native DilConv; dw [K,K,G,C] as the module passes it;
   x an array or a raw triple (``dilconv_raw``)."""
   x, norm = _raw_input(x)
   return native.dilconv_forward(x, _by_source(dw, x.shape[0]), pw, stride, dilation, norm)
