@@ -95,12 +95,22 @@ class Forms:
   remat_cells: bool = True
 
 
-def _reference_op(name: str, c: int, stride: int, *, affine: bool = True, op_name=None):
+# The reference forms look ``ops`` up when called: this module may be imported
+# while ``ops`` is (ops -> the DARTS space's vocabulary -> the spaces -> here).
+def _relu_conv_bn(c_out: int, *, affine: bool, name: str):
+  return ops.ReLUConvBN(c_out, affine, name=name)
+
+
+def _factorized_reduce(c_out: int, *, affine: bool, name: str):
+  return ops.FactorizedReduce(c_out, affine, name=name)
+
+
+def _op(name: str, c: int, stride: int, *, affine: bool = True, op_name=None):
   return ops.make_op(name, c, stride, affine=affine, op_name=op_name)
 
 
-REFERENCE = Forms(relu_conv_bn=ops.ReLUConvBN, factorized_reduce=ops.FactorizedReduce,
-                  op=_reference_op, edge_batch=mix_edge_batch)
+REFERENCE = Forms(relu_conv_bn=_relu_conv_bn, factorized_reduce=_factorized_reduce, op=_op,
+                  edge_batch=mix_edge_batch)
 
 
 class SearchCell(nn.Module):
