@@ -499,11 +499,12 @@ def retrain_settings_shown(results: Results) -> str:
 def provenance(results: Results) -> tuple[list[str], list[str], float]:
   """(the provenance lines, the commits the runs used, their summed wall time in s)."""
   state, runs = results.state, results.runs
-  commits = sorted({c for r in state.get('runs', {}).values() for c in r.get('commits', [])})
-  run_wall = sum(r.get('wall_s', 0.0) for k, r in state.get('runs', {}).items()
-                 if not k.endswith(f'/{RETRAIN_DIR}'))
-  retrain_wall = sum(r.get('wall_s', 0.0) for k, r in state.get('runs', {}).items()
-                     if k.endswith(f'/{RETRAIN_DIR}'))
+  searches = {k: r for k, r in state.get('runs', {}).items() if not k.endswith(f'/{RETRAIN_DIR}')}
+  retrains = {k: r for k, r in state.get('runs', {}).items() if k.endswith(f'/{RETRAIN_DIR}')}
+  commits = sorted({c for r in searches.values() for c in r.get('commits', [])})
+  retrain_commits = sorted({c for r in retrains.values() for c in r.get('commits', [])})
+  run_wall = sum(r.get('wall_s', 0.0) for r in searches.values())
+  retrain_wall = sum(r.get('wall_s', 0.0) for r in retrains.values())
   search_s = sum(r['summary'].get('elapsed_s', 0.0) for a in runs for r in runs[a])
   machines = []
   for inv in state.get('invocations', []):
@@ -513,7 +514,10 @@ def provenance(results: Results) -> tuple[list[str], list[str], float]:
     if desc not in machines:
       machines.append(desc)
   lines = [f'- Commit(s) the runs used: {", ".join(f"`{c}`" for c in commits) or "not recorded"}'
-           + (' (**more than one**: the runs mix code versions)' if len(commits) > 1 else ''),
+           + (' (**more than one**: the runs mix code versions)' if len(commits) > 1 else '')
+           + (f'; the retrainings: {", ".join(f"`{c}`" for c in retrain_commits)}'
+              + (' (**more than one**)' if len(retrain_commits) > 1 else '')
+              if retrain_commits else ''),
            f'- Machine: {"; ".join(machines) or "not recorded"}',
            f'- Wall time of the runs (each search process, start to end, summed over resumes): '
            f'{run_wall / 60:.1f} min; of the driver invocations: '

@@ -283,6 +283,7 @@ def test_nb201_report_from_run_folders(tmp_path):
   assert 'settings flagfile `experiments/configs/nb201_study.flags`' in md
   assert '- Commit(s) the runs used: `0123abc`' in md and '6 finished runs' in md
   assert 'of the retrainings (each process, summed over resumes)' in md
+  assert '- Commit(s) the runs used: `0123abc`; the retrainings: `0123abc`' in md
 
 
 def test_nb201_report_without_benchmark_has_no_benchmark_columns(tmp_path):
