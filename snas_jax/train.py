@@ -37,7 +37,8 @@ import numpy as np
 import optax
 from jax.extend import core as jax_core
 
-from snas_jax import backends, checkpoint, child_model, data, genotypes, parallel
+from snas_jax import backends, checkpoint, child_model, data, parallel
+from snas_jax.spaces.darts import genotypes
 from snas_jax import loop, spaces
 from snas_jax import config as config_lib
 from snas_jax.config import BACKEND_HELP, field

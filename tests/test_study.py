@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from snas_jax import checkpoint, config as config_lib, genotypes, study
+from snas_jax import checkpoint, config as config_lib, study
+from snas_jax.spaces.darts import genotypes
 from snas_jax.search import SearchConfig
 from snas_jax.studies import STUDIES, nb201, table1
 

@@ -63,7 +63,7 @@ DROP_PP = -10.0
 
 def none_edges(genotype: dict) -> int:
   """Edges of the derived child (normal + reduce, 28 in all) that are `none`."""
-  from snas_jax import genotypes
+  from snas_jax.spaces.darts import genotypes
   kept = sum(1 for cell in ('normal', 'reduce') for node in genotype[cell]
              for op, _ in node if op != 'none')
   return 2 * genotypes.NUM_EDGES - kept
@@ -127,7 +127,7 @@ def plot_constraint(results: Results, summary: dict, path: str) -> str:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  return reporting._save_figure(fig, path)  # noqa: SLF001
+  return reporting.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def _verdicts(summary: dict) -> list[str]:
 def report(results: Results) -> dict:
   """docs/replication.md: Table 1 at CPU scale, the paper's claims, figures,
   the reduced setting, provenance."""
-  from snas_jax import reporting
+  from snas_jax.spaces.darts import drawing
   runs, doc, prefix = results.runs, results.doc, STUDY.output
   summary = study_lib.summarize(runs, final_numbers)
   figures = {'curves': plot_curves(results, doc(f'{prefix}_curves.png'))}
@@ -238,8 +238,8 @@ def report(results: Results) -> dict:
     g = arm_runs[0]['genotype']
     for cell in ('normal', 'reduce'):
       name = f'{prefix}_cell_{arm}_{cell}.png'
-      reporting.draw_cell([[tuple(e) for e in node] for node in g[cell]], doc(name),
-                          f'{LABELS[arm]}, seed {arm_runs[0]["seed"]}: {cell} cell')
+      drawing.draw_cell([[tuple(e) for e in node] for node in g[cell]], doc(name),
+                        f'{LABELS[arm]}, seed {arm_runs[0]["seed"]}: {cell} cell')
       figures[f'cell_{arm}_{cell}'] = doc(name)
       dot = doc(name[:-4] + '.dot')
       if os.path.exists(dot):
