@@ -1,4 +1,5 @@
-"""What a run shows a person: metric logs, progress bars, cell and α plots.
+"""What a run shows a person: metric logs, progress bars, α plots, and the
+pieces the spaces draw their cells with.
 
 Metrics go to ``workdir/metrics.jsonl`` (one JSON object per ``write``) and to
 TensorBoard scalars under ``workdir/tensorboard/``. Only process 0 writes.

@@ -1,4 +1,4 @@
-"""Tests for snas_jax.genotypes: edge order, derivation rules, JSON, published cells."""
+"""Tests for snas_jax.spaces.darts.genotypes: edge order, derivation rules, JSON, published cells."""
 import json
 
 import numpy as np

@@ -73,6 +73,10 @@ from snas_jax import search_model
 from snas_jax.spaces.base import Op, SearchSpace, dag_edge_batches, dag_edges
 
 OP_NAMES = ('none', 'skip_connect', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x3')
+# What the NB201 study's collapse analysis counts (studies/nb201.py): the
+# identity, and the convolutions (the ops with parameters).
+SKIP_OP = 'skip_connect'
+CONV_OPS = ('nor_conv_1x1', 'nor_conv_3x3')
 NUM_INPUT_STATES = 1
 NUM_NODES = 3  # intermediate nodes 1, 2, 3 (node 0 is the cell's input)
 EDGES = dag_edges(NUM_INPUT_STATES, NUM_NODES)  # (intermediate node, state): node i+1 <- state
@@ -630,6 +634,7 @@ def draw(arch: Arch, folder: str, tag: str) -> list:
 SPACE = SearchSpace(
     name='nb201',
     ops=OPS,
+    zero_op='none',
     num_input_states=NUM_INPUT_STATES,
     num_nodes=NUM_NODES,
     cell_output='last',

@@ -115,6 +115,7 @@ def one_hot(genotype: genotypes.Genotype) -> dict:
 SPACE = SearchSpace(
     name='darts',
     ops=OPS,
+    zero_op='none',
     num_input_states=NUM_INPUT_STATES,
     num_nodes=genotypes.NUM_NODES,
     cell_output='concat',
