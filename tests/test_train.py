@@ -41,7 +41,7 @@ def _one_line(err) -> str:
 # Architecture sources.
 
 
-@pytest.mark.parametrize('kwargs,got', [({}, 'none'),
+@pytest.mark.parametrize('kwargs,got', [({}, 'none of them'),
                                         ({'arch': 'DARTS_V2', 'genotype_json': 'g.json'},
                                          '--genotype_json and --arch')])
 def test_exactly_one_arch_source(kwargs, got):
