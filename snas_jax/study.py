@@ -458,7 +458,7 @@ def plot_curves(results: Results, panels: list, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  return reporting._save_figure(fig, path)  # noqa: SLF001 (the module's atomic PNG writer)
+  return reporting.save_figure(fig, path)
 
 
 def _fmt_setting(value) -> str:

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from snas_jax import checkpoint, config as config_lib, genotypes, study
+from snas_jax import checkpoint, config as config_lib, study
+from snas_jax.spaces.darts import genotypes
+from snas_jax.spaces import nb201 as nb201_space
 from snas_jax.search import SearchConfig
 from snas_jax.studies import STUDIES, nb201, table1
 
@@ -238,12 +240,14 @@ def test_nb201_report_from_run_folders(tmp_path):
       assert f'- {arm.label}, seed {seed}: `{arch}`' in md
     # Composition: counted from the arch strings.
     got = result['summary'][arm.name]
-    for op in nb201.OPS:
+    for op in nb201_space.OP_NAMES:
       counts = [arch.count(f'|{op}~') for arch in ARCHS[arm.name]]
       np.testing.assert_allclose(got[f'edges_{op}'], [np.mean(counts), np.std(counts, ddof=1)])
-    assert sum(got[f'edges_{op}'][0] for op in nb201.OPS) == 6
+    assert sum(got[f'edges_{op}'][0] for op in nb201_space.OP_NAMES) == 6
+  # Columns: the space's ops in α's order (none, skip, 1x1, 3x3, pool).
+  assert '| method | `none` | `skip_connect` | `nor_conv_1x1` | `nor_conv_3x3` | `avg_pool_3x3` |' in md
   comp = _row(md.split('## 2.')[1], 'DARTS (single-level)')
-  assert comp == '| DARTS (single-level) | 0.0 ± 0.0 | 0.0 ± 0.0 | 5.5 ± 0.7 | 0.5 ± 0.7 | 0.0 ± 0.0 |'
+  assert comp == '| DARTS (single-level) | 0.0 ± 0.0 | 5.5 ± 0.7 | 0.0 ± 0.0 | 0.0 ± 0.0 | 0.5 ± 0.7 |'
   assert '- DARTS (single-level): 5.5 ± 0.7 of 6 edges are skip connections (per seed: 6, 5); ' \
          '2 of 2 derived cells hold no convolution.' in md
   # Benchmark: SNAS's from the summary's top level, DARTS's from its 'benchmark' entry, GDAS none.

@@ -32,9 +32,6 @@ ARMS = tuple(Arm(m, label, {'space': 'nb201', 'method': m}, color) for m, label,
     ('gdas', 'GDAS', 'tab:orange')))
 LABELS = {a.name: a.label for a in ARMS}
 
-# The NB201 ops in the order the composition table counts them.
-OPS = ('nor_conv_3x3', 'nor_conv_1x1', 'skip_connect', 'avg_pool_3x3', 'none')
-NUM_EDGES = 6
 # The benchmark's accuracies of a derived cell (snas_jax/benchmark.py's record
 # keys) and their column titles (data set, evaluation set); a column appears
 # only when the runs hold it.
@@ -97,10 +94,10 @@ def arch_string(genotype) -> str:
 
 
 def composition(arch: str) -> dict:
-  """{op: how many of the 6 edges hold it}, for every op of ``OPS``."""
+  """{op: how many of the cell's edges hold it}, for every op of the NB201 space."""
   from snas_jax.spaces import nb201
   ops = nb201.Arch.from_string(arch).ops
-  return {op: sum(o == op for o in ops) for op in OPS}
+  return {op: sum(o == op for o in ops) for op in nb201.OP_NAMES}
 
 
 def alpha_entropy(record: dict) -> float:
@@ -142,12 +139,14 @@ def retrained(run: dict) -> dict:
 
 def plot_curves(results: Results, path: str) -> str:
   """Search validation, child validation and α entropy per epoch."""
+  from snas_jax.spaces import nb201
+  num_ops = len(nb201.OP_NAMES)
   return study_lib.plot_curves(results, [
       ('search validation accuracy (%)', [(lambda r: 100 * r['search_val_acc'], '-', True)], None),
       ('derived child, no finetuning: validation accuracy (%)',
        [(lambda r: 100 * r['child_acc'], '-', True)], None),
-      ('α entropy (mean over edges; max ln 5)', [(alpha_entropy, '-', True)],
-       lambda ax: ax.axhline(math.log(5), color='0.5', linewidth=0.8, linestyle=':')),
+      (f'α entropy (mean over edges; max ln {num_ops})', [(alpha_entropy, '-', True)],
+       lambda ax: ax.axhline(math.log(num_ops), color='0.5', linewidth=0.8, linestyle=':')),
   ], path)
 
 
@@ -157,10 +156,11 @@ def _collapse_lines(summary: dict, archs: dict) -> list[str]:
   from snas_jax.spaces import nb201
   lines = []
   for arm, s in summary.items():
-    skips = s['per_seed']['edges_skip_connect']
-    no_conv = sum(1 for a in archs[arm] if not any(
-        op.startswith('nor_conv') for op in nb201.Arch.from_string(a).ops))
-    lines.append(f'- {LABELS[arm]}: {num(s["edges_skip_connect"], 1)} of {NUM_EDGES} edges are '
+    skip = f'edges_{nb201.SKIP_OP}'
+    skips = s['per_seed'][skip]
+    no_conv = sum(1 for a in archs[arm]
+                  if not set(nb201.CONV_OPS) & set(nb201.Arch.from_string(a).ops))
+    lines.append(f'- {LABELS[arm]}: {num(s[skip], 1)} of {len(nb201.EDGES)} edges are '
                  f'skip connections (per seed: {", ".join(str(k) for k in skips)}); '
                  f'{no_conv} of {len(skips)} derived cells hold no convolution.')
   return lines
@@ -201,6 +201,7 @@ def report(results: Results) -> dict:
   from snas_jax.spaces import nb201
   runs, doc, prefix = results.runs, results.doc, STUDY.output
   summary = study_lib.summarize(runs, final_numbers)
+  op_names = nb201.OP_NAMES  # the composition table's columns
   search_validation = {arm: methods.get(STUDY.arm(arm).flags['method']).search_validation
                        for arm in runs}
   archs = {arm: [arch_string(r['genotype']) for r in arm_runs] for arm, arm_runs in runs.items()}
@@ -224,8 +225,9 @@ def report(results: Results) -> dict:
           'Mean ± sample standard deviation over seeds. Search validation, at the last epoch: '
           + '; '.join(f'{LABELS[arm]}, {search_validation[arm]}' for arm in runs)
           + '. Child: the cell derived by the method\'s own rule (docs/spaces.md) as one-hot Z '
-          'with the supernet\'s weights, no finetuning. α entropy: mean over the 6 edges '
-          '(ln 5 = 1.609 is uniform).', '',
+          f'with the supernet\'s weights, no finetuning. α entropy: mean over the '
+          f'{len(nb201.EDGES)} edges (ln {len(op_names)} = {math.log(len(op_names)):.3f} is '
+          'uniform).', '',
           '| method | seeds | search val acc (%) | child val acc (%) | child test acc (%) '
           '| α entropy |', '|---|---|---|---|---|---|']
   for arm, s in summary.items():
@@ -234,12 +236,13 @@ def report(results: Results) -> dict:
                f'| {num(s["alpha_entropy"], 3)} |')
 
   out += ['', '## 2. Derived cells', '',
-          'Composition: of the 6 edges of the derived cell, how many hold each op (mean ± sd '
-          'over seeds).', '',
-          '| method | ' + ' | '.join(f'`{op}`' for op in OPS) + ' |',
-          '|---' * (len(OPS) + 1) + '|']
+          f'Composition: of the {len(nb201.EDGES)} edges of the derived cell, how many hold each '
+          'op (mean ± sd over seeds).', '',
+          '| method | ' + ' | '.join(f'`{op}`' for op in op_names) + ' |',
+          '|---' * (len(op_names) + 1) + '|']
   for arm, s in summary.items():
-    out.append(f'| {LABELS[arm]} | ' + ' | '.join(num(s[f'edges_{op}'], 1) for op in OPS) + ' |')
+    out.append(f'| {LABELS[arm]} | ' + ' | '.join(num(s[f'edges_{op}'], 1) for op in op_names)
+               + ' |')
   verdicts = _collapse_lines(summary, archs)
   out += [''] + verdicts + ['', 'Arch strings, per seed:', '']
   for arm, arm_runs in runs.items():

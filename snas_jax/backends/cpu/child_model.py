@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from snas_jax import child_model as reference
 from snas_jax.backends.cpu import ops
-from snas_jax.genotypes import NUM_INPUT_STATES
+from snas_jax.spaces.darts.genotypes import NUM_INPUT_STATES
 
 
 class ChildCell(nn.Module):

@@ -18,7 +18,8 @@ from flax import linen as nn
 
 from snas_jax.backends.cpu import ops
 from snas_jax import search_model as reference
-from snas_jax.genotypes import NUM_INPUT_STATES, NUM_NODES, PRIMITIVES, edge_batches
+from snas_jax.spaces.darts.genotypes import (NUM_INPUT_STATES, NUM_NODES, PRIMITIVES,
+                                             edge_batches)
 
 
 class MixedEdges(nn.Module):
