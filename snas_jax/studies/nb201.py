@@ -166,7 +166,7 @@ def _collapse_lines(summary: dict, archs: dict) -> list[str]:
   return lines
 
 
-# A derived cell is skip-dominated when at least this many of its 6 edges are
+# A derived cell is skip-dominated when at least this many of its edges are
 # skip connections (DARTS's collapse on NB201 ends in the all-skip cell, 6 of 6).
 SKIP_DOMINATED = 4
 
@@ -178,12 +178,12 @@ def collapse_verdict(summary: dict, archs: dict) -> list[str]:
   from snas_jax.spaces import nb201
   collapsed, lines = {}, []
   for arm in summary:
-    skips = [sum(op == 'skip_connect' for op in nb201.Arch.from_string(a).ops) for a in archs[arm]]
+    skips = [sum(op == nb201.SKIP_OP for op in nb201.Arch.from_string(a).ops) for a in archs[arm]]
     dominated = sum(k >= SKIP_DOMINATED for k in skips)
     collapsed[arm] = 2 * dominated > len(skips)
     lines.append(f'- {LABELS[arm]}: {dominated} of {len(skips)} derived cells are skip-dominated '
-                 f'(at least {SKIP_DOMINATED} of {NUM_EDGES} edges skip; skip edges '
-                 f'{num(summary[arm]["edges_skip_connect"], 1)}): '
+                 f'(at least {SKIP_DOMINATED} of {len(nb201.EDGES)} edges skip; skip edges '
+                 f'{num(summary[arm][f"edges_{nb201.SKIP_OP}"], 1)}): '
                  + ('collapses to skip connections.' if collapsed[arm] else 'does not collapse.'))
   if 'darts' in collapsed and 'snas' in collapsed:
     agrees = collapsed['darts'] and not collapsed['snas']
