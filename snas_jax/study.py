@@ -289,49 +289,40 @@ def run_grid(study: Study, workdir: str, arms: list[str], seeds: list[int],
   t_start = time.time()
   pairs = [(a, s) for a in arms for s in seeds]
 
-  def account(key: str, wall: float) -> None:
+  def run(i: int, key: str, folder: str, finished: Callable[[], bool],
+          command: Callable[[], list[str]], doing: str, result: Callable[[], str]) -> None:
+    """Job i of the phase: skipped when finished, else run, accounted and checked."""
+    tag = f'[{i}/{len(pairs)}] {key}'
+    if finished():
+      log(f'{tag}: finished, skipped')
+      return
+    cmd = command()
+    log(f'{tag}: {doing} (log: {os.path.join(folder, "log.txt")})')
+    t0 = time.time()
+    code = _run_logged(cmd, folder)
     entry_ = state['runs'].setdefault(key, {'wall_s': 0.0, 'commits': []})
-    entry_['wall_s'] += wall
+    entry_['wall_s'] += time.time() - t0
     if commit not in entry_['commits']:
       entry_['commits'].append(commit)
     invocation['wall_s'] = time.time() - t_start
     write_json(state_path, state)
+    if code != 0 or not finished():
+      raise _failure(key, code, folder)
+    log(f'{tag}: done in {time.time() - t0:.0f} s, {result()}')
 
   for i, (arm, seed) in enumerate(pairs, 1):
     path = run_dir(workdir, arm, seed)
-    key = f'{arm}/seed{seed}'
-    tag = f'[{i}/{len(pairs)}] {key}'
-    if is_finished(path):
-      log(f'{tag}: finished, skipped')
-      continue
-    cmd = search_command(study, settings, arm, seed, workdir, backend, list(extra))
-    log(f'{tag}: searching (log: {os.path.join(path, "log.txt")})')
-    t0 = time.time()
-    code = _run_logged(cmd, path)
-    account(key, time.time() - t0)
-    if code != 0 or not is_finished(path):
-      raise _failure(key, code, path)
-    summary = read_json(os.path.join(path, 'summary.json'))
-    log(f'{tag}: done in {time.time() - t0:.0f} s, child test accuracy '
-        f'{100 * summary["child_test_acc"]:.2f}%')
-
+    run(i, f'{arm}/seed{seed}', path, lambda: is_finished(path),
+        lambda: search_command(study, settings, arm, seed, workdir, backend, list(extra)),
+        'searching', lambda: 'child test accuracy {:.2f}%'.format(
+            100 * read_json(os.path.join(path, 'summary.json'))['child_test_acc']))
   # The derived cells trained from scratch, once every search is done.
   for i, (arm, seed) in enumerate(pairs if study.retrain else [], 1):
     path = run_dir(workdir, arm, seed)
-    key, folder = f'{arm}/seed{seed}/{RETRAIN_DIR}', retrain_dir(path)
-    tag = f'[{i}/{len(pairs)}] {key}'
-    if retrain_finished(path):
-      log(f'{tag}: finished, skipped')
-      continue
-    cmd = retrain_command(study, path, run_config(path), backend)
-    log(f'{tag}: training the derived cell (log: {os.path.join(folder, "log.txt")})')
-    t0 = time.time()
-    code = _run_logged(cmd, folder)
-    account(key, time.time() - t0)
-    if code != 0 or not retrain_finished(path):
-      raise _failure(key, code, folder)
-    final = read_json(os.path.join(folder, 'final.json'))
-    log(f'{tag}: done in {time.time() - t0:.0f} s, test error {final["test_error"]:.2f}%')
+    run(i, f'{arm}/seed{seed}/{RETRAIN_DIR}', retrain_dir(path), lambda: retrain_finished(path),
+        lambda: retrain_command(study, path, run_config(path), backend),
+        'training the derived cell', lambda: 'test error {:.2f}%'.format(
+            read_json(os.path.join(retrain_dir(path), 'final.json'))['test_error']))
   invocation['wall_s'] = time.time() - t_start
   write_json(state_path, state)
   return state
