@@ -241,7 +241,7 @@ def child_case(rng: np.random.Generator) -> dict:
   import torch
   import torch.nn.functional as F
   from pytorch_reference import NetworkCIFAR
-  from snas_jax import genotypes
+  from snas_jax.spaces.darts import genotypes
   cfg = CHILD
   net = NetworkCIFAR(genotypes.published(cfg['genotype']), cfg['c'], cfg['layers'], CLASSES)
   with torch.no_grad():

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Column order of Z, as snas_jax.genotypes.PRIMITIVES.
+# Column order of Z, as snas_jax.spaces.darts.genotypes.PRIMITIVES.
 PRIMITIVES = ('none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect', 'sep_conv_3x3',
               'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
 NUM_NODES = 4
@@ -282,10 +282,10 @@ def to_flax(state_dict) -> dict:
   keyed as named_parameters maps the same way, onto 'params'.
 
   Names: ``cells.i`` -> ``cell_i``; a search cell's ``edges.row`` join the
-  edge batch holding that row (snas_jax.genotypes.edge_batches), stacked in
-  the batch's order; ``num_batches_tracked`` has no counterpart.
+  edge batch holding that row (snas_jax.spaces.darts.genotypes.edge_batches),
+  stacked in the batch's order; ``num_batches_tracked`` has no counterpart.
   """
-  from snas_jax.genotypes import edge_batches
+  from snas_jax.spaces.darts.genotypes import edge_batches
   from snas_jax.search_model import edge_batch_name
   out = {'params': {}, 'batch_stats': {}}
   for key, value in state_dict.items():

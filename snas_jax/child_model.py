@@ -35,7 +35,7 @@ import numpy as np
 from flax import linen as nn
 
 from snas_jax import ops
-from snas_jax.genotypes import NUM_INPUT_STATES, Genotype, reduction_layers
+from snas_jax.spaces.darts.genotypes import NUM_INPUT_STATES, Genotype, reduction_layers
 from snas_jax.search_model import REFERENCE, Forms
 
 AUX_SCOPE = 'auxiliary_head'  # parameter subtree excluded from the paper's counts

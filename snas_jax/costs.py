@@ -47,14 +47,14 @@ def penalty_tables(c: int, layers: int, image_size: int, kinds=COST_KINDS,
 def resource_penalty(alpha, z_soft, z_hard, table, estimator: str = 'score'):
   """Surrogate whose α-gradient estimates ∇_α E_Z[C(Z)] for one cell type.
 
-  alpha, z_soft, z_hard, table: [14, 8]. Estimators:
+  alpha, z_soft, z_hard, table: [edges, ops]. Estimators:
   - 'score' (eq. 11, default): Σ_e ∇ log p(Z_e) · C_e(Z_e) on the discrete
     Gumbel-max sample; per-edge (local) credit, unbiased.
   - 'pathwise': C(soft Z), differentiated through the relaxed sample.
   - 'exact': Σ_k softmax(α)_k c_k, the expectation under Categorical(α).
   """
   if estimator == 'score':
-    credit = jax.lax.stop_gradient((z_hard * table).sum(-1))  # [14]
+    credit = jax.lax.stop_gradient((z_hard * table).sum(-1))  # [edges]
     return (sampling.categorical_log_prob(z_hard, alpha) * credit).sum()
   if estimator == 'pathwise':
     return (z_soft * table).sum()
@@ -64,7 +64,7 @@ def resource_penalty(alpha, z_soft, z_hard, table, estimator: str = 'score'):
 
 
 def expected_cost(alpha, table):
-  """E_{Z ~ Cat(softmax α)} Σ Z·table: [..., 14, 8] -> scalar per leading index."""
+  """E_{Z ~ Cat(softmax α)} Σ Z·table: [..., edges, ops] -> scalar per leading index."""
   return (jax.nn.softmax(alpha, axis=-1) * table).sum((-2, -1))
 
 

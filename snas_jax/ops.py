@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from snas_jax.genotypes import PRIMITIVES
+from snas_jax.spaces.darts.genotypes import PRIMITIVES
 
 BN_MOMENTUM = 0.1  # PyTorch's convention: running = (1 - m)·running + m·batch
 BN_EPSILON = 1e-5

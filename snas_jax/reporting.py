@@ -1,4 +1,5 @@
-"""What a run shows a person: metric logs, progress bars, cell and α plots.
+"""What a run shows a person: metric logs, progress bars, α plots, and the
+pieces the spaces draw their cells with.
 
 Metrics go to ``workdir/metrics.jsonl`` (one JSON object per ``write``) and to
 TensorBoard scalars under ``workdir/tensorboard/``. Only process 0 writes.
@@ -16,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import uuid
 from typing import Any, Iterable, Mapping, Sequence
@@ -31,11 +31,7 @@ if 'matplotlib.pyplot' not in sys.modules and 'MPLBACKEND' not in os.environ:
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Circle, FancyArrowPatch  # noqa: E402
-from matplotlib.path import Path  # noqa: E402
 import numpy as np  # noqa: E402
-
-from snas_jax.genotypes import CONCAT, NUM_INPUT_STATES, NUM_NODES  # noqa: E402
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -61,7 +57,7 @@ def _default_is_writer() -> bool:
 # Atomic file writes.
 
 
-def _atomic_path(path: str) -> str:
+def atomic_path(path: str) -> str:
   """An unused temporary name next to ``path`` (same filesystem, so rename is atomic)."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
@@ -72,7 +68,7 @@ def _atomic_path(path: str) -> str:
 
 def _write_atomic(path: str, write_fn, mode: str = 'w') -> str:
   """Calls ``write_fn(file)`` on a temporary file, then renames it to ``path``."""
-  tmp = _atomic_path(path)
+  tmp = atomic_path(path)
   try:
     with open(tmp, mode.replace('w', 'x')) as f:
       write_fn(f)
@@ -88,7 +84,7 @@ def _write_atomic(path: str, write_fn, mode: str = 'w') -> str:
 write_atomic = _write_atomic
 
 
-def _save_figure(fig: Figure, path: str) -> str:
+def save_figure(fig: Figure, path: str) -> str:
   FigureCanvasAgg(fig)  # Attaches a headless canvas whatever the global backend.
   return _write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=fig.dpi), mode='wb')
 
@@ -330,106 +326,30 @@ def _format_postfix(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------
-# Cell drawings.
+# Cell drawings: the shared pieces.
 
-_INPUT_NAMES = ('c_{k-2}', 'c_{k-1}')
-_OUTPUT_NAME = 'c_{k}'
-
-
-def _state_name(state: int) -> str:
-  return _INPUT_NAMES[state] if state < NUM_INPUT_STATES else str(state - NUM_INPUT_STATES)
-
-
-def _drawn_edges(cell) -> list[tuple[str, int, int]]:
-  """(op, from state, to node) for every edge that is drawn (not 'none')."""
-  if len(cell) != NUM_NODES:
-    raise ValueError(f'draw_cell: expected {NUM_NODES} nodes, got {len(cell)}')
-  return [(op, int(state), node) for node, edges in enumerate(cell)
-          for op, state in edges if op != 'none']
+# The pieces every space's cell drawing is made of (spaces/darts/drawing.py,
+# spaces/nb201.py): an arc diagram in data units with equal aspect. The states
+# sit on one line, left to right; each edge is an arc whose height grows with
+# the distance it spans, so arcs into the same node nest instead of
+# overlapping and each label sits alone at its arc's apex.
+NODE_RADIUS = 0.42
+X_STEP = 2.0
+ARC_HEIGHT = 0.5  # apex height per column spanned
 
 
-def draw_cell(cell, path: str, title: str = '', concat: Sequence[int] = CONCAT) -> str:
-  """Draws one derived cell (``Genotype.normal`` or ``.reduce``) to a PNG at ``path``.
-
-  Uses graphviz ``dot`` if it is on PATH (also leaving ``<path minus .png>.dot``),
-  otherwise, or if ``dot`` fails, matplotlib. 'none' edges are not drawn; a
-  node without inputs is drawn dashed. Returns ``path``.
-  """
-  edges = _drawn_edges(cell)
-  dot = shutil.which('dot')
-  if dot:
-    try:
-      return _draw_cell_graphviz(dot, edges, path, title, concat)
-    except (OSError, subprocess.SubprocessError) as e:
-      logging.warning('graphviz failed to draw %s (%s); drawing with matplotlib', path, e)
-  return _draw_cell_matplotlib(edges, path, title, concat)
-
-
-def _dot_source(edges, title: str, concat) -> str:
-  q = lambda s: '"' + str(s).replace('\\', '\\\\').replace('"', '\\"') + '"'
-  fed = {node for _, _, node in edges}
-  lines = [
-      'digraph cell {',
-      '  rankdir=LR;',
-      f'  label={q(title)}; labelloc=t; fontsize=20; fontname=helvetica;',
-      '  node [style="rounded,filled", shape=rect, fontsize=20, height=0.5, width=0.5, '
-      'penwidth=2, fontname=helvetica];',
-      '  edge [fontsize=16, fontname=helvetica];',
-  ]
-  for name in _INPUT_NAMES:
-    lines.append(f'  {q(name)} [fillcolor=darkseagreen2];')
-  for node in range(NUM_NODES):
-    style = '' if node in fed else ', style="rounded,filled,dashed", fillcolor=gray90'
-    lines.append(f'  {q(node)} [fillcolor=lightblue{style}];')
-  lines.append(f'  {q(_OUTPUT_NAME)} [fillcolor=palegoldenrod];')
-  for op, state, node in edges:
-    lines.append(f'  {q(_state_name(state))} -> {q(node)} [label={q(op)}, fillcolor=gray];')
-  for state in concat:
-    lines.append(f'  {q(_state_name(state))} -> {q(_OUTPUT_NAME)} [fillcolor=gray, color=gray40];')
-  lines.append('}')
-  return '\n'.join(lines) + '\n'
-
-
-def _draw_cell_graphviz(dot: str, edges, path: str, title: str, concat) -> str:
-  dot_path = os.path.splitext(path)[0] + '.dot'
-  _write_atomic(dot_path, lambda f: f.write(_dot_source(edges, title, concat)))
-  tmp = _atomic_path(path)
-  try:
-    subprocess.run([dot, '-Tpng', '-o', tmp, dot_path], check=True, capture_output=True,
-                   timeout=60)
-    with open(tmp, 'rb') as f:
-      if f.read(8) != b'\x89PNG\r\n\x1a\n':
-        raise subprocess.SubprocessError('dot did not write a PNG')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
-
-
-# Layout (data units, equal aspect): an arc diagram. All states sit on one
-# line, c_{k-2}, c_{k-1}, 0..3, c_{k}, left to right. Each edge is an arc whose
-# height grows with the distance it spans, so arcs into the same node nest
-# instead of overlapping and each label sits alone at its arc's apex. Edges
-# from the cell inputs arc below the line, edges between intermediate nodes
-# and the (unlabelled, grey) concat edges arc above it.
-_NODE_RADIUS = 0.42
-_X_STEP = 2.0
-_ARC_HEIGHT = 0.5  # apex height per column spanned
-
-
-def _bezier(p0, c, p1, t):
+def bezier(p0, c, p1, t):
   p0, c, p1 = map(np.asarray, (p0, c, p1))
   return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * c + t ** 2 * p1
 
 
-def _arc(x0: float, x1: float, height: float):
+def arc(x0: float, x1: float, height: float):
   """Start, control point and end of a quadratic arc from x0 to x1 with apex ``height``."""
   # A quadratic Bezier's apex is half-way to its control point.
   ctrl = np.array([(x0 + x1) / 2, 2 * height])
   src, dst = np.array([x0, 0.0]), np.array([x1, 0.0])
-  start = src + _NODE_RADIUS * (ctrl - src) / np.linalg.norm(ctrl - src)
-  end = dst + _NODE_RADIUS * (ctrl - dst) / np.linalg.norm(ctrl - dst)
+  start = src + NODE_RADIUS * (ctrl - src) / np.linalg.norm(ctrl - src)
+  end = dst + NODE_RADIUS * (ctrl - dst) / np.linalg.norm(ctrl - dst)
   return start, ctrl, end
 
 
@@ -446,50 +366,6 @@ def cell_canvas(width: float, x_lim: tuple, y_lim: tuple, title: str, title_x: f
   if title:
     ax.text(title_x, y_high - 0.35, title, ha='center', va='center', fontsize=fontsize)
   return fig, ax
-
-
-def _draw_cell_matplotlib(edges, path: str, title: str, concat) -> str:
-  # Column of each state on the line; 'out' is c_{k}.
-  col = {s: s for s in range(NUM_INPUT_STATES + NUM_NODES)}
-  col['out'] = NUM_INPUT_STATES + NUM_NODES
-  x = {k: _X_STEP * c for k, c in col.items()}
-  fed = {node for _, _, node in edges}
-  # Tallest arcs: c_{k-2} -> node 3 below, node 0 -> c_{k} above.
-  y_low = -(_ARC_HEIGHT * (NUM_INPUT_STATES + NUM_NODES - 1) + 0.4)
-  y_high = _ARC_HEIGHT * NUM_NODES + 0.4 + (0.7 if title else 0.0)
-  fig, ax = cell_canvas(12.0, (-0.8, x['out'] + 0.8), (y_low, y_high), title, x['out'] / 2, 14)
-
-  def draw_node(key, label, face, dashed=False):
-    ax.add_patch(Circle((x[key], 0.0), _NODE_RADIUS, facecolor=face, edgecolor='black',
-                        linewidth=1.5, linestyle='--' if dashed else '-', zorder=3))
-    ax.text(x[key], 0.0, label, ha='center', va='center', fontsize=12, zorder=4)
-
-  for state, name in enumerate(_INPUT_NAMES):
-    draw_node(state, f'${name}$', '#c1ffc1')
-  for node in range(NUM_NODES):
-    draw_node(node + NUM_INPUT_STATES, str(node),
-              '#add8e6' if node in fed else '#eeeeee', dashed=node not in fed)
-  draw_node('out', f'${_OUTPUT_NAME}$', '#eee8aa')
-  ax.text(-0.6, y_low + 0.2, 'grey dashed arrows: concatenation into $c_{k}$'
-          + ('' if fed == set(range(NUM_NODES)) else ';  dashed node: no inputs (zeros)'),
-          ha='left', va='bottom', fontsize=8.5, color='0.4')
-
-  def arrow(src, dst, height, color, width, style='-'):
-    start, ctrl, end = _arc(x[src], x[dst], height)
-    curve = Path([start, ctrl, end], [Path.MOVETO, Path.CURVE3, Path.CURVE3])
-    ax.add_patch(FancyArrowPatch(path=curve, arrowstyle='-|>', mutation_scale=14, color=color,
-                                 linewidth=width, linestyle=style, zorder=2))
-    return _bezier(start, ctrl, end, 0.5)
-
-  for state in concat:
-    arrow(state, 'out', _ARC_HEIGHT * (col['out'] - col[state]), '0.65', 1.1, '--')
-  for op, state, node in edges:
-    dst = node + NUM_INPUT_STATES
-    sign = -1.0 if state < NUM_INPUT_STATES else 1.0
-    lx, ly = arrow(state, dst, sign * _ARC_HEIGHT * (col[dst] - col[state]), '0.1', 1.4)
-    ax.text(lx, ly, op, ha='center', va='center', fontsize=8.5, zorder=5,
-            bbox=dict(boxstyle='round,pad=0.15', facecolor='white', edgecolor='none', alpha=0.9))
-  return _save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------
@@ -539,7 +415,7 @@ def plot_alpha_heatmap(alpha, path: str, title: str = '', space=None) -> str:
   if title:
     ax.set_title(title)
   fig.tight_layout()
-  return _save_figure(fig, path)
+  return save_figure(fig, path)
 
 
 def _series(records: Iterable[dict], key: str) -> tuple[list, list]:
@@ -581,7 +457,7 @@ def plot_curves(records: Sequence[dict], path: str,
     else:
       ax.text(0.5, 0.5, 'no data', ha='center', va='center', transform=ax.transAxes, color='0.5')
   fig.tight_layout()
-  return _save_figure(fig, path)
+  return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------

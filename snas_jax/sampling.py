@@ -29,7 +29,7 @@ def hard_sample(alpha: jax.Array, noise: jax.Array) -> jax.Array:
 
 
 def sample_arch_weights(key: jax.Array, alpha: jax.Array, tau):
-  """(soft Z, hard Z, noise) for one cell type; α: [14, 8]. No straight-through."""
+  """(soft Z, hard Z, noise) for one cell type; α: [edges, ops]. No straight-through."""
   noise = gumbel_noise(key, alpha.shape)
   return relaxed_sample(alpha, noise, tau), hard_sample(alpha, noise), noise
 

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from snas_jax import ops
-from snas_jax.genotypes import (NUM_EDGES, NUM_INPUT_STATES, NUM_NODES, NUM_OPS, PRIMITIVES,
-                                edge_batches, reduction_layers)
+from snas_jax.spaces.darts.genotypes import (NUM_EDGES, NUM_INPUT_STATES, NUM_NODES, NUM_OPS,
+                                             PRIMITIVES, edge_batches, reduction_layers)
 
 
 class MixedOp(nn.Module):

@@ -17,6 +17,12 @@ commit, the machine and the wall time of every run.
 the run folders alone: each run's ``metrics.jsonl`` (one record per epoch),
 ``summary.json``, ``genotype.json`` and the configuration stored in its
 checkpoint (``run_config``).
+
+A study with a retraining flagfile (``Study.retrain``) also trains every
+derived cell from scratch once its searches are done
+(``experiments/train_cifar.py`` or the ``snas-train-cifar`` console script,
+in ``<run>/retrain``, with ``--search_workdir`` and the method's derivation
+rule), skipped when its ``final.json`` exists and resumed otherwise.
 """
 from __future__ import annotations
 
@@ -38,7 +44,9 @@ import numpy as np
 # beside it); an installed package uses its console script and the current folder.
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_SCRIPT = ROOT / 'experiments' / 'search_cifar.py'
+TRAIN_SCRIPT = ROOT / 'experiments' / 'train_cifar.py'
 IN_CHECKOUT = SEARCH_SCRIPT.is_file()
+RETRAIN_DIR = 'retrain'  # <run>/retrain: the derived cell trained from scratch
 DOCS_DIR = ROOT / 'docs' if IN_CHECKOUT else Path('docs')
 REPORT_JSON = 'report.json'
 
@@ -69,6 +77,9 @@ class Study:
   arms: tuple[Arm, ...]
   seeds: tuple[int, ...]
   report: Callable[['Results'], dict]
+  # The shipped flagfile of the retraining every derived cell gets after the
+  # searches (experiments/train_cifar.py, in <run>/retrain); None: none.
+  retrain: str | None = None
 
   def arm(self, name: str) -> Arm:
     for arm in self.arms:
@@ -81,6 +92,11 @@ class Study:
     """The shipped flagfile of the study's search setting (links resolved)."""
     from snas_jax import scripts
     return scripts.config_path(self.settings).resolve()
+
+  def retrain_settings(self) -> Path:
+    """The shipped flagfile of the study's retraining (links resolved)."""
+    from snas_jax import scripts
+    return scripts.config_path(self.retrain).resolve()
 
   def state_file(self, workdir: str) -> str:
     return os.path.join(workdir, f'{self.output}.json')
@@ -125,6 +141,15 @@ def run_dir(workdir: str, arm: str, seed: int) -> str:
 
 def is_finished(path: str) -> bool:
   return os.path.isfile(os.path.join(path, 'summary.json'))
+
+
+def retrain_dir(path: str) -> str:
+  return os.path.join(path, RETRAIN_DIR)
+
+
+def retrain_finished(path: str) -> bool:
+  """Whether the run's derived cell has been retrained (its final.json exists)."""
+  return os.path.isfile(os.path.join(retrain_dir(path), 'final.json'))
 
 
 # ----------------------------------------------------------------------------
@@ -181,17 +206,21 @@ def write_json(path: str, value) -> None:
 # Runs.
 
 
-def search_entry() -> list[str]:
-  """The command that runs a search: the checkout's script, else the
+def entry(script: Path, console_script: str) -> list[str]:
+  """The command that runs an entry script: the checkout's, else the
   installed package's console script."""
   if IN_CHECKOUT:
-    return [sys.executable, str(SEARCH_SCRIPT)]
-  script = shutil.which('snas-search', path=os.path.dirname(sys.executable)) or shutil.which(
-      'snas-search')
-  if script is None:
-    raise FileNotFoundError('the snas-search console script is not installed beside '
+    return [sys.executable, str(script)]
+  found = shutil.which(console_script, path=os.path.dirname(sys.executable)) or shutil.which(
+      console_script)
+  if found is None:
+    raise FileNotFoundError(f'the {console_script} console script is not installed beside '
                             f'{sys.executable} nor on PATH; reinstall snas_jax')
-  return [script]
+  return [found]
+
+
+def search_entry() -> list[str]:
+  return entry(SEARCH_SCRIPT, 'snas-search')
 
 
 def search_command(study: Study, settings: str, arm: str, seed: int, workdir: str, backend: str,
@@ -201,6 +230,34 @@ def search_command(study: Study, settings: str, arm: str, seed: int, workdir: st
   return [*search_entry(), f'--flagfile={settings}',
           *(f'--{k}={v}' for k, v in flags.items()), f'--seed={seed}',
           f'--workdir={run_dir(workdir, arm, seed)}', f'--backend={backend}', *extra]
+
+
+def retrain_command(study: Study, run: str, config: dict, backend: str) -> list[str]:
+  """The retraining of the derived cell of the finished search in ``run``
+  (``config``: its configuration): the study's retraining flagfile, then the
+  search's space, data set, folder, the method's derivation rule and seed."""
+  from snas_jax import methods
+  return [*entry(TRAIN_SCRIPT, 'snas-train-cifar'), f'--flagfile={study.retrain_settings()}',
+          f'--space={config.get("space", "darts")}', f'--dataset={config["dataset"]}',
+          f'--search_workdir={run}', f'--derive_rule={methods.get(config["method"]).derivation}',
+          f'--seed={config["seed"]}', f'--workdir={retrain_dir(run)}', f'--backend={backend}']
+
+
+def _run_logged(cmd: list[str], folder: str) -> int:
+  """Runs ``cmd`` with its output appended to ``folder``/log.txt; its exit status."""
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, 'log.txt'), 'a') as out:
+    out.write('$ ' + ' '.join(cmd) + '\n')
+    out.flush()
+    return subprocess.run(cmd, cwd=ROOT if IN_CHECKOUT else None, stdout=out,
+                          stderr=subprocess.STDOUT).returncode
+
+
+def _failure(key: str, code: int, folder: str) -> RuntimeError:
+  with open(os.path.join(folder, 'log.txt')) as f:
+    tail = f.read()[-1500:]
+  return RuntimeError(f'{key} failed (exit {code}); rerun the command to resume it. '
+                      f'End of {os.path.join(folder, "log.txt")}:\n{tail}')
 
 
 def run_grid(study: Study, workdir: str, arms: list[str], seeds: list[int],
@@ -231,36 +288,41 @@ def run_grid(study: Study, workdir: str, arms: list[str], seeds: list[int],
   write_json(state_path, state)
   t_start = time.time()
   pairs = [(a, s) for a in arms for s in seeds]
-  for i, (arm, seed) in enumerate(pairs, 1):
-    path = run_dir(workdir, arm, seed)
-    key = f'{arm}/seed{seed}'
+
+  def run(i: int, key: str, folder: str, finished: Callable[[], bool],
+          command: Callable[[], list[str]], doing: str, result: Callable[[], str]) -> None:
+    """Job i of the phase: skipped when finished, else run, accounted and checked."""
     tag = f'[{i}/{len(pairs)}] {key}'
-    if is_finished(path):
+    if finished():
       log(f'{tag}: finished, skipped')
-      continue
-    os.makedirs(path, exist_ok=True)
-    cmd = search_command(study, settings, arm, seed, workdir, backend, list(extra))
-    log(f'{tag}: searching (log: {os.path.join(path, "log.txt")})')
+      return
+    cmd = command()
+    log(f'{tag}: {doing} (log: {os.path.join(folder, "log.txt")})')
     t0 = time.time()
-    with open(os.path.join(path, 'log.txt'), 'a') as out:
-      out.write('$ ' + ' '.join(cmd) + '\n')
-      out.flush()
-      proc = subprocess.run(cmd, cwd=ROOT if IN_CHECKOUT else None, stdout=out,
-                            stderr=subprocess.STDOUT)
-    wall = time.time() - t0
-    entry = state['runs'].setdefault(key, {'wall_s': 0.0, 'commits': []})
-    entry['wall_s'] += wall
-    if commit not in entry['commits']:
-      entry['commits'].append(commit)
+    code = _run_logged(cmd, folder)
+    entry_ = state['runs'].setdefault(key, {'wall_s': 0.0, 'commits': []})
+    entry_['wall_s'] += time.time() - t0
+    if commit not in entry_['commits']:
+      entry_['commits'].append(commit)
     invocation['wall_s'] = time.time() - t_start
     write_json(state_path, state)
-    if proc.returncode != 0 or not is_finished(path):
-      with open(os.path.join(path, 'log.txt')) as f:
-        tail = f.read()[-1500:]
-      raise RuntimeError(f'{key} failed (exit {proc.returncode}); rerun the command to resume it. '
-                         f'End of {os.path.join(path, "log.txt")}:\n{tail}')
-    summary = read_json(os.path.join(path, 'summary.json'))
-    log(f'{tag}: done in {wall:.0f} s, child test accuracy {100 * summary["child_test_acc"]:.2f}%')
+    if code != 0 or not finished():
+      raise _failure(key, code, folder)
+    log(f'{tag}: done in {time.time() - t0:.0f} s, {result()}')
+
+  for i, (arm, seed) in enumerate(pairs, 1):
+    path = run_dir(workdir, arm, seed)
+    run(i, f'{arm}/seed{seed}', path, lambda: is_finished(path),
+        lambda: search_command(study, settings, arm, seed, workdir, backend, list(extra)),
+        'searching', lambda: 'child test accuracy {:.2f}%'.format(
+            100 * read_json(os.path.join(path, 'summary.json'))['child_test_acc']))
+  # The derived cells trained from scratch, once every search is done.
+  for i, (arm, seed) in enumerate(pairs if study.retrain else [], 1):
+    path = run_dir(workdir, arm, seed)
+    run(i, f'{arm}/seed{seed}/{RETRAIN_DIR}', retrain_dir(path), lambda: retrain_finished(path),
+        lambda: retrain_command(study, path, run_config(path), backend),
+        'training the derived cell', lambda: 'test error {:.2f}%'.format(
+            read_json(os.path.join(retrain_dir(path), 'final.json'))['test_error']))
   invocation['wall_s'] = time.time() - t_start
   write_json(state_path, state)
   return state
@@ -314,7 +376,10 @@ def load_runs(study: Study, workdir: str) -> dict:
       summary = read_json(os.path.join(path, 'summary.json'))
       runs.append({'seed': int(name[4:]), 'path': path, 'records': epoch_records(path),
                    'summary': summary, 'genotype': run_genotype(path, config, summary),
-                   'config': config})
+                   'config': config,
+                   'retrain': read_json(os.path.join(retrain_dir(path), 'final.json')),
+                   'retrain_config': run_config(retrain_dir(path)) if retrain_finished(path)
+                   else None})
     if runs:
       out[arm.name] = runs
   return out
@@ -384,7 +449,7 @@ def plot_curves(results: Results, panels: list, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  return reporting._save_figure(fig, path)  # noqa: SLF001 (the module's atomic PNG writer)
+  return reporting.save_figure(fig, path)
 
 
 def _fmt_setting(value) -> str:
@@ -392,11 +457,11 @@ def _fmt_setting(value) -> str:
 
 
 def setting_lines(results: Results, reference: Mapping, reasons: Mapping,
-                  per_run_fields: set) -> list[str]:
+                  per_run_fields: set, config: str = 'config') -> list[str]:
   """Rows ``| `--flag` | here | reference | why |`` of the first run's
-  configuration where it differs from ``reference`` (fields it names), then a warning if
-  another run used another setting."""
-  cfg = results.first()['config']
+  configuration (``config``: its search's, or 'retrain_config') where it differs
+  from ``reference`` (fields it names), then a warning if another run used another setting."""
+  cfg = results.first()[config]
   out = []
   for name, value in cfg.items():
     if name in per_run_fields or name not in reference or reference[name] == value:
@@ -404,7 +469,7 @@ def setting_lines(results: Results, reference: Mapping, reasons: Mapping,
     out.append(f'| `--{name}` | {_fmt_setting(value)} | {_fmt_setting(reference.get(name))} | '
                f'{reasons.get(name, "")} |')
   shared = lambda c: {k: v for k, v in c.items() if k not in per_run_fields}
-  other = [a for a in results.runs for r in results.runs[a] if shared(r['config']) != shared(cfg)]
+  other = [a for a in results.runs for r in results.runs[a] if shared(r[config]) != shared(cfg)]
   if other:
     out += ['', f'**Warning**: runs of {sorted(set(other))} used another setting than the first '
             'run.']
@@ -417,11 +482,20 @@ def settings_shown(results: Results) -> str:
                          ROOT)
 
 
+def retrain_settings_shown(results: Results) -> str:
+  """The retraining flagfile of the study, relative to the checkout."""
+  return os.path.relpath(str(results.study.retrain_settings()), ROOT)
+
+
 def provenance(results: Results) -> tuple[list[str], list[str], float]:
   """(the provenance lines, the commits the runs used, their summed wall time in s)."""
   state, runs = results.state, results.runs
-  commits = sorted({c for r in state.get('runs', {}).values() for c in r.get('commits', [])})
-  run_wall = sum(r.get('wall_s', 0.0) for r in state.get('runs', {}).values())
+  searches = {k: r for k, r in state.get('runs', {}).items() if not k.endswith(f'/{RETRAIN_DIR}')}
+  retrains = {k: r for k, r in state.get('runs', {}).items() if k.endswith(f'/{RETRAIN_DIR}')}
+  commits = sorted({c for r in searches.values() for c in r.get('commits', [])})
+  retrain_commits = sorted({c for r in retrains.values() for c in r.get('commits', [])})
+  run_wall = sum(r.get('wall_s', 0.0) for r in searches.values())
+  retrain_wall = sum(r.get('wall_s', 0.0) for r in retrains.values())
   search_s = sum(r['summary'].get('elapsed_s', 0.0) for a in runs for r in runs[a])
   machines = []
   for inv in state.get('invocations', []):
@@ -431,12 +505,17 @@ def provenance(results: Results) -> tuple[list[str], list[str], float]:
     if desc not in machines:
       machines.append(desc)
   lines = [f'- Commit(s) the runs used: {", ".join(f"`{c}`" for c in commits) or "not recorded"}'
-           + (' (**more than one**: the runs mix code versions)' if len(commits) > 1 else ''),
+           + (' (**more than one**: the runs mix code versions)' if len(commits) > 1 else '')
+           + (f'; the retrainings: {", ".join(f"`{c}`" for c in retrain_commits)}'
+              + (' (**more than one**)' if len(retrain_commits) > 1 else '')
+              if retrain_commits else ''),
            f'- Machine: {"; ".join(machines) or "not recorded"}',
            f'- Wall time of the runs (each search process, start to end, summed over resumes): '
            f'{run_wall / 60:.1f} min; of the driver invocations: '
            f'{sum(i.get("wall_s", 0.0) for i in state.get("invocations", [])) / 60:.1f} min; '
-           f'inside the searches (steps, evaluations, checkpoints): {search_s / 60:.1f} min',
+           f'inside the searches (steps, evaluations, checkpoints): {search_s / 60:.1f} min'
+           + (f'; of the retrainings (each process, summed over resumes): {retrain_wall / 60:.1f} '
+              'min' if retrain_wall else ''),
            f'- Started {state["invocations"][0]["start"] if state.get("invocations") else "?"}; '
            f'{sum(len(v) for v in runs.values())} finished runs', '']
   return lines, commits, run_wall

@@ -37,7 +37,9 @@ import numpy as np
 import optax
 from jax.extend import core as jax_core
 
-from snas_jax import backends, checkpoint, child_model, data, genotypes, parallel
+from snas_jax import backends, checkpoint, child_model, data, parallel
+from snas_jax.spaces import nb201
+from snas_jax.spaces.darts import genotypes
 from snas_jax import loop, spaces
 from snas_jax import config as config_lib
 from snas_jax.config import BACKEND_HELP, field
@@ -61,16 +63,16 @@ class TrainConfig:
                               '(restored through Orbax). One of --search_workdir, --genotype_json, '
                               '--arch.')
   derive_rule: str = field('snas', 'With --search_workdir or a search\'s genotype.json: the child '
-                           'derived by the SNAS rule (argmax of all 8 ops per edge) or the DARTS '
+                           'derived by the SNAS rule (argmax over all ops per edge) or the DARTS '
                            'rule (top-2 edges per node).',
                            choices=('snas', 'darts'))
   genotype_json: str = field('', 'Path to a genotype JSON file: {"normal": [[[op, input], ...] '
-                             'x 4 nodes], "reduce": ..., "concat": [2, 3, 4, 5]} '
+                             f'x {genotypes.NUM_NODES} nodes], "reduce": ..., "concat": '
+                             f'{list(genotypes.CONCAT)}}} '
                              '(Genotype.to_json), or a search\'s genotype.json '
                              '({"snas": ..., "darts": ...}; --derive_rule picks).')
   arch: str = field('', 'darts: a published cell (' + ', '.join(genotypes.PUBLISHED) + '); '
-                    'nb201: an arch string, e.g. \'|nor_conv_3x3~0|+|nor_conv_3x3~0|'
-                    'avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|\'.')
+                    f'nb201: an arch string, e.g. \'{nb201.EXAMPLE}\'.')
   # Network.
   space: str = field(spaces.DEFAULT, 'Search space of the cell (docs/spaces.md): darts '
                      '(NetworkCIFAR / NetworkImageNet) or nb201 (NAS-Bench-201\'s TinyNetwork; '
@@ -227,7 +229,7 @@ def arch_source(config: TrainConfig) -> str:
   """'search_workdir' | 'genotype_json' | 'arch', or a one-line error unless exactly one is set."""
   given = [name for name in ('search_workdir', 'genotype_json', 'arch') if getattr(config, name)]
   if len(given) != 1:
-    got = 'none' if not given else ' and '.join(f'--{g}' for g in given)
+    got = ' and '.join(f'--{g}' for g in given) or 'none of them'
     raise ValueError(f'give exactly one of --search_workdir, --genotype_json, --arch (got {got})')
   return given[0]
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from snas_jax import child_model, genotypes
+from snas_jax import child_model
+from snas_jax.spaces.darts import genotypes
 
 RNGS = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
 

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from snas_jax import costs, genotypes, sampling
+from snas_jax import costs, sampling
+from snas_jax.spaces.darts import genotypes
 from snas_jax.spaces import darts
-from snas_jax.genotypes import EDGES, NUM_EDGES, NUM_OPS, PRIMITIVES
+from snas_jax.spaces.darts.genotypes import EDGES, NUM_EDGES, NUM_OPS, PRIMITIVES
 
 N_MC = 20_000
 

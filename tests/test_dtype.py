@@ -17,7 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from snas_jax import backends, child_model, costs, genotypes, search
+from snas_jax import backends, child_model, costs, search
+from snas_jax.spaces.darts import genotypes
 from snas_jax import search_model as sm
 
 N, HW = 8, 8

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from conftest import DAMAGE, ROOT, damage_checkpoint, script_command, search_args
-from snas_jax import checkpoint, cli, config as config_lib, genotypes, reporting, search, train
+from snas_jax import checkpoint, cli, config as config_lib, reporting, search, train
+from snas_jax.spaces.darts import genotypes
 from snas_jax import loop
 
 TIMING_KEYS = {'epoch_time_s', 'images_per_s'}

@@ -1,11 +1,11 @@
-"""Tests for snas_jax.genotypes: edge order, derivation rules, JSON, published cells."""
+"""Tests for snas_jax.spaces.darts.genotypes: edge order, derivation rules, JSON, published cells."""
 import json
 
 import numpy as np
 import pytest
 
-from snas_jax import genotypes
-from snas_jax.genotypes import EDGES, NUM_EDGES, NUM_OPS, PRIMITIVES
+from snas_jax.spaces.darts import genotypes
+from snas_jax.spaces.darts.genotypes import EDGES, NUM_EDGES, NUM_OPS, PRIMITIVES
 
 SEP3, SEP5, DIL3, DIL5 = 'sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5'
 MAX, AVG, SKIP = 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect'

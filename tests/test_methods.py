@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from snas_jax import genotypes, methods, sampling
+from snas_jax import methods, sampling
+from snas_jax.spaces.darts import genotypes
 
 E, K = len(genotypes.EDGES), len(genotypes.PRIMITIVES)
 

@@ -19,7 +19,8 @@ import optax
 import pytest
 
 from conftest import ROOT, load_experiment
-from snas_jax import genotypes, spaces, train
+from snas_jax import spaces, train
+from snas_jax.spaces.darts import genotypes
 from snas_jax.spaces import nb201
 from snas_jax.spaces.base import dag_edge_batches, dag_edges
 from snas_jax.spaces.nb201 import Arch

@@ -201,7 +201,7 @@ def test_train_refusals_are_one_line():
 
 
 def test_disconnection_is_reported_for_nb201_only():
-  from snas_jax import genotypes
+  from snas_jax.spaces.darts import genotypes
   cut = nb201.Arch.from_string('|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|')
   assert 'has no path from its input (node 0) to its output (node 3)' in search.disconnection(cut)
   assert search.disconnection(nb201.Arch.from_string(nb201.EXAMPLE)) is None

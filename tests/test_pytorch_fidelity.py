@@ -18,7 +18,8 @@ import optax
 import pytest
 
 from conftest import ROOT, load_experiment
-from snas_jax import genotypes, train
+from snas_jax import train
+from snas_jax.spaces.darts import genotypes
 from snas_jax.child_model import NetworkCIFAR
 from snas_jax.search_model import SearchNetwork
 

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from snas_jax import genotypes as G
+from snas_jax.spaces.darts import genotypes as G
 from snas_jax import reporting as R
+from snas_jax.spaces.darts import drawing as D
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -161,7 +162,7 @@ def test_progress_bar(capsys):
 def test_draw_cell_matplotlib_when_dot_is_absent(tmp_path, monkeypatch):
   monkeypatch.setattr(R.shutil, 'which', lambda name: None)
   path = str(tmp_path / 'cell.png')
-  assert R.draw_cell(CELL_WITH_EMPTY_NODE, path, 'normal cell') == path
+  assert D.draw_cell(CELL_WITH_EMPTY_NODE, path, 'normal cell') == path
   assert _is_png(path, min_bytes=10_000)
   assert not (tmp_path / 'cell.dot').exists()
   # Output files are readable by others, like any other file the run writes.
@@ -172,7 +173,7 @@ def test_draw_cell_published_cells_with_none_edges(tmp_path, monkeypatch):
   monkeypatch.setattr(R.shutil, 'which', lambda name: None)
   for name, g in G.PUBLISHED.items():
     for which in ('normal', 'reduce'):
-      assert _is_png(R.draw_cell(getattr(g, which), str(tmp_path / f'{name}_{which}.png'), name))
+      assert _is_png(D.draw_cell(getattr(g, which), str(tmp_path / f'{name}_{which}.png'), name))
 
 
 def _fake_dot(tmp_path, exit_code):
@@ -192,7 +193,7 @@ def test_draw_cell_graphviz(tmp_path, monkeypatch):
   dot = _fake_dot(tmp_path, exit_code=0)
   monkeypatch.setattr(R.shutil, 'which', lambda name: dot if name == 'dot' else None)
   path = str(tmp_path / 'cell.png')
-  assert R.draw_cell(CELL_WITH_EMPTY_NODE, path, 'my "cell"') == path
+  assert D.draw_cell(CELL_WITH_EMPTY_NODE, path, 'my "cell"') == path
   assert open(path, 'rb').read() == PNG_MAGIC + b'fake-graphviz'
   source = (tmp_path / 'cell.dot').read_text()
   assert source.count('label="sep_conv_3x3"') == 1
@@ -209,7 +210,7 @@ def test_draw_cell_falls_back_when_dot_fails(tmp_path, monkeypatch):
   dot = _fake_dot(tmp_path, exit_code=1)
   monkeypatch.setattr(R.shutil, 'which', lambda name: dot if name == 'dot' else None)
   path = str(tmp_path / 'cell.png')
-  R.draw_cell(CELL_WITH_EMPTY_NODE, path, 'cell')
+  D.draw_cell(CELL_WITH_EMPTY_NODE, path, 'cell')
   assert _is_png(path, min_bytes=10_000)  # The matplotlib drawing, not the fake's bytes.
   assert not [p for p in os.listdir(tmp_path) if p.endswith('.tmp')]
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_SEARCH, run_script, search_cli
-from snas_jax import costs, genotypes, reporting, search
+from snas_jax import costs, reporting, search
+from snas_jax.spaces.darts import genotypes
 
 
 def ok(proc):

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from snas_jax import genotypes, ops, sampling
+from snas_jax import ops, sampling
+from snas_jax.spaces.darts import genotypes
 from snas_jax import search_model as sm
-from snas_jax.genotypes import EDGES, NUM_EDGES, NUM_OPS, PRIMITIVES
+from snas_jax.spaces.darts.genotypes import EDGES, NUM_EDGES, NUM_OPS, PRIMITIVES
 
 N, HW, C = 4, 8, 4
 TINY = dict(c=C, layers=2, num_classes=10)  # reductions at L//3 = 0 and 2L//3 = 1

@@ -4,13 +4,16 @@ lines and report. The driver end to end with real searches: test_replication.py.
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from snas_jax import checkpoint, config as config_lib, genotypes, study
+from snas_jax import checkpoint, config as config_lib, study
+from snas_jax.spaces.darts import genotypes
+from snas_jax.spaces import nb201 as nb201_space
 from snas_jax.search import SearchConfig
 from snas_jax.studies import STUDIES, nb201, table1
 
@@ -132,9 +135,31 @@ NB201_SETTING = dict(channels=8, layers=2, image_size=16, heldout_images=25000,
                      w_weight_decay=5e-4, alpha_lr=0.06, checkpoint_every_steps=100)
 
 
-def nb201_runs(workdir, with_benchmark):
+RETRAIN_SETTING = dict(channels=8, layers=2, num_train_images=5000, num_eval_images=2000,
+                       batch_size=64, epochs=4, learning_rate=0.1, weight_decay=5e-4,
+                       grad_clip=0.0, cutout=0)
+
+
+def write_retrain(path, seed, test_error):
+  """A finished retraining folder as train_cifar.py writes it: final.json and a
+  checkpoint whose metadata holds its configuration."""
+  from snas_jax.train import TrainConfig
+  path.mkdir(parents=True)
+  (path / 'final.json').write_text(json.dumps(
+      {'dataset': 'cifar10', 'test_error': test_error, 'eval_images': 2000, 'params_M': 0.1 + seed,
+       'epochs': 4}))
+  config = {**config_lib.to_dict(TrainConfig()), **RETRAIN_SETTING, 'space': 'nb201',
+            'seed': seed, 'search_workdir': str(path.parent)}
+  ckpt = checkpoint.Checkpointer(str(path))
+  ckpt.save(4, {'step': np.zeros((), np.int32)}, {'config': config, 'finished': True})
+  ckpt.wait()
+  ckpt.close()
+
+
+def nb201_runs(workdir, with_benchmark, retrain_errors=None):
   """3 methods x 2 seeds; with_benchmark: the summaries of SNAS and DARTS runs
-  hold benchmark accuracies (at the top level and under 'benchmark'), GDAS's not."""
+  hold benchmark accuracies (at the top level and under 'benchmark'), GDAS's not;
+  retrain_errors: {method: [test error (%) per seed]} of retrained cells."""
   rng = np.random.default_rng(1)
   keys, expected = [], {}
   for arm in nb201.ARMS:
@@ -158,6 +183,10 @@ def nb201_runs(workdir, with_benchmark):
       write_run(workdir / 'runs' / arm.name / f'seed{seed}', config, records, summary,
                 {'snas': {'arch': arch}, 'darts': {'arch': arch}})
       keys.append(f'{arm.name}/seed{seed}')
+      if retrain_errors:
+        write_retrain(workdir / 'runs' / arm.name / f'seed{seed}' / 'retrain', seed,
+                      retrain_errors[arm.name][seed])
+        keys.append(f'{arm.name}/seed{seed}/retrain')
       expected.setdefault(arm.name, []).append(
           {'search_val_acc': records[-1]['search_val_acc'], 'child_acc': records[-1]['child_acc'],
            'entropy': records[-1]['alpha_entropy_cell'], **bench})
@@ -195,7 +224,8 @@ def _row(md, label):
 
 def test_nb201_report_from_run_folders(tmp_path):
   workdir, docs = tmp_path / 'work', tmp_path / 'docs'
-  expected = nb201_runs(workdir, with_benchmark=True)
+  errors = {'snas': [40.0, 45.5], 'darts': [70.0, 62.25], 'gdas': [35.0, 50.0]}
+  expected = nb201_runs(workdir, with_benchmark=True, retrain_errors=errors)
   result = study.write_report(nb201.STUDY, str(workdir), str(docs))
   md = (docs / 'nb201.md').read_text()
   for arm in nb201.ARMS:
@@ -210,16 +240,37 @@ def test_nb201_report_from_run_folders(tmp_path):
       assert f'- {arm.label}, seed {seed}: `{arch}`' in md
     # Composition: counted from the arch strings.
     got = result['summary'][arm.name]
-    for op in nb201.OPS:
+    for op in nb201_space.OP_NAMES:
       counts = [arch.count(f'|{op}~') for arch in ARCHS[arm.name]]
       np.testing.assert_allclose(got[f'edges_{op}'], [np.mean(counts), np.std(counts, ddof=1)])
-    assert sum(got[f'edges_{op}'][0] for op in nb201.OPS) == 6
+    assert sum(got[f'edges_{op}'][0] for op in nb201_space.OP_NAMES) == 6
+  # Columns: the space's ops in α's order (none, skip, 1x1, 3x3, pool).
+  assert '| method | `none` | `skip_connect` | `nor_conv_1x1` | `nor_conv_3x3` | `avg_pool_3x3` |' in md
   comp = _row(md.split('## 2.')[1], 'DARTS (single-level)')
-  assert comp == '| DARTS (single-level) | 0.0 ± 0.0 | 0.0 ± 0.0 | 5.5 ± 0.7 | 0.5 ± 0.7 | 0.0 ± 0.0 |'
+  assert comp == '| DARTS (single-level) | 0.0 ± 0.0 | 5.5 ± 0.7 | 0.0 ± 0.0 | 0.0 ± 0.0 | 0.5 ± 0.7 |'
   assert '- DARTS (single-level): 5.5 ± 0.7 of 6 edges are skip connections (per seed: 6, 5); ' \
          '2 of 2 derived cells hold no convolution.' in md
   # Benchmark: SNAS's from the summary's top level, DARTS's from its 'benchmark' entry, GDAS none.
-  bench = md.split('## 3.')[1].split('## 4.')[0]
+  # Retrained cells: per method from final.json, and ranked best first.
+  retrained = md.split('## 3.')[1].split('## 4.')[0]
+  for arm, errs in errors.items():
+    acc = [1 - e / 100 for e in errs]
+    np.testing.assert_allclose(result['summary'][arm]['retrain_test_acc'],
+                               [np.mean(acc), np.std(acc, ddof=1)])
+  assert _row(retrained, 'SNAS') == '| SNAS | 0,1 | 57.25 ± 3.89 | 0.600 ± 0.707 |'
+  ranks = [line.split(' | ')[1:4] for line in retrained.splitlines() if line[:4] in
+           ('| 1 ', '| 2 ', '| 6 ')]
+  assert ranks == [['GDAS', '0', '65.00'], ['SNAS', '0', '60.00'], ['DARTS (single-level)', '0', '30.00']]
+  # Against the published figures: DARTS's cells are skip-dominated, SNAS's not.
+  published = md.split('## 5.')[1].split('## 6.')[0]
+  assert 'SNAS 92.77 ± 0.83%' in published
+  assert '- DARTS (single-level): 2 of 2 derived cells are skip-dominated' in published
+  assert '- SNAS: 0 of 2 derived cells are skip-dominated' in published
+  assert 'As in the published figures, DARTS collapses and SNAS does not here.' in published
+  # The retraining's setting table.
+  assert '| `--epochs` | 4 | 200 |' in md and '| `--batch_size` | 64 | 256 |' in md
+  assert 'flagfile `experiments/configs/nb201_study_retrain.flags`' in md
+  bench = md.split('## 4.')[1].split('## 5.')[0]
   assert '| method | cifar10-valid x-valid (%) | cifar10 ori-test (%) |' in bench
   for arm in ('snas', 'darts'):
     values = [e['bench_cifar10_test_acc'] for e in expected[arm]]
@@ -235,6 +286,8 @@ def test_nb201_report_from_run_folders(tmp_path):
   assert '`--tau0`' not in md and '`--space`' not in md
   assert 'settings flagfile `experiments/configs/nb201_study.flags`' in md
   assert '- Commit(s) the runs used: `0123abc`' in md and '6 finished runs' in md
+  assert 'of the retrainings (each process, summed over resumes)' in md
+  assert '- Commit(s) the runs used: `0123abc`; the retrainings: `0123abc`' in md
 
 
 def test_nb201_report_without_benchmark_has_no_benchmark_columns(tmp_path):
@@ -243,5 +296,51 @@ def test_nb201_report_without_benchmark_has_no_benchmark_columns(tmp_path):
   result = study.write_report(nb201.STUDY, str(workdir), str(docs))
   md = (docs / 'nb201.md').read_text()
   assert 'x-valid' not in md and '--benchmark_dir' in md
+  assert 'Not in these runs: the study command retrains' in md and 'of the retrainings' not in md
   assert not any(k.startswith('bench_') for s in result['summary'].values() for k in s)
   assert math.isclose(result['summary']['gdas']['edges_none'][0], 0.0)
+
+
+FAKE_TRAINER = """
+import json, os, sys
+args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
+os.makedirs(args['workdir'], exist_ok=True)
+if os.path.basename(args['search_workdir']) == 'seed1' and 'FAIL_SEED1' in os.environ:
+  print('boom'); sys.exit(3)
+with open(os.path.join(args['workdir'], 'args.json'), 'w') as f:
+  json.dump(sys.argv[1:], f)
+with open(os.path.join(args['workdir'], 'final.json'), 'w') as f:
+  json.dump({'test_error': 50.0}, f)
+"""
+
+
+def test_nb201_grid_retrains_every_derived_cell(tmp_path, monkeypatch):
+  """After the searches (here finished already) the grid trains each derived
+  cell with the retraining flagfile, the search's space and data set and the
+  method's derivation rule; a failure is one error naming the log, a rerun
+  skips the finished retrainings."""
+  workdir = tmp_path / 'work'
+  nb201_runs(workdir, with_benchmark=False)
+  fake = tmp_path / 'fake_train.py'
+  fake.write_text(FAKE_TRAINER)
+  monkeypatch.setattr(study, 'entry', lambda script, console: [sys.executable, str(fake)])
+  monkeypatch.setenv('FAIL_SEED1', '1')
+  with pytest.raises(RuntimeError, match=r'snas/seed1/retrain failed \(exit 3\); rerun the command '
+                     r'to resume it\. End of .*snas/seed1/retrain/log.txt:\n(?s:.*)boom'):
+    study.run_grid(nb201.STUDY, str(workdir), ['snas', 'darts', 'gdas'], [0, 1], log=lambda m: None)
+  monkeypatch.delenv('FAIL_SEED1')
+  logged = []
+  study.run_grid(nb201.STUDY, str(workdir), ['snas', 'darts', 'gdas'], [0, 1], log=logged.append)
+  assert logged[:6] == [f'[{i}/6] {a}/seed{s}: finished, skipped' for i, (a, s) in enumerate(
+      [(a, s) for a in ('snas', 'darts', 'gdas') for s in (0, 1)], 1)]
+  assert logged[6] == '[1/6] snas/seed0/retrain: finished, skipped'
+  assert len([m for m in logged if 'training the derived cell' in m]) == 5
+  settings = nb201.STUDY.retrain_settings()
+  for arm, rule in (('snas', 'snas'), ('darts', 'darts'), ('gdas', 'darts')):
+    run = workdir / 'runs' / arm / 'seed1'
+    args = json.loads((run / 'retrain' / 'args.json').read_text())
+    assert args == [f'--flagfile={settings}', '--space=nb201', '--dataset=cifar10',
+                    f'--search_workdir={run}', f'--derive_rule={rule}', '--seed=1',
+                    f'--workdir={run / "retrain"}', '--backend=auto']
+  state = json.loads((workdir / 'nb201.json').read_text())
+  assert state['runs']['gdas/seed1/retrain']['wall_s'] > 0

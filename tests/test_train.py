@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from conftest import damage_checkpoint, run_script, write_imagenet_metadata
-from snas_jax import checkpoint, data, genotypes, parallel, train, loop
+from snas_jax import checkpoint, data, parallel, train, loop
 
 
 # A small cell that still has every kind of edge: a conv, a dilated conv,
+from snas_jax.spaces.darts import genotypes
 # both pools, identity and FactorizedReduce skips, a 'none' edge and an
 # empty node (zeros). Compiles fast.
 TINY = genotypes.Genotype(
@@ -40,7 +41,7 @@ def _one_line(err) -> str:
 # Architecture sources.
 
 
-@pytest.mark.parametrize('kwargs,got', [({}, 'none'),
+@pytest.mark.parametrize('kwargs,got', [({}, 'none of them'),
                                         ({'arch': 'DARTS_V2', 'genotype_json': 'g.json'},
                                          '--genotype_json and --arch')])
 def test_exactly_one_arch_source(kwargs, got):

@@ -23,7 +23,7 @@ class Method:
   # Linear per-epoch temperature τ0 -> τ_min unless --tau0 / --tau_min say
   # otherwise; None: τ is not used.
   tau_schedule: tuple[float, float] | None
-  # The DARTS-space derivation rule (genotypes.derive) its child is read with.
+  # The derivation rule (a key of the space's derive_rules) its child is read with.
   derivation: str
   # What its per-epoch "search validation accuracy" measures.
   search_validation: str

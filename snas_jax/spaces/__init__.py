@@ -1,9 +1,9 @@
 """The search spaces, by name: ``get('darts')`` is the DARTS cell's ``SearchSpace``, ``get('nb201')``
 NAS-Bench-201's.
 
-Adding a space: its own module in this folder that builds a ``SearchSpace``
-(base.py says what each field holds), and one line in ``SPACES``
-(docs/spaces.md).
+Adding a space: its own module (or package, as darts/) in this folder that
+builds a ``SearchSpace`` (base.py says what each field holds), and one line
+in ``SPACES`` (docs/spaces.md).
 """
 from __future__ import annotations
 

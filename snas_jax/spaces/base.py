@@ -91,6 +91,7 @@ class SearchSpace:
   """A cell search space and everything built from it (see the module docstring)."""
   name: str
   ops: Mapping[str, Op]  # in column order of α / Z
+  zero_op: str  # the op that removes its edge (its module is None: never computed)
   num_input_states: int
   num_nodes: int
   cell_output: str  # 'concat': the intermediate nodes concatenated; 'last': the last node
@@ -112,6 +113,8 @@ class SearchSpace:
     if self.cell_output not in CELL_OUTPUTS:
       raise ValueError(f'space {self.name}: cell_output {self.cell_output!r} is not one of '
                        f'{CELL_OUTPUTS}')
+    if self.zero_op not in self.ops:
+      raise ValueError(f'space {self.name}: zero_op {self.zero_op!r} is not one of its ops')
 
   @property
   def op_names(self) -> tuple:

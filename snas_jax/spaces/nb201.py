@@ -67,10 +67,16 @@ import numpy as np
 from flax import linen as nn
 
 from snas_jax import ops
-from snas_jax.search_model import edge_batch_name
+# The module, not its names: this module is imported while search_model.py is
+# (its ops.py imports the DARTS space).
+from snas_jax import search_model
 from snas_jax.spaces.base import Op, SearchSpace, dag_edge_batches, dag_edges
 
 OP_NAMES = ('none', 'skip_connect', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x3')
+# What the NB201 study's collapse analysis counts (studies/nb201.py): the
+# identity, and the convolutions (the ops with parameters).
+SKIP_OP = 'skip_connect'
+CONV_OPS = ('nor_conv_1x1', 'nor_conv_3x3')
 NUM_INPUT_STATES = 1
 NUM_NODES = 3  # intermediate nodes 1, 2, 3 (node 0 is the cell's input)
 EDGES = dag_edges(NUM_INPUT_STATES, NUM_NODES)  # (intermediate node, state): node i+1 <- state
@@ -295,8 +301,9 @@ class SearchCell(nn.Module):
     nodes = [0.0] * NUM_NODES
     for b, (sources, dests, rows) in enumerate(EDGE_BATCHES):
       xs = jnp.stack([states[s] for s in sources] * len(dests))  # edge g reads sources[g % S]
-      _, y = EdgeBatch(self.c, self.train, self.track_running_stats,
-                       name=edge_batch_name(sources))(None, (xs, z[jnp.array(rows)]))
+      batch = EdgeBatch(self.c, self.train, self.track_running_stats,
+                        name=search_model.edge_batch_name(sources))
+      _, y = batch(None, (xs, z[jnp.array(rows)]))
       for i, d in enumerate(dests):
         nodes[d] = nodes[d] + y[i * len(sources):(i + 1) * len(sources)].sum(0)
       states.append(nodes[b])  # intermediate node b has all its inputs after batch b
@@ -590,7 +597,7 @@ def draw_arch(arch: Arch, path: str, title: str = '') -> str:
   from matplotlib.path import Path
   from snas_jax import reporting
 
-  radius, step, rise = reporting._NODE_RADIUS, reporting._X_STEP, reporting._ARC_HEIGHT
+  radius, step, rise = reporting.NODE_RADIUS, reporting.X_STEP, reporting.ARC_HEIGHT
   edges = [(op, state, node + 1) for (node, state), op in zip(EDGES, arch.ops) if op != 'none']
   fed = {node for _, _, node in edges}
   y_lim = (-(rise * NUM_NODES + 0.6), rise * (NUM_NODES - 1) + 0.6 + (0.7 if title else 0))
@@ -605,18 +612,18 @@ def draw_arch(arch: Arch, path: str, title: str = '') -> str:
     ax.text(step * state, 0.0, str(state), ha='center', va='center', fontsize=12, zorder=4)
   for op, state, node in edges:
     height = (-1.0 if state == 0 else 1.0) * rise * (node - state)
-    start, ctrl, end = reporting._arc(step * state, step * node, height)
+    start, ctrl, end = reporting.arc(step * state, step * node, height)
     curve = Path([start, ctrl, end], [Path.MOVETO, Path.CURVE3, Path.CURVE3])
     ax.add_patch(FancyArrowPatch(path=curve, arrowstyle='-|>', mutation_scale=14, color='0.1',
                                  linewidth=1.4, zorder=2))
-    lx, ly = reporting._bezier(start, ctrl, end, 0.5)
+    lx, ly = reporting.bezier(start, ctrl, end, 0.5)
     ax.text(lx, ly, op, ha='center', va='center', fontsize=8.5, zorder=5,
             bbox=dict(boxstyle='round,pad=0.15', facecolor='white', edgecolor='none', alpha=0.9))
   note = 'node 0: the cell input; node 3: its output'
   if arch.disconnection():
     note += ';  NO PATH from input to output: the cell outputs zeros'
   ax.text(-0.6, y_lim[0] + 0.15, note, ha='left', va='bottom', fontsize=8, color='0.3')
-  return reporting._save_figure(fig, path)
+  return reporting.save_figure(fig, path)
 
 
 def draw(arch: Arch, folder: str, tag: str) -> list:
@@ -627,6 +634,7 @@ def draw(arch: Arch, folder: str, tag: str) -> list:
 SPACE = SearchSpace(
     name='nb201',
     ops=OPS,
+    zero_op='none',
     num_input_states=NUM_INPUT_STATES,
     num_nodes=NUM_NODES,
     cell_output='last',

@@ -63,10 +63,11 @@ DROP_PP = -10.0
 
 def none_edges(genotype: dict) -> int:
   """Edges of the derived child (normal + reduce, 28 in all) that are `none`."""
-  from snas_jax import genotypes
-  kept = sum(1 for cell in ('normal', 'reduce') for node in genotype[cell]
-             for op, _ in node if op != 'none')
-  return 2 * genotypes.NUM_EDGES - kept
+  from snas_jax import spaces
+  space = spaces.get('darts')
+  kept = sum(1 for cell in space.cell_types for node in genotype[cell]
+             for op, _ in node if op != space.zero_op)
+  return len(space.cell_types) * space.num_edges - kept
 
 
 def final_numbers(run: dict) -> dict:
@@ -127,7 +128,7 @@ def plot_constraint(results: Results, summary: dict, path: str) -> str:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  return reporting._save_figure(fig, path)  # noqa: SLF001
+  return reporting.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def _verdicts(summary: dict) -> list[str]:
 def report(results: Results) -> dict:
   """docs/replication.md: Table 1 at CPU scale, the paper's claims, figures,
   the reduced setting, provenance."""
-  from snas_jax import reporting
+  from snas_jax.spaces.darts import drawing, genotypes
   runs, doc, prefix = results.runs, results.doc, STUDY.output
   summary = study_lib.summarize(runs, final_numbers)
   figures = {'curves': plot_curves(results, doc(f'{prefix}_curves.png'))}
@@ -236,10 +237,10 @@ def report(results: Results) -> dict:
     figures['constraint'] = plot_constraint(results, summary, doc(f'{prefix}_constraint.png'))
   for arm, arm_runs in runs.items():
     g = arm_runs[0]['genotype']
-    for cell in ('normal', 'reduce'):
+    for cell in genotypes.CELL_TYPES:
       name = f'{prefix}_cell_{arm}_{cell}.png'
-      reporting.draw_cell([[tuple(e) for e in node] for node in g[cell]], doc(name),
-                          f'{LABELS[arm]}, seed {arm_runs[0]["seed"]}: {cell} cell')
+      drawing.draw_cell([[tuple(e) for e in node] for node in g[cell]], doc(name),
+                        f'{LABELS[arm]}, seed {arm_runs[0]["seed"]}: {cell} cell')
       figures[f'cell_{arm}_{cell}'] = doc(name)
       dot = doc(name[:-4] + '.dot')
       if os.path.exists(dot):

@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from snas_jax import child_model, genotypes, sampling, search_model
+from snas_jax import child_model, sampling, search_model
+from snas_jax.spaces.darts import genotypes
 from snas_jax.backends import cpu
 from snas_jax.backends.cpu import forms as cpu_forms
-from snas_jax.genotypes import NUM_EDGES, NUM_OPS, PRIMITIVES
+from snas_jax.spaces.darts.genotypes import NUM_EDGES, NUM_OPS, PRIMITIVES
 
 # The CPU backend runs on the CPU: skipped where JAX runs on another platform.
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu',

@@ -19,7 +19,7 @@ import pytest
 from jax import lax
 
 from snas_jax.backends.cpu import native, ops
-from snas_jax.genotypes import PRIMITIVES
+from snas_jax.spaces.darts.genotypes import PRIMITIVES
 
 # The CPU backend runs on the CPU: skipped where JAX runs on another platform.
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu',

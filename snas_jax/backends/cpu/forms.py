@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from snas_jax import search_model as reference
 from snas_jax.backends.cpu import ops
-from snas_jax.genotypes import PRIMITIVES
+from snas_jax.spaces.darts.genotypes import PRIMITIVES
 
 
 class MixedEdges(nn.Module):

@@ -43,7 +43,7 @@ from flax import linen as nn
 from jax import lax
 
 from snas_jax.backends.cpu import native
-from snas_jax.genotypes import PRIMITIVES
+from snas_jax.spaces.darts.genotypes import PRIMITIVES
 
 # PyTorch BatchNorm momentum 0.1 == Flax momentum 0.9.
 BN_MOMENTUM = 0.9

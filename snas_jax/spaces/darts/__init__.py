@@ -2,26 +2,24 @@
 
 8 ops (``genotypes.PRIMITIVES``), 2 input states, 4 intermediate nodes,
 14 edges, the cell's output the concatenation of its nodes, two cell types
-(normal and reduction). Its vocabulary, genotypes and derivation rules live
-in ``snas_jax/genotypes.py``, its ops in ``ops.py``, its networks in
-``search_model.py`` (``SearchNetwork``) and ``child_model.py``
-(``NetworkCIFAR``), its cell drawing in ``reporting.draw_cell``: this module
-is the only place that puts them together, with the cost of each op
-(docs/algorithm.md §4).
+(normal and reduction). Its files: ``genotypes.py`` (the vocabulary,
+``Genotype``, the derivation rules, the published cells), ``drawing.py``
+(the cell drawing) and this module (the cost of each op, docs/algorithm.md
+§4, and ``SPACE``, which puts them together with the ops of
+``snas_jax/ops.py`` and the networks of ``snas_jax/search_model.py``
+(``SearchNetwork``) and ``snas_jax/child_model.py`` (``NetworkCIFAR``)).
 """
 from __future__ import annotations
-
-import os
 
 import jax.numpy as jnp
 import numpy as np
 
-from snas_jax import child_model, genotypes, ops, reporting, search_model
-from snas_jax.genotypes import (EDGES, NUM_EDGES, NUM_INPUT_STATES, NUM_OPS, PRIMITIVES,
-                                reduction_layers)
+from snas_jax import child_model, ops, search_model
 from snas_jax.spaces.base import Op, SearchSpace
+from snas_jax.spaces.darts import drawing, genotypes
+from snas_jax.spaces.darts.genotypes import (CELL_TYPES, EDGES, NUM_EDGES, NUM_INPUT_STATES,
+                                             NUM_OPS, PRIMITIVES, reduction_layers)
 
-CELL_TYPES = ('normal', 'reduce')
 COST_KINDS = 3  # params, FLOPs, MAC
 
 
@@ -59,7 +57,7 @@ def cell_cost_table(c: int, y_out: int, reduction: bool) -> np.ndarray:
 
 def network_cost_tables(c: int, layers: int, image_size: int) -> dict:
   """{'normal': [n_normal, 14, 8, 3], 'reduce': [n_reduce, 14, 8, 3]} per cell."""
-  tables = {'normal': [], 'reduce': []}
+  tables = {t: [] for t in CELL_TYPES}
   y, c_cell = image_size, c
   for i in range(layers):
     reduction = i in reduction_layers(layers)
@@ -68,7 +66,6 @@ def network_cost_tables(c: int, layers: int, image_size: int) -> dict:
     tables['reduce' if reduction else 'normal'].append(cell_cost_table(c_cell, y, reduction))
   return {k: np.stack(v) if v else np.zeros((0, NUM_EDGES, NUM_OPS, COST_KINDS))
           for k, v in tables.items()}
-
 
 
 def _op(op: str) -> Op:
@@ -115,15 +112,10 @@ def one_hot(genotype: genotypes.Genotype) -> dict:
   return {t: genotypes.cell_to_one_hot(getattr(genotype, t)) for t in CELL_TYPES}
 
 
-def draw(genotype: genotypes.Genotype, folder: str, tag: str) -> list:
-  """``normal_<tag>.png`` and ``reduce_<tag>.png`` in ``folder``."""
-  return [reporting.draw_cell(getattr(genotype, t), os.path.join(folder, f'{t}_{tag}.png'),
-                              f'{t} cell ({tag})', concat=genotype.concat) for t in CELL_TYPES]
-
-
 SPACE = SearchSpace(
     name='darts',
     ops=OPS,
+    zero_op='none',
     num_input_states=NUM_INPUT_STATES,
     num_nodes=genotypes.NUM_NODES,
     cell_output='concat',
@@ -133,7 +125,7 @@ SPACE = SearchSpace(
     child_network=build_child_network,
     derive_rules={'snas': _derive('snas'), 'darts': _derive('darts')},
     cost_tables=network_cost_tables,
-    draw=draw,
+    draw=drawing.draw,
     one_hot=one_hot,
     check_network=check_network,
     genotype_from_flag=genotypes.published,

@@ -1,4 +1,4 @@
-"""The search space's vocabulary: operation names, edges, genotypes.
+"""The DARTS cell's vocabulary: operation names, edges, genotypes, published cells.
 
 A cell has 2 input states (0, 1) and 4 intermediate nodes (states 2..5).
 Intermediate node i takes one edge from every earlier state, so the cell has
@@ -38,6 +38,7 @@ EDGES = tuple((node, state) for node in range(NUM_NODES)
               for state in range(node + NUM_INPUT_STATES))
 NUM_EDGES = len(EDGES)  # 14
 CONCAT = tuple(range(NUM_INPUT_STATES, NUM_INPUT_STATES + NUM_NODES))  # (2, 3, 4, 5)
+CELL_TYPES = ('normal', 'reduce')  # the keys of α and Z, the cells of a Genotype
 
 
 # The smallest network with a normal cell (reductions at L//3 and 2L//3).
