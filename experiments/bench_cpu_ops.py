@@ -13,7 +13,7 @@ batch: 2 sources, 4 nodes, G = 8).
   bandwidth  a·x + b over an array of the edge batch's output size, into a new
              buffer and in place: GB/s moved (reads + writes)
   depthwise  KxK depthwise conv at each (stride, dilation) the search uses:
-             'reference' (snas_jax/ops.py's grouped convolution, one per edge
+             'reference' (snas_jax/layers.py's grouped convolution, one per edge
              under nn.vmap, as the reference network runs an edge batch), the
              backend's 'shift' form with its custom VJP and with plain autodiff
              ('shift autodiff'), and its 'native' kernels
@@ -212,7 +212,7 @@ def bandwidth_rows():
 
 
 def depthwise_rows():
-  from snas_jax import ops as reference
+  from snas_jax import layers
   from snas_jax.backends.cpu import ops
   x, c = sources_batch(), FLAGS.channels
   for k in map(int, FLAGS.kernel_sizes):
@@ -220,7 +220,7 @@ def depthwise_rows():
     for stride, dilation in geometries():
       op = f'depthwise {k}x{k} s{stride} d{dilation}'
       yield {'op': op, 'variant': 'reference', **measure(*module_step(reference_edges(
-          reference.conv(c, k, stride, dilation=dilation, groups=c)), x))}
+          layers.conv(c, k, stride, dilation=dilation, groups=c)), x))}
       for variant in impls('shift', 'shift autodiff'):
         def apply(kernel, inputs, impl=variant.split()[0]):
           return ops.depthwise_conv(inputs[0], kernel, stride=stride, dilation=dilation,
@@ -234,7 +234,7 @@ def depthwise_rows():
 
 
 def dilconv_rows():
-  from snas_jax import ops as reference
+  from snas_jax.spaces.darts import ops as reference
   from snas_jax.backends.cpu import ops
   x, c = sources_batch(), FLAGS.channels
   for k in map(int, FLAGS.kernel_sizes):
@@ -248,7 +248,7 @@ def dilconv_rows():
 
 
 def pool_rows():
-  from snas_jax import ops as reference
+  from snas_jax.spaces.darts import ops as reference
   from snas_jax.backends.cpu import ops
   x = sources_batch()
   for kind in ('max', 'avg'):
@@ -277,7 +277,7 @@ def cell_specs() -> list:
 
 def measure_cell(spec: dict) -> dict:
   import jax
-  from snas_jax import search_model
+  from snas_jax.spaces.darts import search_model
   from snas_jax.backends.cpu import forms, ops
   n, size, c = FLAGS.batch_size, FLAGS.image_size, FLAGS.channels
   cell = search_model.SearchCell(c, reduction=False, reduction_prev=False, train=True,

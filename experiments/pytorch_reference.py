@@ -286,7 +286,7 @@ def to_flax(state_dict) -> dict:
   stacked in the batch's order; ``num_batches_tracked`` has no counterpart.
   """
   from snas_jax.spaces.darts.genotypes import edge_batches
-  from snas_jax.search_model import edge_batch_name
+  from snas_jax.layers import edge_batch_name
   out = {'params': {}, 'batch_stats': {}}
   for key, value in state_dict.items():
     *path, name = key.split('.')

@@ -6,7 +6,8 @@ Optimizer, Update steps, Checkpoint, Task (what loop.run runs), Summary.
 The architecture comes from exactly one of a finished search's workdir
 (``--search_workdir``, through ``search.load_genotype``), a genotype JSON file
 (``--genotype_json``, ``Genotype.to_json`` format) or a published cell
-(``--arch``). The network is ``child_model.NetworkCIFAR`` / ``NetworkImageNet``.
+(``--arch``). The network is the DARTS space's ``child_model.NetworkCIFAR`` /
+``NetworkImageNet``.
 
 Data parallelism: one 'data' mesh over every device of every host; the train
 state is replicated, each batch is split along its rows, and ``jax.jit``
@@ -37,12 +38,13 @@ import numpy as np
 import optax
 from jax.extend import core as jax_core
 
-from snas_jax import backends, checkpoint, child_model, data, parallel
+from snas_jax import backends, checkpoint, data, parallel
 from snas_jax.spaces import nb201
-from snas_jax.spaces.darts import genotypes
+from snas_jax.spaces.darts import child_model, genotypes
 from snas_jax import loop, spaces
 from snas_jax import config as config_lib
 from snas_jax.config import BACKEND_HELP, field
+from snas_jax.layers import INITS, reinitialize  # names: TrainConfig's field 'layers' hides the module
 
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
 CIFAR_IMAGE_SIZE = 32
@@ -101,7 +103,7 @@ class TrainConfig:
                     'weights N(0, 2/(k²·C_out)), dense Kaiming normal with zero bias; the '
                     'paper\'s numbers) or pytorch (PyTorch\'s defaults, as DARTS\'s code and '
                     'NAS-Bench-201\'s training). auto: darts snas, nb201 pytorch.',
-                    choices=('auto',) + child_model.INITS)
+                    choices=('auto',) + INITS)
   # Optimisation.
   batch_size: int = field(96, 'Global batch size (all devices and hosts together).')
   epochs: int = field(600, 'Training epochs.')
@@ -559,8 +561,7 @@ def _make_steps(spec: _StepSpec, mesh) -> Steps:
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
     variables = backend.init_variables(network, {'params': key, 'dropout': key}, init_images,
                                        jnp.float32(0), train=True)
-    variables = {**variables, 'params': child_model.reinitialize(variables['params'], spec.init,
-                                                                 seed)}
+    variables = {**variables, 'params': reinitialize(variables['params'], spec.init, seed)}
     return assemble(jax.device_put(variables, rep), jnp.int32(seed))
 
   def abstract_state():

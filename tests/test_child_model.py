@@ -1,12 +1,12 @@
-"""Tests for snas_jax.child_model: sizes against docs/algorithm.md's op definitions, aux heads,
+"""Tests for snas_jax.spaces.darts.child_model: sizes against docs/algorithm.md's op definitions, aux heads,
 drop-path, initialisation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from snas_jax import child_model
-from snas_jax.spaces.darts import genotypes
+from snas_jax import layers
+from snas_jax.spaces.darts import child_model, genotypes
 
 RNGS = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
 
@@ -145,14 +145,14 @@ def test_auxiliary_head_too_small_is_one_line_error():
 
 def test_drop_path_scales_whole_samples_and_preserves_the_mean():
   x = jnp.ones((4000, 2, 2, 3))
-  y = child_model.drop_path(x, jnp.float32(0.3), jax.random.PRNGKey(0))
+  y = layers.drop_path(x, jnp.float32(0.3), jax.random.PRNGKey(0))
   y = np.asarray(y).reshape(4000, -1)
   dropped = (y == 0).all(1)
   kept = np.isclose(y, 1 / 0.7).all(1)
   assert (dropped | kept).all()  # one mask value per sample
   assert abs(dropped.mean() - 0.3) < 0.03
   assert abs(y.mean() - 1.0) < 0.05
-  np.testing.assert_array_equal(child_model.drop_path(x, jnp.float32(0), jax.random.PRNGKey(0)), x)
+  np.testing.assert_array_equal(layers.drop_path(x, jnp.float32(0), jax.random.PRNGKey(0)), x)
 
 
 def _cell_outputs(cell, rates, reduction=False, train=True, c=4):
@@ -216,8 +216,8 @@ def test_snas_init_draws_the_authors_distributions():
   model = child_model.NetworkCIFAR(genotypes.DARTS_V2, 16, 5, 10)
   rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
   params = jax.jit(lambda: model.init(rngs, jnp.zeros((2, 32, 32, 3)), jnp.float32(0), train=True))()['params']
-  assert child_model.reinitialize(params, 'pytorch', 0) is params
-  new = child_model.reinitialize(params, 'snas', 0)
+  assert layers.reinitialize(params, 'pytorch', 0) is params
+  new = layers.reinitialize(params, 'snas', 0)
   stem = np.asarray(new['stem_conv']['kernel'])  # [3, 3, 3, 48]: std sqrt(2 / (9 · 48))
   np.testing.assert_allclose(stem.std(), np.sqrt(2 / (9 * 48)), rtol=0.1)
   dw = np.asarray(new['cell_0']['node0_edge0_sep_conv_3x3']['dil_0']['depthwise']['kernel'])
@@ -227,4 +227,4 @@ def test_snas_init_draws_the_authors_distributions():
   np.testing.assert_array_equal(np.asarray(new['classifier']['bias']), 0)
   np.testing.assert_array_equal(np.asarray(new['stem_bn']['scale']), 1)
   with pytest.raises(ValueError, match='unknown --init'):
-    child_model.reinitialize(params, 'xavier', 0)
+    layers.reinitialize(params, 'xavier', 0)

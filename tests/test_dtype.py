@@ -17,9 +17,9 @@ import numpy as np
 import optax
 import pytest
 
-from snas_jax import backends, child_model, costs, search
-from snas_jax.spaces.darts import genotypes
-from snas_jax import search_model as sm
+from snas_jax import backends, costs, search
+from snas_jax.spaces.darts import child_model, genotypes
+from snas_jax.spaces.darts import search_model as sm
 
 N, HW = 8, 8
 CFG = dict(channels=4, layers=3, batch_size=N, backend='reference')  # reductions at 1 and 2

@@ -20,8 +20,8 @@ import pytest
 from conftest import ROOT, load_experiment
 from snas_jax import train
 from snas_jax.spaces.darts import genotypes
-from snas_jax.child_model import NetworkCIFAR
-from snas_jax.search_model import SearchNetwork
+from snas_jax.spaces.darts.child_model import NetworkCIFAR
+from snas_jax.spaces.darts.search_model import SearchNetwork
 
 
 gen = load_experiment('pytorch_golden')  # imports torch only when it generates

@@ -1,4 +1,4 @@
-"""Tests for snas_jax.search_model: the reference search network (docs/algorithm.md §1).
+"""Tests for snas_jax.spaces.darts.search_model: the reference search network (docs/algorithm.md §1).
 
 Cost note: search-cell graphs take long to compile on XLA:CPU, so these tests
 use eval_shape wherever shapes or parameter counts suffice, build variables
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from snas_jax import ops, sampling
+from snas_jax import layers, sampling
 from snas_jax.spaces.darts import genotypes
-from snas_jax import search_model as sm
+from snas_jax.spaces.darts import search_model as sm
 from snas_jax.spaces.darts.genotypes import EDGES, NUM_EDGES, NUM_OPS, PRIMITIVES
 
 N, HW, C = 4, 8, 4
@@ -201,7 +201,7 @@ def test_batch_statistics_update_in_train_mode_only(tiny):
 def _relu_conv_bn(s, kernel):
   """Numpy ReLU -> 1x1 conv -> train-mode non-affine BN (biased variance)."""
   y = np.einsum('nhwc,cf->nhwf', np.maximum(s, 0), kernel)
-  return (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + ops.BN_EPSILON)
+  return (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + layers.BN_EPSILON)
 
 
 def test_skip_connections_route_the_preprocessed_inputs():

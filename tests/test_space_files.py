@@ -12,12 +12,6 @@ from snas_jax import spaces
 PACKAGE = os.path.join(ROOT, 'snas_jax')
 # The spaces' own files, and the CPU backend's forms of the DARTS ops.
 OWN_FOLDERS = ('spaces', 'backends')
-# Known exceptions, for now: the DARTS space's reference ops (ops.make_op
-# chooses each by its name) and networks (they read PRIMITIVES, NUM_NODES and
-# the edge batches of spaces/darts/genotypes.py). The CPU backend's
-# restructuring (the reference cells with the backend's ops plugged in,
-# issue 26 item 4) moves what in them is the DARTS space's into spaces/darts/.
-KNOWN_EXCEPTIONS = ('ops.py', 'search_model.py', 'child_model.py')
 # Op families, beside every space's op names: a prefix test names them too.
 FAMILIES = ('sep_conv', 'dil_conv', 'nor_conv', 'max_pool', 'avg_pool', 'skip_connect')
 
@@ -69,7 +63,7 @@ def test_no_module_outside_the_spaces_names_an_op():
       continue
     for name in files:
       rel = os.path.normpath(os.path.join(rel_folder, name))
-      if name.endswith('.py') and rel not in KNOWN_EXCEPTIONS:
+      if name.endswith('.py'):
         with open(os.path.join(folder, name)) as f:
           hits = _hits(f.read())
         if hits:

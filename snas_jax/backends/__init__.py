@@ -1,8 +1,9 @@
 """Backends: who runs the reference model's arithmetic.
 
 One contract, the ``jax.nn.dot_product_attention(implementation=...)``
-pattern: a backend takes a reference network (``search_model.SearchNetwork``,
-``child_model.NetworkCIFAR`` / ``NetworkImageNet``) and returns a model with
+pattern: a backend takes a reference network (the DARTS space's
+``search_model.SearchNetwork``, ``child_model.NetworkCIFAR`` / ``NetworkImageNet``
+in ``spaces/darts/``) and returns a model with
 the same ``init`` and ``apply`` signatures and the same meaning, whose
 variables are the reference's (paths and shapes). Callers never see which
 one ran, and a checkpoint written under one backend resumes under the other.

@@ -30,7 +30,7 @@ N cells at C; a residual basic block (stride 2) to 2C; N cells at 2C; a
 block to 4C; N cells at 4C; BN + ReLU; global average pooling; linear.
 The block: ReLU-conv3x3/2-BN, ReLU-conv3x3-BN, plus a shortcut 2x2 average
 pool /2 -> 1x1 conv (no BN). The stem, the blocks and the head keep affine
-BN in the supernet too. Every BatchNorm is ``ops.BatchNorm`` (PyTorch's:
+BN in the supernet too. Every BatchNorm is ``layers.BatchNorm`` (PyTorch's:
 momentum 0.1, running variance from the unbiased batch variance), that is
 ``track_running_stats=True``, except the supernet's cell BNs with
 ``track_running_stats=False`` (``SearchNetwork``).
@@ -66,10 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from snas_jax import ops
-# The module, not its names: this module is imported while search_model.py is
-# (its ops.py imports the DARTS space).
-from snas_jax import search_model
+from snas_jax import layers
 from snas_jax.spaces.base import Op, SearchSpace, dag_edge_batches, dag_edges
 
 OP_NAMES = ('none', 'skip_connect', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x3')
@@ -100,7 +97,7 @@ class BatchStatNorm(nn.Module):
     del train
     axes = tuple(range(x.ndim - 1))
     mean = x.mean(axes)
-    return (x - mean) * jax.lax.rsqrt(jnp.square(x - mean).mean(axes) + ops.BN_EPSILON)
+    return (x - mean) * jax.lax.rsqrt(jnp.square(x - mean).mean(axes) + layers.BN_EPSILON)
 
 
 class ReLUConvBN(nn.Module):
@@ -109,7 +106,7 @@ class ReLUConvBN(nn.Module):
   x [N,H,W,C_in] -> [N,H',W',c_out].
 
   ``track_running_stats=False`` (only with ``affine=False``, as AutoDL's search
-  scripts use it): ``BatchStatNorm`` in place of ``ops.BatchNorm``.
+  scripts use it): ``BatchStatNorm`` in place of ``layers.BatchNorm``.
   """
   c_out: int
   kernel: int
@@ -122,13 +119,13 @@ class ReLUConvBN(nn.Module):
     k, pad = self.kernel, self.kernel // 2
     fan_in = x.shape[-1] * k * k
     y = nn.Conv(self.c_out, (k, k), (self.stride, self.stride), padding=((pad, pad), (pad, pad)),
-                use_bias=not self.affine, kernel_init=ops.torch_weight_init,
-                bias_init=ops.torch_bias_init(fan_in), name='conv')(nn.relu(x))
+                use_bias=not self.affine, kernel_init=layers.torch_weight_init,
+                bias_init=layers.torch_bias_init(fan_in), name='conv')(nn.relu(x))
     if not self.track_running_stats:
       if self.affine:
         raise ValueError('an affine BN without running statistics is not an NB201 module')
       return BatchStatNorm(name='bn')(y, train)
-    return ops.BatchNorm(self.affine, name='bn')(y, train)
+    return layers.BatchNorm(self.affine, name='bn')(y, train)
 
 
 class AvgPool(nn.Module):
@@ -159,7 +156,7 @@ def _none(c, stride, *, affine=True, name=None, track_running_stats=True):
 def _skip(c, stride, *, affine=True, name=None, track_running_stats=True):
   del c, affine, track_running_stats
   _check_stride(stride)
-  return ops.Identity(name=name)
+  return layers.Identity(name=name)
 
 
 def _relu_conv_bn(kernel: int):
@@ -244,7 +241,7 @@ class ResNetBasicBlock(nn.Module):
     y = ReLUConvBN(self.c_out, 3, 2, name='conv_a')(x, train)
     y = ReLUConvBN(self.c_out, 3, 1, name='conv_b')(y, train)
     shortcut = nn.avg_pool(x, (2, 2), (2, 2), 'VALID')
-    return ops.conv(self.c_out, 1, name='downsample')(shortcut) + y
+    return layers.conv(self.c_out, 1, name='downsample')(shortcut) + y
 
 
 def _mix(edge: nn.Module, x, z):
@@ -302,7 +299,7 @@ class SearchCell(nn.Module):
     for b, (sources, dests, rows) in enumerate(EDGE_BATCHES):
       xs = jnp.stack([states[s] for s in sources] * len(dests))  # edge g reads sources[g % S]
       batch = EdgeBatch(self.c, self.train, self.track_running_stats,
-                        name=search_model.edge_batch_name(sources))
+                        name=layers.edge_batch_name(sources))
       _, y = batch(None, (xs, z[jnp.array(rows)]))
       for i, d in enumerate(dests):
         nodes[d] = nodes[d] + y[i * len(sources):(i + 1) * len(sources)].sum(0)
@@ -311,13 +308,13 @@ class SearchCell(nn.Module):
 
 
 def _stem(c: int, images, train: bool):
-  return ops.BatchNorm(name='stem_bn')(ops.conv(c, 3, name='stem_conv')(images), train)
+  return layers.BatchNorm(name='stem_bn')(layers.conv(c, 3, name='stem_conv')(images), train)
 
 
 def _head(num_classes: int, x, train: bool):
-  x = nn.relu(ops.BatchNorm(name='lastact_bn')(x, train))
+  x = nn.relu(layers.BatchNorm(name='lastact_bn')(x, train))
   x = jnp.mean(x, axis=(1, 2))
-  return ops.dense(num_classes, x.shape[-1], name='classifier')(x)
+  return layers.dense(num_classes, x.shape[-1], name='classifier')(x)
 
 
 class SearchNetwork(nn.Module):

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from snas_jax import child_model, sampling, search_model
-from snas_jax.spaces.darts import genotypes
+from snas_jax import sampling
+from snas_jax.spaces.darts import child_model, genotypes, search_model
 from snas_jax.backends import cpu
 from snas_jax.backends.cpu import forms as cpu_forms
 from snas_jax.spaces.darts.genotypes import NUM_EDGES, NUM_OPS, PRIMITIVES

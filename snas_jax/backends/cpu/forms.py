@@ -1,5 +1,5 @@
-"""The CPU backend's forms of the DARTS cells' modules (``search_model.Forms``),
-plugged into the reference cells (``search_model.SearchCell``,
+"""The CPU backend's forms of the DARTS cells' modules (``search_model.Forms``
+of ``spaces/darts/``), plugged into the reference cells (``search_model.SearchCell``,
 ``child_model.ChildCell``): one cell loop serves both backends.
 
 The edges leaving one state run as ``MixedEdges``: every op of every edge of
@@ -22,8 +22,8 @@ import numpy as np
 from flax import linen as nn
 import jax.numpy as jnp
 
-from snas_jax import search_model as reference
 from snas_jax.backends.cpu import ops
+from snas_jax.spaces.darts import search_model as reference
 from snas_jax.spaces.darts.genotypes import PRIMITIVES
 
 

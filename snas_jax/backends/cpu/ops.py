@@ -12,7 +12,7 @@ Parameters carry an edge axis G, so each edge has its own weights. With
 S = fan_out = 1 an op is the plain single-edge op that the child networks use:
 one implementation of each op serves search and evaluation. Every module
 declares the variables of the reference module it stands for
-(``snas_jax/ops.py``, vmapped over the edges in a search edge batch): same
+(``snas_jax/spaces/darts/ops.py``, vmapped over the edges in a search edge batch): same
 names, same shapes, the leading edge axis G only where the reference has one
 (``edge_axis``); it reshapes and transposes them inside into what its fused
 code wants.
@@ -598,7 +598,7 @@ class EdgeBatchNorm(nn.Module):
   batch variance, E[x²] − E[x]²); running averages with momentum 0.1 in
   PyTorch's convention.
 
-  Its variables are the reference BatchNorm's (``snas_jax.ops.BatchNorm``),
+  Its variables are the reference BatchNorm's (``snas_jax.layers.BatchNorm``),
   at its path and in its layout: [edges, C] as in a search edge batch, or
   [C] for one edge (``edge_axis`` False: a child op, a cell's preprocessing).
   ``sources``: it normalises one tensor per source, shared by the

@@ -3,20 +3,21 @@
 8 ops (``genotypes.PRIMITIVES``), 2 input states, 4 intermediate nodes,
 14 edges, the cell's output the concatenation of its nodes, two cell types
 (normal and reduction). Its files: ``genotypes.py`` (the vocabulary,
-``Genotype``, the derivation rules, the published cells), ``drawing.py``
-(the cell drawing) and this module (the cost of each op, docs/algorithm.md
-§4, and ``SPACE``, which puts them together with the ops of
-``snas_jax/ops.py`` and the networks of ``snas_jax/search_model.py``
-(``SearchNetwork``) and ``snas_jax/child_model.py`` (``NetworkCIFAR``)).
+``Genotype``, the derivation rules, the published cells), ``ops.py`` (the
+reference op of each name, ``make_op``), ``search_model.py`` (the search
+network, ``SearchNetwork``, its cells and their ``Forms``),
+``child_model.py`` (the child networks, ``NetworkCIFAR``,
+``NetworkImageNet``), ``drawing.py`` (the cell drawing) and this module
+(the cost of each op, docs/algorithm.md §4, and ``SPACE``, which puts
+them together).
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
-from snas_jax import child_model, ops, search_model
 from snas_jax.spaces.base import Op, SearchSpace
-from snas_jax.spaces.darts import drawing, genotypes
+from snas_jax.spaces.darts import child_model, drawing, genotypes, ops, search_model
 from snas_jax.spaces.darts.genotypes import (CELL_TYPES, EDGES, NUM_EDGES, NUM_INPUT_STATES,
                                              NUM_OPS, PRIMITIVES, reduction_layers)
 

@@ -12,14 +12,13 @@ evaluation code:
   is not computed (it has no parameters); a node left without inputs is zeros.
 * drop-path (training only): each edge output except the identity
   (skip_connect stride 1) is zeroed per sample with probability ``rate`` and
-  rescaled by 1/(1 - rate). ``rate`` is an array argument, so the linear ramp
+  rescaled by 1/(1 - rate) (``layers.drop_path``). ``rate`` is an array argument, so the linear ramp
   over training never retraces the step.
 * auxiliary head after cell 2L//3 (training only).
 
-Initialisation (``init``): 'snas' re-initialises as the SNAS authors'
-evaluation code (conv weights N(0, 2/(k²·C_out)), dense weights Kaiming
-normal, dense biases zero); 'pytorch' keeps PyTorch's defaults (as DARTS's
-code). BN scale 1, bias 0 in both.
+Initialisation: PyTorch's defaults (``snas_jax/layers.py``); training with
+``--init=snas`` re-initialises them as the SNAS authors' evaluation code
+(``layers.reinitialize``).
 
 Shapes: images [N, H, W, 3] -> (logits [N, classes], aux logits [N, classes]
 or None).
@@ -27,39 +26,25 @@ or None).
 from __future__ import annotations
 
 import functools
-import math
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
-from snas_jax import ops
+from snas_jax import layers
+from snas_jax.layers import drop_path
 from snas_jax.spaces.darts.genotypes import NUM_INPUT_STATES, Genotype, reduction_layers
-from snas_jax.search_model import REFERENCE, Forms
+from snas_jax.spaces.darts.search_model import REFERENCE, Forms
 
 AUX_SCOPE = 'auxiliary_head'  # parameter subtree excluded from the paper's counts
-INITS = ('snas', 'pytorch')
-
-
-def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:
-  """Zeroes whole samples of x [N, ...] with probability ``rate``, scales the rest by 1/keep.
-
-  E[output] = x. With rate 0 the mask is all ones (bernoulli(p=1) is always
-  true), so the identity needs no Python branch on the traced rate.
-  """
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return x * mask.astype(x.dtype) / jnp.asarray(keep, x.dtype)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, padding=1, dtype=jnp.float32):
   pad = ((padding, padding),) * 2 if isinstance(padding, int) else padding
-  return ops.conv(features, kernel, stride, padding=pad, dtype=dtype, name=name)
+  return layers.conv(features, kernel, stride, padding=pad, dtype=dtype, name=name)
 
 
 def _bn(x, train: bool, name: str):
-  return ops.BatchNorm(name=name)(x, train)
+  return layers.BatchNorm(name=name)(x, train)
 
 
 class ChildCell(nn.Module):
@@ -126,7 +111,7 @@ class AuxiliaryHead(nn.Module):
     if self.bn_after_768:
       x = _bn(x, train, 'bn1')
     x = nn.relu(x).reshape(x.shape[0], -1)
-    return ops.dense(self.num_classes, x.shape[-1], name='classifier')(x)
+    return layers.dense(self.num_classes, x.shape[-1], name='classifier')(x)
 
 
 class _ChildNetwork(nn.Module):
@@ -173,7 +158,7 @@ class _ChildNetwork(nn.Module):
         aux_logits = AuxiliaryHead(self.num_classes, self.aux_pool_stride, self.aux_bn_after_768,
                                    name=AUX_SCOPE)(s1, train)
     x = jnp.mean(s1.astype(jnp.float32), axis=(1, 2))
-    return ops.dense(self.num_classes, x.shape[-1], name='classifier')(x), aux_logits
+    return layers.dense(self.num_classes, x.shape[-1], name='classifier')(x), aux_logits
 
 
 class NetworkCIFAR(_ChildNetwork):
@@ -204,31 +189,3 @@ class NetworkImageNet(_ChildNetwork):
     s0 = _bn(conv(c, 3, 2, 'stem0_conv1')(x), train, 'stem0_bn1')
     s1 = _bn(conv(c, 3, 2, 'stem1_conv')(nn.relu(s0)), train, 'stem1_bn')
     return s0, s1
-
-
-def reinitialize(params, init: str, seed: int) -> dict:
-  """The child's parameters under ``init`` (see the module docstring): 'pytorch'
-  returns them unchanged; 'snas' draws every conv kernel [kh, kw, C_in/groups,
-  C_out] from N(0, 2/(kh·kw·C_out)), every dense kernel [fan_in, F] from
-  N(0, 2/fan_in) and zeroes dense biases, as the SNAS authors' evaluation code.
-  Drawn on the host with NumPy (seeded by ``seed``): one XLA:CPU kernel per
-  random draw would take longer to compile than the draws take to run."""
-  if init == 'pytorch':
-    return params
-  if init != 'snas':
-    raise ValueError(f'unknown --init {init!r}; choose one of {", ".join(INITS)}')
-  rng = np.random.default_rng([seed, 7])
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  out = []
-  for path, x in leaves:
-    name = getattr(path[-1], 'key', '')
-    parent = getattr(path[-2], 'key', '') if len(path) > 1 else ''
-    if name == 'kernel' and x.ndim == 4:  # conv
-      std = math.sqrt(2.0 / (x.shape[0] * x.shape[1] * x.shape[-1]))
-      x = (std * rng.standard_normal(x.shape)).astype(np.float32)
-    elif name == 'kernel' and x.ndim == 2:  # dense
-      x = (math.sqrt(2.0 / x.shape[0]) * rng.standard_normal(x.shape)).astype(np.float32)
-    elif name == 'bias' and parent == 'classifier':
-      x = np.zeros(x.shape, np.float32)
-    out.append(x)
-  return jax.tree_util.tree_unflatten(treedef, out)

@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from snas_jax import ops
+from snas_jax import layers
+from snas_jax.layers import drop_path_scale, edge_batch_name
+from snas_jax.spaces.darts import ops
 from snas_jax.spaces.darts.genotypes import (NUM_EDGES, NUM_INPUT_STATES, NUM_NODES, NUM_OPS,
                                              PRIMITIVES, edge_batches, reduction_layers)
 
@@ -52,10 +54,6 @@ class MixedOp(nn.Module):
 # A batch of edges: x [G,N,H,W,C], z [G,8] -> [G,N,H',W',C], every variable with a leading G axis.
 EdgeBatch = nn.vmap(MixedOp, in_axes=(0, 0), out_axes=0,
                     variable_axes={'params': 0, 'batch_stats': 0}, split_rngs={'params': True})
-
-
-def edge_batch_name(sources) -> str:
-  return f'edges_from_{"_".join(map(str, sources))}'
 
 
 def mix_edge_batch(states, z, rows, keep, *, c: int, stride: int, train: bool, name: str):
@@ -95,22 +93,8 @@ class Forms:
   remat_cells: bool = True
 
 
-# The reference forms look ``ops`` up when called: this module may be imported
-# while ``ops`` is (ops -> the DARTS space's vocabulary -> the spaces -> here).
-def _relu_conv_bn(c_out: int, *, affine: bool, name: str):
-  return ops.ReLUConvBN(c_out, affine, name=name)
-
-
-def _factorized_reduce(c_out: int, *, affine: bool, name: str):
-  return ops.FactorizedReduce(c_out, affine, name=name)
-
-
-def _op(name: str, c: int, stride: int, *, affine: bool = True, op_name=None):
-  return ops.make_op(name, c, stride, affine=affine, op_name=op_name)
-
-
-REFERENCE = Forms(relu_conv_bn=_relu_conv_bn, factorized_reduce=_factorized_reduce, op=_op,
-                  edge_batch=mix_edge_batch)
+REFERENCE = Forms(relu_conv_bn=ops.ReLUConvBN, factorized_reduce=ops.FactorizedReduce,
+                  op=ops.make_op, edge_batch=mix_edge_batch)
 
 
 class SearchCell(nn.Module):
@@ -149,16 +133,6 @@ class SearchCell(nn.Module):
     return jnp.concatenate(nodes, axis=-1)
 
 
-def drop_path_scale(cell: nn.Module, edges_by_images) -> jax.Array:
-  """Per-(edge, image) drop-path scale [G, N], float32: Bernoulli(1 − p)/(1 − p)
-  in training with p = ``cell.drop_path`` > 0, else ones [G, 1]."""
-  g, n = edges_by_images
-  if cell.train and cell.drop_path > 0:
-    keep = 1.0 - cell.drop_path
-    return jax.random.bernoulli(cell.make_rng('dropout'), keep, (g, n)) / keep
-  return jnp.ones((g, 1))
-
-
 class SearchNetwork(nn.Module):
   """Stem -> L search cells -> global average pool -> Dense.
 
@@ -189,8 +163,8 @@ class SearchNetwork(nn.Module):
     from snas_jax.spaces import darts  # the space is built from this module
     darts.SPACE.check_arch_weights(z)
     images = images.astype(self.dtype)  # every op computes in its input's dtype
-    x = ops.conv(self.stem_multiplier * self.c, 3, dtype=self.dtype, name='stem_conv')(images)
-    x = ops.BatchNorm(name='stem_bn')(x, train)
+    x = layers.conv(self.stem_multiplier * self.c, 3, dtype=self.dtype, name='stem_conv')(images)
+    x = layers.BatchNorm(name='stem_bn')(x, train)
     s0 = s1 = x
     c_cell, reduction_prev = self.c, False
     reductions = reduction_layers(self.layers)
@@ -202,4 +176,4 @@ class SearchNetwork(nn.Module):
       s0, s1 = s1, cell(s0, s1, z['reduce' if reduction else 'normal'])
       reduction_prev = reduction
     x = jnp.mean(s1.astype(jnp.float32), axis=(1, 2))
-    return ops.dense(self.num_classes, x.shape[-1], name='classifier')(x)
+    return layers.dense(self.num_classes, x.shape[-1], name='classifier')(x)
