@@ -50,12 +50,11 @@ class Op:
   ``module(c, stride, *, affine, name, **space options)``: the reference
   Flax module on an edge with ``c`` channels, or None for the zero op (never
   computed).
-  ``cost(c, y_out, stride)``: (params, FLOPs, MAC). ``cpu_form``: the CPU
-  backend's faster form of the op, or None (the reference op runs).
+  ``cost(c, y_out, stride)``: (params, FLOPs, MAC). A backend's faster
+  forms are not per op: they span a cell (``spaces/darts/search_model.Forms``).
   """
   module: Callable[..., Any]
   cost: Callable[[int, int, int], tuple]
-  cpu_form: Callable[..., Any] | None = None
 
 
 def dag_edges(num_input_states: int, num_nodes: int) -> tuple:
