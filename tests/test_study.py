@@ -135,7 +135,7 @@ NB201_SETTING = dict(channels=8, layers=2, image_size=16, heldout_images=25000,
                      w_weight_decay=5e-4, alpha_lr=0.06, checkpoint_every_steps=100)
 
 
-RETRAIN_SETTING = dict(channels=8, layers=2, num_train_images=5000, num_eval_images=2000,
+RETRAIN_SETTING = dict(channels=8, layers=2, num_train_images=10000, num_eval_images=2000,
                        batch_size=64, epochs=4, learning_rate=0.1, weight_decay=5e-4,
                        grad_clip=0.0, cutout=0)
 
