@@ -268,16 +268,17 @@ def _wide_to_edges(g: int, tree):
 
 class EdgeBatch(nn.Module):
   """The G supernet edges leaving one state, each AutoDL's MixedOp Σ_k z[g, k]·op_k(x) with
-  BN not affine. x [N,H,W,C], z [G, 5] -> [N,H,W,G,C]: edge g's output is [..., g, :].
+  BN not affine. x [N,H,W,C], z [G, 5] -> [edge g's output [N,H,W,C] for g < G].
 
-  Every edge reads the same x, so the ops are computed once for the batch: the
-  ops without parameters (skip, avg pool) are the same for every edge, and the
-  G edges' ReLU-conv-BN of one op are one ReLU-conv-BN of G·C output channels
-  (a BN normalises each channel alone, so one BN over G·C channels is the G
-  edges' BNs). Their variables keep the per-edge layout, a leading G axis
-  (``nor_conv_3x3/conv/kernel`` [G,3,3,C,C], ``.../bn/mean`` [G,C]), mapped to
-  the wide layout inside the step. One wide convolution, not G small ones nor
-  a vmap (a grouped convolution, which XLA:CPU runs slowly; docs/performance.md).
+  Every edge reads the same x, so each op runs once for the batch: an op
+  without parameters (skip, avg pool) is the same for every edge, and the G
+  edges' ReLU-conv-BN of one op are one ReLU-conv-BN with G·C output channels,
+  edge g's the g-th block of C (a BN normalises each channel alone, so one BN
+  over G·C channels is the G edges' BNs). The variables keep the per-edge
+  layout with a leading G axis (``nor_conv_3x3/conv/kernel`` [G,3,3,C,C],
+  ``nor_conv_3x3/bn/mean`` [G,C]) and are mapped to the wide one inside the
+  step. One wide convolution per op rather than G small ones, and not a vmap:
+  that makes a grouped convolution, which XLA:CPU runs slowly (docs/performance.md).
   """
   c: int
   train: bool
@@ -289,18 +290,27 @@ class EdgeBatch(nn.Module):
     wide = nn.map_variables(ReLUConvBN, ('params', 'batch_stats'), _edges_to_wide,
                             functools.partial(_wide_to_edges, g),
                             init=self.is_initializing(), mutable=True)
-    out = 0.0
-    for k, name in enumerate(OP_NAMES):
-      if name in CONV_KERNELS:  # the G edges' op as one op with G·C output channels
+    ys = {}  # op -> its output: [N,H,W,G·C] for the convs, [N,H,W,C] for the others
+    for name in OP_NAMES:
+      if name in CONV_KERNELS:
         op = wide(g * self.c, CONV_KERNELS[name], affine=False,
                   track_running_stats=self.track_running_stats, name=name)
-      else:  # no parameters: one op for every edge
+      else:
         op = OPS[name].module(self.c, 1, affine=False, name=name,
                               track_running_stats=self.track_running_stats)
       if op is not None:  # 'none' adds z·0
-        y = op(x, self.train).reshape(*x.shape[:-1], -1, self.c)  # [N,H,W,G or 1,C]
-        out = out + z[:, k, None] * y
-    return out
+        ys[name] = op(x, self.train)
+    outputs = []
+    for edge in range(g):
+      out = 0.0
+      for k, name in enumerate(OP_NAMES):
+        if name in ys:
+          y = ys[name]
+          if name in CONV_KERNELS:
+            y = y[..., edge * self.c:(edge + 1) * self.c]
+          out = out + z[edge, k] * y
+      outputs.append(out)
+    return outputs
 
 
 class SearchCell(nn.Module):
@@ -318,11 +328,11 @@ class SearchCell(nn.Module):
     states = [x]
     nodes = [0.0] * NUM_NODES
     for b, (sources, dests, rows) in enumerate(EDGE_BATCHES):
-      (source,) = sources  # one input state: every batch leaves one state, edge g feeds dests[g]
-      y = EdgeBatch(self.c, self.train, self.track_running_stats,
-                    name=layers.edge_batch_name(sources))(states[source], z[jnp.array(rows)])
-      for g, d in enumerate(dests):
-        nodes[d] = nodes[d] + y[..., g, :]
+      (source,) = sources  # one input state: every batch leaves one state
+      outputs = EdgeBatch(self.c, self.train, self.track_running_stats,
+                          name=layers.edge_batch_name(sources))(states[source], z[jnp.array(rows)])
+      for d, y in zip(dests, outputs):  # edge g feeds intermediate node dests[g]
+        nodes[d] = nodes[d] + y
       states.append(nodes[b])  # intermediate node b has all its inputs after batch b
     return nodes[-1]
 
