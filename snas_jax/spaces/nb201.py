@@ -287,6 +287,8 @@ class EdgeBatch(nn.Module):
   @nn.compact
   def __call__(self, x, z):
     g = z.shape[0]
+    # init: the wide module creates its variables, stored per edge; apply: it reads them
+    # through the mapping (and writes its BN statistics back through the inverse).
     wide = nn.map_variables(ReLUConvBN, ('params', 'batch_stats'), _edges_to_wide,
                             functools.partial(_wide_to_edges, g),
                             init=self.is_initializing(), mutable=True)
