@@ -58,6 +58,7 @@ size = K²·C², FLOPs size·y², MAC 2·y²·C + size; avg pool 0, 9·y²·C, 2
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -73,7 +74,8 @@ OP_NAMES = ('none', 'skip_connect', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x
 # What the NB201 study's collapse analysis counts (studies/nb201.py): the
 # identity, and the convolutions (the ops with parameters).
 SKIP_OP = 'skip_connect'
-CONV_OPS = ('nor_conv_1x1', 'nor_conv_3x3')
+CONV_KERNELS = {'nor_conv_1x1': 1, 'nor_conv_3x3': 3}  # the ReLU-conv-BN ops: kernel size
+CONV_OPS = tuple(CONV_KERNELS)
 NUM_INPUT_STATES = 1
 NUM_NODES = 3  # intermediate nodes 1, 2, 3 (node 0 is the cell's input)
 EDGES = dag_edges(NUM_INPUT_STATES, NUM_NODES)  # (intermediate node, state): node i+1 <- state
@@ -180,9 +182,8 @@ def op_cost(name: str, c: int, y: int, stride: int = 1) -> tuple:
     return 0, 0, 0
   if name == 'skip_connect':
     return 0, 0, 2 * area * c
-  if name in ('nor_conv_1x1', 'nor_conv_3x3'):
-    k = 1 if name == 'nor_conv_1x1' else 3
-    size = k * k * c * c
+  if name in CONV_KERNELS:
+    size = CONV_KERNELS[name] ** 2 * c * c
     return size, size * area, 2 * area * c + size
   if name == 'avg_pool_3x3':
     return 0, 9 * area * c, 2 * area * c
@@ -196,8 +197,8 @@ def _cost(name: str):
 OPS = {
     'none': Op(_none, _cost('none')),
     'skip_connect': Op(_skip, _cost('skip_connect')),
-    'nor_conv_1x1': Op(_relu_conv_bn(1), _cost('nor_conv_1x1')),
-    'nor_conv_3x3': Op(_relu_conv_bn(3), _cost('nor_conv_3x3')),
+    'nor_conv_1x1': Op(_relu_conv_bn(CONV_KERNELS['nor_conv_1x1']), _cost('nor_conv_1x1')),
+    'nor_conv_3x3': Op(_relu_conv_bn(CONV_KERNELS['nor_conv_3x3']), _cost('nor_conv_3x3')),
     'avg_pool_3x3': Op(_avg_pool, _cost('avg_pool_3x3')),
 }
 assert tuple(OPS) == OP_NAMES
@@ -244,42 +245,74 @@ class ResNetBasicBlock(nn.Module):
     return layers.conv(self.c_out, 1, name='downsample')(shortcut) + y
 
 
-def _mix(edge: nn.Module, x, z):
-  """Σ_k z[k]·op_k(x) with ``edge``'s ops as submodules, BN not affine."""
-  out = 0.0
-  for k, name in enumerate(OP_NAMES):
-    op = OPS[name].module(edge.c, 1, affine=False, name=name,
-                          track_running_stats=edge.track_running_stats)
-    if op is not None:  # 'none' adds z·0
-      out = out + z[k] * op(x, edge.train)
-  return out
+def _edges_to_wide(tree):
+  """An edge batch's variables as one wide ReLUConvBN's: kernels [G,K,K,C,C] -> [K,K,C,G·C]
+  (edge g's output channels the g-th block), biases and BN statistics [G,C] -> [G·C]."""
+  def wide(v):
+    if v.ndim == 5:
+      g, k, _, c_in, c_out = v.shape
+      return v.transpose(1, 2, 3, 0, 4).reshape(k, k, c_in, g * c_out)
+    return v.reshape(-1)
+  return jax.tree.map(wide, tree)
 
 
-class MixedOp(nn.Module):
-  """One supernet edge: Σ_k z[k]·op_k(x), BN not affine. x [N,H,W,C], z [5] -> [N,H,W,C]."""
+def _wide_to_edges(g: int, tree):
+  """The inverse of ``_edges_to_wide`` for G edges."""
+  def per_edge(v):
+    if v.ndim == 4:
+      k, _, c_in, gc = v.shape
+      return v.reshape(k, k, c_in, g, gc // g).transpose(3, 0, 1, 2, 4)
+    return v.reshape(g, -1)
+  return jax.tree.map(per_edge, tree)
+
+
+class EdgeBatch(nn.Module):
+  """The G supernet edges leaving one state, each AutoDL's MixedOp Σ_k z[g, k]·op_k(x) with
+  BN not affine. x [N,H,W,C], z [G, 5] -> [edge g's output [N,H,W,C] for g < G].
+
+  Every edge reads the same x, so each op runs once for the batch: an op
+  without parameters (skip, avg pool) is the same for every edge, and the G
+  edges' ReLU-conv-BN of one op are one ReLU-conv-BN with G·C output channels,
+  edge g's the g-th block of C (a BN normalises each channel alone, so one BN
+  over G·C channels is the G edges' BNs). The variables keep the per-edge
+  layout with a leading G axis (``nor_conv_3x3/conv/kernel`` [G,3,3,C,C],
+  ``nor_conv_3x3/bn/mean`` [G,C]) and are mapped to the wide one inside the
+  step. One wide convolution per op rather than G small ones, and not a vmap:
+  that makes a grouped convolution, which XLA:CPU runs slowly (docs/performance.md).
+  """
   c: int
   train: bool
   track_running_stats: bool = True
 
   @nn.compact
   def __call__(self, x, z):
-    return _mix(self, x, z)
-
-
-class _EdgeStep(MixedOp):
-  """MixedOp as the body of a scan over edges: (carry, (x, z)) -> (carry, edge output)."""
-
-  @nn.compact
-  def __call__(self, carry, xz):
-    return carry, _mix(self, *xz)
-
-
-# A batch of edges: (None, (x [G,N,H,W,C], z [G,5])) -> (None, [G,N,H,W,C]), every variable
-# with a leading G axis. A scan unrolled over the G edges, not a vmap: vmapped, the convs
-# batch into grouped convolutions, which XLA:CPU runs ~24x slower than G plain ones
-# (docs/performance.md).
-EdgeBatch = nn.scan(_EdgeStep, variable_axes={'params': 0, 'batch_stats': 0},
-                    split_rngs={'params': True}, in_axes=0, out_axes=0, unroll=NUM_NODES)
+    g = z.shape[0]
+    # init: the wide module creates its variables, stored per edge; apply: it reads them
+    # through the mapping (and writes its BN statistics back through the inverse).
+    wide = nn.map_variables(ReLUConvBN, ('params', 'batch_stats'), _edges_to_wide,
+                            functools.partial(_wide_to_edges, g),
+                            init=self.is_initializing(), mutable=True)
+    ys = {}  # op -> its output: [N,H,W,G·C] for the convs, [N,H,W,C] for the others
+    for name in OP_NAMES:
+      if name in CONV_KERNELS:
+        op = wide(g * self.c, CONV_KERNELS[name], affine=False,
+                  track_running_stats=self.track_running_stats, name=name)
+      else:
+        op = OPS[name].module(self.c, 1, affine=False, name=name,
+                              track_running_stats=self.track_running_stats)
+      if op is not None:  # 'none' adds z·0
+        ys[name] = op(x, self.train)
+    outputs = []
+    for edge in range(g):
+      out = 0.0
+      for k, name in enumerate(OP_NAMES):
+        if name in ys:
+          y = ys[name]
+          if name in CONV_KERNELS:
+            y = y[..., edge * self.c:(edge + 1) * self.c]
+          out = out + z[edge, k] * y
+      outputs.append(out)
+    return outputs
 
 
 class SearchCell(nn.Module):
@@ -297,12 +330,11 @@ class SearchCell(nn.Module):
     states = [x]
     nodes = [0.0] * NUM_NODES
     for b, (sources, dests, rows) in enumerate(EDGE_BATCHES):
-      xs = jnp.stack([states[s] for s in sources] * len(dests))  # edge g reads sources[g % S]
-      batch = EdgeBatch(self.c, self.train, self.track_running_stats,
-                        name=layers.edge_batch_name(sources))
-      _, y = batch(None, (xs, z[jnp.array(rows)]))
-      for i, d in enumerate(dests):
-        nodes[d] = nodes[d] + y[i * len(sources):(i + 1) * len(sources)].sum(0)
+      (source,) = sources  # one input state: every batch leaves one state
+      outputs = EdgeBatch(self.c, self.train, self.track_running_stats,
+                          name=layers.edge_batch_name(sources))(states[source], z[jnp.array(rows)])
+      for d, y in zip(dests, outputs):  # edge g feeds intermediate node dests[g]
+        nodes[d] = nodes[d] + y
       states.append(nodes[b])  # intermediate node b has all its inputs after batch b
     return nodes[-1]
 
