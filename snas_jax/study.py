@@ -260,6 +260,12 @@ def _failure(key: str, code: int, folder: str) -> RuntimeError:
                       f'End of {os.path.join(folder, "log.txt")}:\n{tail}')
 
 
+def flag_lines(flagfile_text: str) -> list[str]:
+  """The flags of a flagfile's text: its comments and blank lines left out."""
+  return [line.strip() for line in flagfile_text.splitlines()
+          if line.strip() and not line.strip().startswith('#')]
+
+
 def run_grid(study: Study, workdir: str, arms: list[str], seeds: list[int],
              settings: str | None = None, backend: str = 'auto', extra: list[str] = (),
              log=print) -> dict:
@@ -275,7 +281,8 @@ def run_grid(study: Study, workdir: str, arms: list[str], seeds: list[int],
   state_path = study.state_file(workdir)
   state = read_json(state_path, {'runs': {}, 'invocations': []})
   settings_text = Path(settings).read_text()
-  if state.get('settings_text') not in (None, settings_text) or \
+  if (state.get('settings_text') is not None
+      and flag_lines(state['settings_text']) != flag_lines(settings_text)) or \
       state.get('extra_flags') not in (None, list(extra)):
     log(f'warning: {workdir} holds runs made with other settings; a finished run is kept as it '
         f'is, an unfinished one refuses to resume with other flags')

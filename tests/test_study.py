@@ -344,3 +344,24 @@ def test_nb201_grid_retrains_every_derived_cell(tmp_path, monkeypatch):
                     f'--workdir={run / "retrain"}', '--backend=auto']
   state = json.loads((workdir / 'nb201.json').read_text())
   assert state['runs']['gdas/seed1/retrain']['wall_s'] > 0
+
+
+def test_grid_warns_of_other_settings_only_when_a_flag_differs(tmp_path, monkeypatch):
+  """A finished grid rerun with the same flags (comments edited) runs nothing
+  and warns of nothing; with a flag changed it warns once."""
+  workdir = tmp_path / 'work'
+  nb201_runs(workdir, with_benchmark=False, retrain_errors={m: [50.0, 50.0] for m in nb201.METHODS})
+  settings = Path(nb201.STUDY.default_settings()).read_text()
+  state = json.loads((workdir / 'nb201.json').read_text())
+  state['settings_text'] = '# another comment\n' + settings
+  (workdir / 'nb201.json').write_text(json.dumps(state))
+  monkeypatch.setattr(study, 'entry', lambda script, console: pytest.fail('nothing should run'))
+  logged = []
+  study.run_grid(nb201.STUDY, str(workdir), ['snas', 'darts', 'gdas'], [0, 1], log=logged.append)
+  assert not any(m.startswith('warning') for m in logged) and len(logged) == 12
+  state = json.loads((workdir / 'nb201.json').read_text())
+  state['settings_text'] = settings.replace('--epochs=10', '--epochs=11')
+  (workdir / 'nb201.json').write_text(json.dumps(state))
+  logged = []
+  study.run_grid(nb201.STUDY, str(workdir), ['snas'], [0], log=logged.append)
+  assert logged[0].startswith(f'warning: {workdir} holds runs made with other settings')
