@@ -236,9 +236,9 @@ def retrain_command(study: Study, run: str, config: dict, backend: str) -> list[
   """The retraining of the derived cell of the finished search in ``run``
   (``config``: its configuration): the study's retraining flagfile, then the
   search's space, data set, folder, the method's derivation rule and seed."""
-  from snas_jax import methods
+  from snas_jax import methods, spaces
   return [*entry(TRAIN_SCRIPT, 'snas-train-cifar'), f'--flagfile={study.retrain_settings()}',
-          f'--space={config.get("space", "darts")}', f'--dataset={config["dataset"]}',
+          f'--space={config.get("space", spaces.DEFAULT)}', f'--dataset={config["dataset"]}',
           f'--search_workdir={run}', f'--derive_rule={methods.get(config["method"]).derivation}',
           f'--seed={config["seed"]}', f'--workdir={retrain_dir(run)}', f'--backend={backend}']
 
@@ -269,8 +269,9 @@ def flag_lines(flagfile_text: str) -> list[str]:
 def run_grid(study: Study, workdir: str, arms: list[str], seeds: list[int],
              settings: str | None = None, backend: str = 'auto', extra: list[str] = (),
              log=print) -> dict:
-  """Runs (or resumes, or skips when finished) every (arm, seed) search; returns the state.
-  ``settings``: a flagfile (default: the study's shipped one)."""
+  """Runs (or resumes, or skips when finished) every (arm, seed) search, then,
+  if the study has a retraining flagfile, every derived cell's retraining;
+  returns the state. ``settings``: a flagfile (default: the study's shipped one)."""
   settings = settings or str(study.default_settings())
   for arm in arms:
     study.arm(arm)  # a one-line error for an unknown arm, before any run
