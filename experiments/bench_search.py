@@ -40,8 +40,9 @@ flags.DEFINE_string('sweep', '', 'Comma-separated sweeps beyond the base config 
 flags.DEFINE_list('sweep_batch', ['16', '32', '128', '256'], 'Global batches of the batch sweep.')
 flags.DEFINE_list('sweep_channels', ['8', '32'], 'C values of the channels sweep.')
 flags.DEFINE_list('sweep_cells', ['5', '14', '20'], 'Cell counts of the cells sweep.')
-flags.DEFINE_list('sweep_devices', ['2', '4'], 'Fake CPU device counts of the devices sweep '
-                  '(XLA_FLAGS=--xla_force_host_platform_device_count; on accelerators: '
+flags.DEFINE_list('sweep_devices', ['1', '2', '4'], 'CPU device counts of the devices sweep '
+                  '(XLA_FLAGS=--xla_force_host_platform_device_count; the base configuration '
+                  'runs on the entry scripts\' count, --cpu_devices=0; on accelerators: '
                   'leave out, every device is used).')
 flags.DEFINE_bool('remat_variant', True, 'Also measure the base configuration with --remat.')
 flags.DEFINE_bool('cache_variant', True, 'Measure the base configuration a second time in a new '
@@ -152,10 +153,20 @@ def environment() -> dict:
           'flax': flax.__version__, 'optax': optax.__version__, 'python': platform.python_version()}
 
 
+def default_devices(backend: str) -> int:
+  """The devices the entry scripts run this space on (the CPU backend's
+  --cpu_devices=0: process.default_devices), 1 elsewhere."""
+  if backend != 'cpu':
+    return 1
+  from snas_jax.backends.cpu import process
+  return process.default_devices(FLAGS.space, [FLAGS.batch_size])
+
+
 def specs(cache_dir: str) -> list:
+  backend = backend_name()
   base = {'batch_size': FLAGS.batch_size, 'channels': FLAGS.channels, 'layers': FLAGS.layers,
           'image_size': FLAGS.image_size,
-          'remat': False, 'backend': backend_name(), 'devices': 1, 'cache': 'off',
+          'remat': False, 'backend': backend, 'devices': default_devices(backend), 'cache': 'off',
           'dtype': FLAGS.dtype, 'space': FLAGS.space}
   out = [base]
   if FLAGS.cache_variant:  # a cold run that fills a fresh cache, then one that reads it

@@ -43,7 +43,8 @@ def define_runtime_flags(summary: bool = False) -> None:
                        'detect them (TPU pods, SLURM).')
   flags.DEFINE_integer('process_id', 0, "This process's index in a multi-host run.")
   flags.DEFINE_integer('cpu_devices', 0, 'CPU backend only: split the CPU into this many XLA '
-                       'devices, the batch split over them; 0 = one device.', lower_bound=0)
+                       'devices, the batch split over them; 0 = the backend\'s choice (darts: '
+                       'one device; nb201: one per core, docs/cpu_backend.md).', lower_bound=0)
   flags.DEFINE_string('compilation_cache_dir', '~/.cache/snas_jax/xla',
                       'Persistent XLA compilation cache: a resumed or repeated run skips '
                       'compiling. Empty = off.')
@@ -55,14 +56,22 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def start_backend(name: str, dtype: str = 'float32') -> str:
+def start_backend(cfg) -> str:
   """Resolves --backend (for --dtype) before JAX starts and applies the CPU
   backend's process settings where it runs (they are read when JAX starts its
-  CPU client; memory tuning restarts the script once). Returns the backend's name."""
-  resolved = backends.resolve(name, dtype=dtype)
+  CPU client; memory tuning restarts the script once), --cpu_devices=0 as
+  ``process.default_devices`` for the run's space and batches. Returns the
+  backend's name."""
+  resolved = backends.resolve(cfg.backend, dtype=cfg.dtype)
   if resolved == 'cpu':
     from snas_jax.backends.cpu import process
-    process.configure(FLAGS.tune_memory, FLAGS.cpu_devices)
+    batches = [cfg.batch_size, getattr(cfg, 'eval_batch_size', cfg.batch_size)]  # train: one
+    devices = FLAGS.cpu_devices or process.default_devices(
+        cfg.space, batches, processes=FLAGS.num_processes)
+    process.configure(FLAGS.tune_memory, devices)
+    if devices > 1 and not FLAGS.cpu_devices:
+      print(f'CPU backend: the batch split over {devices} XLA devices, one per core '
+            f'(--cpu_devices=1: one device)', flush=True)
   elif FLAGS.cpu_devices:
     raise ValueError('--cpu_devices splits the CPU for --backend=cpu; with the reference backend '
                      'set XLA_FLAGS=--xla_force_host_platform_device_count=N instead')
@@ -97,7 +106,7 @@ def main(run_fn, config_cls, summary_fn=None) -> None:
       return
     if not FLAGS.workdir:
       raise ValueError('--workdir is required: the folder for checkpoints and outputs')
-    cfg = dataclasses.replace(cfg, backend=start_backend(cfg.backend, cfg.dtype))
+    cfg = dataclasses.replace(cfg, backend=start_backend(cfg))
     enable_compilation_cache(FLAGS.compilation_cache_dir)
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)

@@ -34,8 +34,21 @@ def test_sweeps_vary_one_field_of_the_base_config(bench):
   assert rows == [(64, 8, 3, 16, 1, False, 'cold'), (64, 8, 3, 16, 1, False, 'warm'),  # base twice
                   (64, 8, 3, 16, 1, True, 'off'),  # its remat variant
                   (16, 8, 3, 16, 1, False, 'off'), (128, 8, 3, 16, 1, False, 'off'),
-                  (64, 8, 3, 16, 2, False, 'off'), (64, 8, 3, 16, 4, False, 'off')]
+                  (64, 8, 3, 16, 1, False, 'off'), (64, 8, 3, 16, 2, False, 'off'),
+                  (64, 8, 3, 16, 4, False, 'off')]
   assert [s.get('cache_dir') for s in specs[:3]] == ['/tmp/cache', '/tmp/cache', None]
+
+
+def test_base_config_runs_on_the_entry_scripts_device_count(bench):
+  """The CPU backend's base row runs as --cpu_devices=0 would: NB201 split
+  over the cores, DARTS on one device; the reference backend on one."""
+  from snas_jax.backends.cpu import process
+  for args, want in ((['--space=nb201', '--backend=cpu'], process.default_devices('nb201', [64])),
+                     (['--space=darts', '--backend=cpu'], 1),
+                     (['--space=nb201', '--backend=reference'], 1)):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(['bench', '--cache_variant=false', '--remat_variant=false', *args])
+    assert [s['devices'] for s in bench.specs('')] == [want]
 
 
 def test_unknown_sweep_is_a_one_line_error(bench):
@@ -89,6 +102,32 @@ def test_bench_cpu_ops_measures_every_row_on_a_tiny_geometry(tmp_path):
       assert r['gb_s'] > 0
     if r['section'] in ops:
       assert (r['calls'] > 0) == (r['variant'] == 'native'), r
+
+
+def test_bench_nb201_convs_measures_every_row_on_a_tiny_geometry(tmp_path):
+  """One device, one core (half the batch on 2 cores) and PyTorch where it is
+  installed: positive times, and the work counted from the shapes."""
+  out = tmp_path / 'convs.json'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'experiments', 'bench_nb201_convs.py'), '--batch_size=4',
+       '--channels=4', '--layers=1', '--image_size=8', '--steps=1', '--warmup=1',
+       f'--json_out={out}'], capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())['results']
+  cores = len(os.sched_getaffinity(0))
+  try:
+    import torch  # noqa: F401
+    torch_rows = [('pytorch', 4, cores)]
+  except ImportError:
+    torch_rows = []
+  assert [(r['variant'], r['images'], r['cores']) for r in rows] == [
+      ('xla, one device', 4, cores), ('xla, one core', 4 // cores, 1)] + torch_rows
+  # 3 stages x (3 + 2 + 1 edges) x (9 + 1 taps), C -> G·C, 2 FLOPs a multiply-add, 3 passes
+  macs = sum((8 >> s) ** 2 * (4 << s) ** 2 * 6 * 10 for s in range(3))
+  for r in rows:
+    assert 'error' not in r, r
+    assert r['gflop'] == round(3 * 2 * r['images'] * macs / 1e9, 3) > 0
+    assert r['conv_ms'] > 0 and r['gflop_s'] > 0 and r['matmul_gflop_s'] > 0, r
 
 
 # Hides tensorflow and tensorflow_datasets, as if not installed (import fails,

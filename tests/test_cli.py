@@ -25,6 +25,27 @@ def test_cpu_devices_sets_the_xla_device_count(n, xla_flags, expected):
   assert proc.stdout.split()[-1] == str(expected)
 
 
+@pytest.mark.parametrize('space, batches, processes, cores, expected', [
+    ('nb201', [64, 256], 1, 2, 2),   # one device per core
+    ('nb201', [64, 256], 1, 16, 4),  # at least 16 images a device: 64 / 4
+    ('nb201', [48, 48], 1, 4, 3),    # the largest count dividing the batch
+    ('nb201', [24, 256], 1, 2, 1),   # 12 images a device are too few
+    ('nb201', [64, 256], 2, 2, 1),   # a multi-process run: one device per process
+    ('darts', [64, 256], 1, 2, 1),   # the backend's forms: their kernels use every core
+])
+def test_default_cpu_devices(space, batches, processes, cores, expected):
+  from snas_jax.backends.cpu import process
+  assert process.default_devices(space, batches, processes, cores) == expected
+
+
+def test_forms_spaces_are_those_whose_networks_take_forms():
+  from snas_jax import spaces
+  from snas_jax.backends.cpu import process
+  takes_forms = {name for name, space in spaces.SPACES.items()
+                 if hasattr(space.search_network(4, 1, 10), 'forms')}
+  assert takes_forms == process.FORMS_SPACES
+
+
 TRIM_CHECK = """
 import ctypes, jax, jax.numpy as jnp
 calls = []

@@ -96,19 +96,29 @@ def test_resume_with_the_benchmark_ends_as_the_uninterrupted_run(nb201_search, t
   assert json.loads((workdir / 'summary.json').read_text())['benchmark'] == want
 
 
-def test_cpu_backend_search_resumed_ends_as_the_reference_run(nb201_search, tmp_path, cifar_dir):
+def test_cpu_backend_search_split_over_the_cores_and_resumed(nb201_search, tmp_path, cifar_dir):
   """On the CPU backend (its process settings; NB201's ops have no CPU form, so
-  the reference modules run), stopped after step 2 with --backend=cpu and
-  resumed with --backend=auto (the CPU backend on this host): the same α and
-  cells as the uninterrupted reference run."""
+  the reference modules run) the batch is split over one XLA device per core
+  by default. Stopped after step 2 with --backend=cpu and resumed with
+  --backend=auto (the CPU backend on this host): it ran on that many devices
+  and ends as the uninterrupted reference run on one device, up to float
+  rounding (the cross-device sums add in another order)."""
+  from snas_jax.backends.cpu import process
   workdir = tmp_path / 'cpu'
   stopped = search_cli(workdir, cifar_dir, *NB201, '--backend=cpu', '--stop_after_step=2')
   assert stopped.returncode == 0, stopped.stderr[-3000:]
   assert not (workdir / 'genotype.json').exists()
   resumed = search_cli(workdir, cifar_dir, *NB201, '--backend=auto')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  for name in ('genotype.json', 'alpha_cell.npy'):
-    assert (workdir / name).read_bytes() == (nb201_search / name).read_bytes(), name
+  devices = process.default_devices('nb201', [32, 64])  # TINY_SEARCH's batches
+  meta = json.loads((workdir / 'checkpoints' / '4' / 'meta' / 'metadata').read_text())
+  assert meta['device_count'] == devices and 'resumes' not in meta
+  if devices > 1:
+    assert f'the batch split over {devices} XLA devices' in resumed.stdout
+  np.testing.assert_allclose(np.load(workdir / 'alpha_cell.npy'),
+                             np.load(nb201_search / 'alpha_cell.npy'), rtol=0, atol=1e-5)
+  assert (json.loads((workdir / 'genotype.json').read_text())
+          == json.loads((nb201_search / 'genotype.json').read_text()))
 
 
 def test_gdas_search_step_on_nb201():

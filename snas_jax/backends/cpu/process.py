@@ -3,7 +3,10 @@ CPU backend runs (``configure``), never on import and never off the CPU.
 
 * XLA:CPU's memory-minimising scheduler: the default one runs independent ops
   side by side and keeps more buffers alive.
-* ``--cpu_devices``: the CPU split into several XLA devices.
+* ``--cpu_devices``: the CPU split into several XLA devices, the batch split
+  over them; by default (``default_devices``) one device per core for a space
+  whose networks run as the reference modules (NB201), one device for a space
+  with the backend's forms (DARTS).
 * Memory tuning. XLA:CPU mallocs a train step's temporaries (2.6 GB at the
   paper's search configuration) when the step starts and frees them when it
   ends, so by default the kernel maps and zeroes them afresh every step. The
@@ -30,6 +33,34 @@ from snas_jax.backends.cpu import native
 HUGE_PAGES = 'glibc.malloc.hugetlb=1'
 KEEP_HEAP = ('glibc.malloc.trim_threshold=1073741824', 'glibc.malloc.mmap_threshold=33554432')
 _TUNED = 'SNAS_JAX_MEMORY_TUNED'  # set in the restarted process: restart once
+
+
+# Spaces whose networks take this backend's forms (forms.py): their native kernels
+# run on one device and spread each call's images over the cores themselves.
+FORMS_SPACES = frozenset({'darts'})
+# Fewest images a device keeps when the batch is split by default: a half batch
+# of 32 runs its convolutions at ~80% of a core's FMA peak (docs/performance.md).
+MIN_IMAGES_PER_DEVICE = 16
+
+
+def default_devices(space: str, batch_sizes, processes: int = 1, cores: int | None = None) -> int:
+  """The XLA devices a host's CPU is split into when --cpu_devices is 0.
+
+  A space with the backend's forms: 1. Otherwise (NB201, whose reference
+  modules run) one device per core: XLA:CPU runs each convolution (YNNPACK)
+  on one thread, so on one device the other cores idle through the
+  convolutions, while devices run side by side (NB201's search step: 1.25x
+  on 2 cores, docs/performance.md). The count is the largest that divides
+  every batch and leaves each device MIN_IMAGES_PER_DEVICE images; a
+  multi-process run keeps one device per process."""
+  if space in FORMS_SPACES or processes != 1:
+    return 1
+  if cores is None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+  for n in range(cores, 1, -1):
+    if all(b % n == 0 and b // n >= MIN_IMAGES_PER_DEVICE for b in batch_sizes):
+      return n
+  return 1
 
 
 def configure(tune_memory: bool, cpu_devices: int) -> None:
