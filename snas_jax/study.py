@@ -484,15 +484,24 @@ def setting_lines(results: Results, reference: Mapping, reasons: Mapping,
   return out
 
 
+def shown_path(path) -> str:
+  """``path`` relative to the checkout of this repository that holds it (the
+  runs may have come from another checkout), else relative to this one."""
+  path = Path(path).resolve()
+  for parent in path.parents:
+    if (parent / 'snas_jax').is_dir() and (parent / 'experiments').is_dir():
+      return str(path.relative_to(parent))
+  return os.path.relpath(path, ROOT)
+
+
 def settings_shown(results: Results) -> str:
-  """The settings flagfile the runs used, relative to the checkout."""
-  return os.path.relpath(results.state.get('settings', str(results.study.default_settings())),
-                         ROOT)
+  """The settings flagfile the runs used, relative to its checkout."""
+  return shown_path(results.state.get('settings', str(results.study.default_settings())))
 
 
 def retrain_settings_shown(results: Results) -> str:
   """The retraining flagfile of the study, relative to the checkout."""
-  return os.path.relpath(str(results.study.retrain_settings()), ROOT)
+  return shown_path(results.study.retrain_settings())
 
 
 def provenance(results: Results) -> tuple[list[str], list[str], float]:

@@ -4,6 +4,7 @@ lines and report. The driver end to end with real searches: test_replication.py.
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -365,3 +366,20 @@ def test_grid_warns_of_other_settings_only_when_a_flag_differs(tmp_path, monkeyp
   logged = []
   study.run_grid(nb201.STUDY, str(workdir), ['snas'], [0], log=logged.append)
   assert logged[0].startswith(f'warning: {workdir} holds runs made with other settings')
+
+
+def test_a_flagfile_is_shown_relative_to_its_own_checkout(tmp_path):
+  """The report names the settings of runs made from another checkout as that
+  checkout's path (experiments/configs/...), any other file relative to this one."""
+  from snas_jax import study
+  other = tmp_path / 'other_checkout'
+  (other / 'snas_jax').mkdir(parents=True)
+  (other / 'experiments' / 'configs').mkdir(parents=True)
+  flagfile = other / 'experiments' / 'configs' / 'nb201_study.flags'
+  flagfile.write_text('--epochs=1\n')
+  assert study.shown_path(flagfile) == 'experiments/configs/nb201_study.flags'
+  assert study.shown_path(study.ROOT / 'experiments' / 'configs' / 'quick.flags') == \
+      'experiments/configs/quick.flags'
+  loose = tmp_path / 'mine.flags'
+  loose.write_text('--epochs=1\n')
+  assert study.shown_path(loose) == os.path.relpath(loose.resolve(), study.ROOT)
