@@ -47,13 +47,13 @@ flags.DEFINE_string('json_out', '', 'Also write the results here as a JSON list.
 flags.DEFINE_string('child', '', 'Internal: measure one row given as JSON and print it.')
 FLAGS = flags.FLAGS
 
-VARIANTS = ('xla, one device', 'xla, one core', 'pytorch')
-
-
 def shapes() -> list:
-  """(H, C, G, K) of every cell convolution of one cell per stage."""
+  """(H, C, G, K) of every cell convolution of one cell per stage: the space's
+  edge batches (G edges leaving a node) times its conv ops (kernel K)."""
+  from snas_jax.spaces import nb201
+  fan_outs = [len(dests) for _, dests, _ in nb201.EDGE_BATCHES]
   return [(FLAGS.image_size >> s, FLAGS.channels << s, g, k)
-          for s in range(3) for g in (3, 2, 1) for k in (3, 1)]
+          for s in range(3) for g in fan_outs for k in nb201.CONV_KERNELS.values()]
 
 
 def flops(images: int) -> float:
