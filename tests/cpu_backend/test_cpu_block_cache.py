@@ -32,6 +32,30 @@ libc.malloc_usable_size.restype = ctypes.c_size_t
 libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
 MB = 1 << 20
 
+# Never more resident than the process held: a step's block freed while the
+# next step's is live (born later: not a twin) is not kept; a request the kept
+# block does not fit drops it.
+import threading, time
+
+def fresh(ptr, size):  # zero: a new mapping, not a kept block
+  return not any(ctypes.string_at(ptr + i * MB, 64).strip(b'\0') for i in range(0, size, 50))
+h1 = libc.malloc(300 * MB)
+time.sleep(0.3)
+h2 = libc.malloc(300 * MB)  # waits 0.1 s for h1's free, then maps
+ctypes.memset(h1, 3, 300 * MB)
+libc.free(h1)  # h2 is live and of its size: unmapped
+h3 = libc.malloc(300 * MB)
+print('twin not kept', fresh(h3, 300))
+ctypes.memset(h3, 4, 300 * MB)
+libc.free(h3)
+ctypes.memset(h2, 5, 300 * MB)
+libc.free(h2)  # kept (no twin left)
+h4 = libc.malloc(100 * MB)  # does not fit: h2 dropped
+h5 = libc.malloc(300 * MB)
+print('dropped for a new mapping', fresh(h5, 300))
+libc.free(h4)
+libc.free(h5)
+
 a = libc.malloc(300 * MB)
 print('usable', libc.malloc_usable_size(a) >= 300 * MB)
 ctypes.memset(a, 7, 300 * MB)
@@ -60,28 +84,27 @@ for ptr in (e, f, g):
 small = libc.malloc(100)  # glibc's
 print('small usable', 100 <= libc.malloc_usable_size(small) < 200)
 libc.free(small)
-# Never more resident than glibc: a block freed while a twin is live is not
-# kept; a request the kept block does not fit drops it.
-def fresh(ptr, size):  # zero: a new mapping, not a kept block
-  return not any(ctypes.string_at(ptr + i * MB, 64).strip(b'\0') for i in range(0, size, 50))
-h1, h2 = libc.malloc(300 * MB), libc.malloc(300 * MB)
-ctypes.memset(h1, 3, 300 * MB)
-libc.free(h1)  # h2 is live and of its size: unmapped
-h3 = libc.malloc(300 * MB)
-print('twin not kept', fresh(h3, 300))
-ctypes.memset(h3, 4, 300 * MB)
-libc.free(h3)
-ctypes.memset(h2, 5, 300 * MB)
-libc.free(h2)  # kept (no twin left)
-h4 = libc.malloc(100 * MB)  # does not fit: h2 dropped
-h5 = libc.malloc(300 * MB)
-print('dropped for a new mapping', fresh(h5, 300))
-libc.free(h4)
-libc.free(h5)
+# Twins (devices' temporaries, born together) are kept, one block each.
+t1, t2 = libc.malloc(300 * MB), libc.malloc(300 * MB)
+ctypes.memset(t1, 1, 300 * MB)
+ctypes.memset(t2, 2, 300 * MB)
+libc.free(t1)
+libc.free(t2)
+t3, t4 = libc.malloc(300 * MB), libc.malloc(300 * MB)
+print('twins kept', {t3, t4} == {t1, t2}, not fresh(t3, 300) and not fresh(t4, 300))
+time.sleep(0.3)
+t5 = libc.malloc(300 * MB)  # born later: not their twin (waits 0.1 s for their free)
+ctypes.memset(t5, 5, 300 * MB)
+for ptr in (t3, t4, t5):  # t3 is freed while two of its size are live: unmapped
+  libc.free(ptr)
+u = [libc.malloc(300 * MB) for _ in range(3)]
+print('no more kept than twins', sorted(fresh(ptr, 300) for ptr in u))
+for ptr in u:
+  libc.free(ptr)
+libc.free(libc.malloc(100 * MB))  # a request they do not fit: the kept blocks are dropped
 # A request that an old live block would serve waits for its free (XLA frees
 # a step's temporaries just after the next step asks for its own); a young
 # twin (devices running at once) is not waited for, nor an old one forever.
-import threading, time
 
 w1 = libc.malloc(300 * MB)
 ctypes.memset(w1, 6, 300 * MB)
@@ -103,7 +126,9 @@ x = np.arange(50_000_000, dtype=np.float64)  # 400 MB through numpy
 print('numpy', float((x * 2).sum()) == 2 * 49_999_999 * 50_000_000 / 2)
 """
 
-EXPECTED = """usable True
+EXPECTED = """twin not kept True
+dropped for a new mapping True
+usable True
 reused True True
 calloc zero True
 reused zero True True
@@ -113,8 +138,8 @@ posix_memalign True
 bad alignment 22
 aligned_alloc True
 small usable True
-twin not kept True
-dropped for a new mapping True
+twins kept True True
+no more kept than twins [False, False, True]
 old twin awaited True True
 young twin not awaited True True
 waits at most 0.1 s True True

@@ -10,12 +10,17 @@
 // mmap off, the freed block is split by small allocations and the next step
 // maps a second one (peak memory x2, measured).
 //
-// Blocks of at least kLarge bytes are mapped here. The most recently freed one
-// stays mapped and serves the next large request of about its size (3/4 of
-// it or more). Never more resident than glibc would hold: a request it does
-// not fit unmaps it before mapping anew, and a block freed while another of
-// about its size is live is unmapped, not kept. All other requests go to
-// glibc (its __libc_* entry points). Thread-safe; no allocation inside.
+// Blocks of at least kLarge bytes are mapped here. Freed ones stay mapped and
+// serve the next large requests of about their size (3/4 of it or more): as
+// many as the process has had twins live at once (devices' programs running
+// side by side: blocks born within kOldNs of each other, each device's
+// temporaries), one where a step runs alone. Never more resident than the
+// process already held at its peak: a block freed while the kept blocks and
+// the live ones of its size already number the twins is unmapped, a freed
+// block unmaps the kept ones of other sizes, and a request no kept block
+// fits unmaps them before mapping anew. All other
+// requests go to glibc (its __libc_* entry points). Thread-safe; no
+// allocation inside.
 //
 // XLA frees a step's temporaries a few ms after its outputs are ready, so the
 // next step's request often comes while they are still live (measured: freed
@@ -23,8 +28,8 @@
 // block of at least kOldNs's age would serve waits up to kWaitNs for it to be
 // freed and takes it; without the wait the next step mapped and zeroed a
 // fresh 2.6 GB every other step (0.3-0.5 s). Blocks younger than that are
-// taken as concurrent twins (several devices' programs running at once): no
-// wait.
+// concurrent twins: no wait. Without a kept block per twin, NB201's search on
+// 2 devices mapped and zeroed one device's temporaries every step.
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
@@ -59,9 +64,10 @@ struct Block {
 };
 
 pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-pthread_cond_t freed = PTHREAD_COND_INITIALIZER;  // signalled when a block is cached
-Block live[kSlots];       // guarded by mu; ptr == nullptr: empty
-Block cached = {nullptr, 0, 0};  // guarded by mu
+pthread_cond_t freed = PTHREAD_COND_INITIALIZER;  // signalled when a block is kept
+Block live[kSlots];    // guarded by mu; ptr == nullptr: empty
+Block cached[kSlots];  // freed blocks kept mapped; guarded by mu; ptr == nullptr: empty
+int twins = 1;         // most blocks of one size born within kOldNs, live at once; guarded by mu
 // Read without the lock by free(): whether any large block is live, so the
 // common free() of a small block costs one load.
 volatile int live_count = 0;
@@ -80,6 +86,13 @@ int64_t Now() {
   return t.tv_sec * 1'000'000'000 + t.tv_nsec;
 }
 
+// A kept block that serves n, or -1. Caller holds mu.
+int CachedFit(size_t n) {
+  for (int i = 0; i < kSlots; ++i)
+    if (cached[i].ptr != nullptr && Fits(cached[i].size, n)) return i;
+  return -1;
+}
+
 // Whether a live block that is kOldNs old or more would serve n. Caller holds mu.
 bool OldTwinLive(size_t n, int64_t now) {
   for (const Block& b : live)
@@ -87,19 +100,19 @@ bool OldTwinLive(size_t n, int64_t now) {
   return false;
 }
 
-// A mapped block for n bytes (nullptr if none): the cached one if it fits and
-// is not much larger (after waiting for an old twin's free, see the top),
-// else a new mapping on transparent huge pages.
+// A mapped block for n bytes (nullptr if none): a kept one that fits (after
+// waiting for an old twin's free, see the top), else a new mapping on
+// transparent huge pages.
 void* Allocate(size_t n, bool zero) {
   Lock lock;
   const int64_t start = Now();
-  if (!(cached.ptr != nullptr && Fits(cached.size, n)) && OldTwinLive(n, start)) {
+  if (CachedFit(n) < 0 && OldTwinLive(n, start)) {
     timespec deadline;  // the condition variable's clock: CLOCK_REALTIME
     clock_gettime(CLOCK_REALTIME, &deadline);
     deadline.tv_nsec += kWaitNs;
     deadline.tv_sec += deadline.tv_nsec / 1'000'000'000;
     deadline.tv_nsec %= 1'000'000'000;
-    while (!(cached.ptr != nullptr && Fits(cached.size, n)) && OldTwinLive(n, start) &&
+    while (CachedFit(n) < 0 && OldTwinLive(n, start) &&
            pthread_cond_timedwait(&freed, &mu, &deadline) == 0) {
     }
   }
@@ -107,13 +120,14 @@ void* Allocate(size_t n, bool zero) {
   while (slot < kSlots && live[slot].ptr != nullptr) ++slot;
   if (slot == kSlots) return nullptr;
   Block b = {nullptr, 0, 0};
-  if (cached.ptr != nullptr && Fits(cached.size, n)) {
-    b = cached;
-    cached = {nullptr, 0, 0};
+  const int kept = CachedFit(n);
+  if (kept >= 0) {
+    b = cached[kept];
+    cached[kept] = {nullptr, 0, 0};
     if (zero) memset(b.ptr, 0, n);
   } else {
-    if (cached.ptr != nullptr) munmap(cached.ptr, cached.size);
-    cached = {nullptr, 0, 0};
+    for (Block& c : cached)
+      if (c.ptr != nullptr) munmap(c.ptr, c.size), c = {nullptr, 0, 0};
     const size_t size = (n + kHuge - 1) / kHuge * kHuge;
     void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return nullptr;
@@ -123,6 +137,10 @@ void* Allocate(size_t n, bool zero) {
   b.born = Now();
   live[slot] = b;
   live_count = live_count + 1;
+  int young = 0;  // live blocks of b's size born with it: b's twins, b included
+  for (const Block& l : live)
+    young += l.ptr != nullptr && Fits(b.size, l.size) && b.born - l.born < kOldNs;
+  if (young > twins) twins = young;
   return b.ptr;
 }
 
@@ -141,14 +159,20 @@ bool Release(void* p) {
   const Block b = live[i];
   live[i] = {nullptr, 0, 0};
   live_count = live_count - 1;
-  bool twin = false;  // another live block that a request for b would take
-  for (int j = 0; j < kSlots; ++j) twin |= live[j].ptr != nullptr && Fits(b.size, live[j].size);
-  if (twin) {
+  int held = 0;  // blocks a request for b would take: live, or kept
+  int free_slot = -1;
+  for (int j = 0; j < kSlots; ++j) {
+    if (cached[j].ptr != nullptr && !Fits(b.size, cached[j].size))  // kept for another size
+      munmap(cached[j].ptr, cached[j].size), cached[j] = {nullptr, 0, 0};
+    held += live[j].ptr != nullptr && Fits(b.size, live[j].size);
+    held += cached[j].ptr != nullptr && Fits(b.size, cached[j].size);
+    if (cached[j].ptr == nullptr) free_slot = j;
+  }
+  if (held >= twins || free_slot < 0) {
     munmap(b.ptr, b.size);
     return true;
   }
-  if (cached.ptr != nullptr) munmap(cached.ptr, cached.size);
-  cached = b;
+  cached[free_slot] = b;
   pthread_cond_broadcast(&freed);
   return true;
 }
