@@ -130,6 +130,43 @@ class ReLUConvBN(nn.Module):
     return layers.BatchNorm(self.affine, name='bn')(y, train)
 
 
+def _box_sum_3x3(x):
+  """The 3x3 sum around every pixel of x [N,H,W,C], zero beyond the border: a row of 3 then a
+  column of 3 shifted adds (XLA:CPU's reduce-window runs 3-5x slower)."""
+  h, w = x.shape[1:3]
+  rows = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
+  rows = rows[:, :, :w] + rows[:, :, 1:w + 1] + rows[:, :, 2:]
+  cols = jnp.pad(rows, ((0, 0), (1, 1), (0, 0), (0, 0)))
+  return cols[:, :h] + cols[:, 1:h + 1] + cols[:, 2:]
+
+
+def _window_counts(h: int, w: int) -> np.ndarray:
+  """How many in-bounds pixels each 3x3 window (pad 1, stride 1) holds: [H, W, 1]."""
+  def per_axis(n):  # i-1, i, i+1 in [0, n)
+    i = np.arange(n)
+    return 1 + (i > 0) + (i < n - 1)
+  return (per_axis(h)[:, None] * per_axis(w)[None, :])[..., None].astype(np.float32)
+
+
+@jax.custom_vjp
+def avg_pool_3x3(x):
+  """3x3 average pool, stride 1, pad 1 excluded from the count. Custom VJP: the pool is
+  linear and its transpose is the same box sum of the cotangent over the counts (autodiff
+  would pad it once per shifted slice)."""
+  return _box_sum_3x3(x) / _window_counts(*x.shape[1:3])
+
+
+def _avg_pool_fwd(x):
+  return avg_pool_3x3(x), None
+
+
+def _avg_pool_bwd(_, g):
+  return (_box_sum_3x3(g / _window_counts(*g.shape[1:3])),)
+
+
+avg_pool_3x3.defvjp(_avg_pool_fwd, _avg_pool_bwd)
+
+
 class AvgPool(nn.Module):
   """3x3 average pool, pad 1 excluded from the count (PyTorch's count_include_pad=False); no BN."""
   stride: int = 1
@@ -137,6 +174,8 @@ class AvgPool(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     del train
+    if self.stride == 1:
+      return avg_pool_3x3(x)
     return nn.avg_pool(x, (3, 3), (self.stride, self.stride), ((1, 1), (1, 1)),
                        count_include_pad=False)
 
@@ -266,6 +305,79 @@ def _wide_to_edges(g: int, tree):
   return jax.tree.map(per_edge, tree)
 
 
+class _ConvVariables(nn.Module):
+  """``nn.Conv``'s variables with a bias (kernel [K,K,C_in,C_out], bias [C_out], its
+  initialisers), declared without applying them: (kernel, bias)."""
+  shape: tuple
+
+  @nn.compact
+  def __call__(self):
+    k, _, c_in, c_out = self.shape
+    return (self.param('kernel', layers.torch_weight_init, self.shape),
+            self.param('bias', layers.torch_bias_init(k * k * c_in), (c_out,)))
+
+
+class _RunningStats(nn.Module):
+  """``layers.BatchNorm``'s variables without affine parameters: (mean, var) [C] variables."""
+  c: int
+
+  @nn.compact
+  def __call__(self):
+    return (self.variable('batch_stats', 'mean', jnp.zeros, (self.c,), jnp.float32),
+            self.variable('batch_stats', 'var', jnp.ones, (self.c,), jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_channels(y, parts: int):
+  """y [..., P·C] as P arrays [..., C]; the gradient is their cotangents concatenated (one
+  pass; the slices' own transpose pads each to P·C channels and adds them)."""
+  c = y.shape[-1] // parts
+  return tuple(y[..., i * c:(i + 1) * c] for i in range(parts))
+
+
+def _split_fwd(y, parts):
+  return split_channels(y, parts), None
+
+
+def _split_bwd(parts, _, cotangents):
+  return (jnp.concatenate(cotangents, axis=-1),)
+
+
+split_channels.defvjp(_split_fwd, _split_bwd)
+
+
+class SupernetReLUConvBN(nn.Module):
+  """``ReLUConvBN(c_out, kernel, affine=False, track_running_stats)`` of the supernet's
+  edges, on x already through the ReLU: the same variables and outputs, computed for
+  speed. In training (and with ``track_running_stats=False`` always), BN subtracts the
+  batch mean, so the conv's bias cancels: it is not added (its gradient is exactly 0,
+  as the reference's up to rounding) and the running mean takes it instead. The
+  batch variance comes from the same pass as the mean: E[y²] − E[y]².
+  """
+  c_out: int
+  kernel: int
+  track_running_stats: bool = True
+
+  @nn.compact
+  def __call__(self, relu_x, train: bool):
+    k, pad = self.kernel, self.kernel // 2
+    kernel, bias = _ConvVariables((k, k, relu_x.shape[-1], self.c_out), name='conv')()
+    y = jax.lax.conv_general_dilated(relu_x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    running = (_RunningStats(self.c_out, name='bn')() if self.track_running_stats else None)
+    if running is not None and not train:
+      mean, var = running[0].value - bias, running[1].value
+    else:
+      axes = tuple(range(y.ndim - 1))
+      mean = y.mean(axes)
+      var = jnp.maximum(jnp.square(y).mean(axes) - jnp.square(mean), 0.0)
+      if running is not None and not self.is_initializing():
+        n, m = y.size // self.c_out, layers.BN_MOMENTUM
+        running[0].value = (1 - m) * running[0].value + m * (mean + bias)
+        running[1].value = (1 - m) * running[1].value + m * var * (n / max(n - 1, 1))
+    return (y - mean) * jax.lax.rsqrt(var + layers.BN_EPSILON)
+
+
 class EdgeBatch(nn.Module):
   """The G supernet edges leaving one state, each AutoDL's MixedOp Σ_k z[g, k]·op_k(x) with
   BN not affine. x [N,H,W,C], z [G, 5] -> [edge g's output [N,H,W,C] for g < G].
@@ -289,28 +401,26 @@ class EdgeBatch(nn.Module):
     g = z.shape[0]
     # init: the wide module creates its variables, stored per edge; apply: it reads them
     # through the mapping (and writes its BN statistics back through the inverse).
-    wide = nn.map_variables(ReLUConvBN, ('params', 'batch_stats'), _edges_to_wide,
+    wide = nn.map_variables(SupernetReLUConvBN, ('params', 'batch_stats'), _edges_to_wide,
                             functools.partial(_wide_to_edges, g),
                             init=self.is_initializing(), mutable=True)
-    ys = {}  # op -> its output: [N,H,W,G·C] for the convs, [N,H,W,C] for the others
+    relu_x = nn.relu(x)  # shared by the convs
+    ys = {}  # op -> its output for each edge
     for name in OP_NAMES:
       if name in CONV_KERNELS:
-        op = wide(g * self.c, CONV_KERNELS[name], affine=False,
-                  track_running_stats=self.track_running_stats, name=name)
-      else:
-        op = OPS[name].module(self.c, 1, affine=False, name=name,
-                              track_running_stats=self.track_running_stats)
+        op = wide(g * self.c, CONV_KERNELS[name], self.track_running_stats, name=name)
+        ys[name] = split_channels(op(relu_x, self.train), g)
+        continue
+      op = OPS[name].module(self.c, 1, affine=False, name=name,
+                            track_running_stats=self.track_running_stats)
       if op is not None:  # 'none' adds z·0
-        ys[name] = op(x, self.train)
+        ys[name] = (op(x, self.train),) * g
     outputs = []
     for edge in range(g):
       out = 0.0
       for k, name in enumerate(OP_NAMES):
         if name in ys:
-          y = ys[name]
-          if name in CONV_KERNELS:
-            y = y[..., edge * self.c:(edge + 1) * self.c]
-          out = out + z[edge, k] * y
+          out = out + z[edge, k] * ys[name][edge]
       outputs.append(out)
     return outputs
 
