@@ -276,6 +276,29 @@ def test_a_cell_without_a_path_from_input_to_output_is_reported():
 # Costs.
 
 
+@pytest.mark.parametrize('h,w', [(1, 1), (1, 3), (2, 2), (5, 7)])
+def test_box_sum_average_pool_and_its_gradient_equal_the_reduce_window_pool(h, w):
+  """nb201.avg_pool_3x3 (shifted adds, a box-sum VJP) against flax's reduce-window pool with
+  count_include_pad=False and its autodiff gradient, borders and 1-pixel sides included."""
+  from flax import linen as nn
+  rng = np.random.default_rng(h * 10 + w)
+  x = jnp.asarray(rng.normal(size=(2, h, w, 3)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, h, w, 3)), jnp.float32)
+  reference = lambda v: nn.avg_pool(v, (3, 3), (1, 1), ((1, 1), (1, 1)), count_include_pad=False)
+  np.testing.assert_allclose(nb201.avg_pool_3x3(x), reference(x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.vjp(nb201.avg_pool_3x3, x)[1](g)[0],
+                             jax.vjp(reference, x)[1](g)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_split_channels_gradient_concatenates_the_cotangents():
+  y = jnp.arange(2 * 3 * 6, dtype=jnp.float32).reshape(2, 3, 6)
+  parts = nb201.split_channels(y, 3)
+  np.testing.assert_array_equal(parts[1], y[..., 2:4])
+  weights = (1.0, -2.0, 3.0)
+  grad = jax.grad(lambda v: sum(w * p.sum() for w, p in zip(weights, nb201.split_channels(v, 3))))(y)
+  np.testing.assert_array_equal(grad, jnp.broadcast_to(jnp.repeat(jnp.asarray(weights), 2), y.shape))
+
+
 def test_op_costs():
   # C = 16, 32x32 (NB201's first stage), params / FLOPs / MAC.
   assert nb201.op_cost('none', 16, 32) == (0, 0, 0)

@@ -12,8 +12,9 @@ CPU backend runs (``configure``), never on import and never off the CPU.
   ends, so by default the kernel maps and zeroes them afresh every step. The
   dynamic loader and glibc read their settings only at start-up, hence one
   restart (``restart_with_memory_tuning``):
-  - native/block_cache.cc, preloaded, keeps the last freed large block
-    (>= 64 MB) mapped for the next step (no faults, no zeroing);
+  - native/block_cache.cc, preloaded, keeps freed large blocks (>= 64 MB),
+    one per device running at once, mapped for the next step (no faults,
+    no zeroing);
   - glibc backs its blocks with transparent huge pages and keeps the heap it
     frees (trim threshold 1 GB) for blocks up to 32 MB (mmap threshold: its
     maximum), which YNNPACK's matmuls allocate and free per call.
@@ -49,7 +50,7 @@ def default_devices(space: str, batch_sizes, processes: int = 1, cores: int | No
   A space with the backend's forms: 1. Otherwise (NB201, whose reference
   modules run) one device per core: XLA:CPU runs each convolution (YNNPACK)
   on one thread, so on one device the other cores idle through the
-  convolutions, while devices run side by side (NB201's search step: 1.25x
+  convolutions, while devices run side by side (NB201's search step: 1.36x
   on 2 cores, docs/performance.md). The count is the largest that divides
   every batch and leaves each device MIN_IMAGES_PER_DEVICE images; a
   multi-process run keeps one device per process."""
