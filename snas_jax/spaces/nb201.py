@@ -32,8 +32,8 @@ The block: ReLU-conv3x3/2-BN, ReLU-conv3x3-BN, plus a shortcut 2x2 average
 pool /2 -> 1x1 conv (no BN). The stem, the blocks and the head keep affine
 BN in the supernet too. Every BatchNorm is ``layers.BatchNorm`` (PyTorch's:
 momentum 0.1, running variance from the unbiased batch variance), that is
-``track_running_stats=True``, except the supernet's cell BNs with
-``track_running_stats=False`` (``SearchNetwork``).
+``track_running_stats=True``, except the supernet's cell BNs, which may run
+with ``track_running_stats=False`` (``SearchNetwork``, ``SupernetReLUConvBN``).
 
 **The supernet** (TinyNetworkDarts with Z given): every cell edge is
 Σ_k Z[e, k]·op_k(x), one Z [6, 5] for all cells (cell type 'cell').
@@ -89,32 +89,16 @@ EXAMPLE = '|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_
 # Ops.
 
 
-class BatchStatNorm(nn.Module):
-  """torch.nn.BatchNorm2d(track_running_stats=False), not affine: normalises with the batch's
-  mean and biased variance over every axis but the last, in training and in evaluation alike;
-  no variables."""
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    del train
-    axes = tuple(range(x.ndim - 1))
-    mean = x.mean(axes)
-    return (x - mean) * jax.lax.rsqrt(jnp.square(x - mean).mean(axes) + layers.BN_EPSILON)
-
-
 class ReLUConvBN(nn.Module):
   """ReLU -> KxK conv (pad K//2, bias iff BN is not affine) -> BN.
 
-  x [N,H,W,C_in] -> [N,H',W',c_out].
-
-  ``track_running_stats=False`` (only with ``affine=False``, as AutoDL's search
-  scripts use it): ``BatchStatNorm`` in place of ``layers.BatchNorm``.
+  x [N,H,W,C_in] -> [N,H',W',c_out]. The supernet's cell edges run
+  ``SupernetReLUConvBN`` instead (with or without running statistics).
   """
   c_out: int
   kernel: int
   stride: int = 1
   affine: bool = True
-  track_running_stats: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -123,16 +107,12 @@ class ReLUConvBN(nn.Module):
     y = nn.Conv(self.c_out, (k, k), (self.stride, self.stride), padding=((pad, pad), (pad, pad)),
                 use_bias=not self.affine, kernel_init=layers.torch_weight_init,
                 bias_init=layers.torch_bias_init(fan_in), name='conv')(nn.relu(x))
-    if not self.track_running_stats:
-      if self.affine:
-        raise ValueError('an affine BN without running statistics is not an NB201 module')
-      return BatchStatNorm(name='bn')(y, train)
     return layers.BatchNorm(self.affine, name='bn')(y, train)
 
 
 def _box_sum_3x3(x):
   """The 3x3 sum around every pixel of x [N,H,W,C], zero beyond the border: a row of 3 then a
-  column of 3 shifted adds (XLA:CPU's reduce-window runs 3-5x slower)."""
+  column of 3 shifted adds (faster on XLA:CPU than its reduce-window)."""
   h, w = x.shape[1:3]
   rows = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
   rows = rows[:, :, :w] + rows[:, :, 1:w + 1] + rows[:, :, 2:]
@@ -168,16 +148,13 @@ avg_pool_3x3.defvjp(_avg_pool_fwd, _avg_pool_bwd)
 
 
 class AvgPool(nn.Module):
-  """3x3 average pool, pad 1 excluded from the count (PyTorch's count_include_pad=False); no BN."""
-  stride: int = 1
+  """3x3 average pool, stride 1, pad 1 excluded from the count (PyTorch's
+  count_include_pad=False); no BN."""
 
   @nn.compact
   def __call__(self, x, train: bool):
     del train
-    if self.stride == 1:
-      return avg_pool_3x3(x)
-    return nn.avg_pool(x, (3, 3), (self.stride, self.stride), ((1, 1), (1, 1)),
-                       count_include_pad=False)
+    return avg_pool_3x3(x)
 
 
 def _check_stride(stride: int) -> None:
@@ -185,32 +162,32 @@ def _check_stride(stride: int) -> None:
     raise ValueError(f'NB201 cell edges keep the resolution (stride 1), got stride {stride}')
 
 
-# Op factories: (c, stride, *, affine, name, track_running_stats) -> module or None.
+# Op factories: (c, stride, *, affine, name) -> module or None.
 
 
-def _none(c, stride, *, affine=True, name=None, track_running_stats=True):
-  del c, affine, name, track_running_stats
+def _none(c, stride, *, affine=True, name=None):
+  del c, affine, name
   _check_stride(stride)
   return None
 
 
-def _skip(c, stride, *, affine=True, name=None, track_running_stats=True):
-  del c, affine, track_running_stats
+def _skip(c, stride, *, affine=True, name=None):
+  del c, affine
   _check_stride(stride)
   return layers.Identity(name=name)
 
 
 def _relu_conv_bn(kernel: int):
-  def make(c, stride, *, affine=True, name=None, track_running_stats=True):
+  def make(c, stride, *, affine=True, name=None):
     _check_stride(stride)
-    return ReLUConvBN(c, kernel, stride, affine, track_running_stats, name=name)
+    return ReLUConvBN(c, kernel, stride, affine, name=name)
   return make
 
 
-def _avg_pool(c, stride, *, affine=True, name=None, track_running_stats=True):
-  del c, affine, track_running_stats
+def _avg_pool(c, stride, *, affine=True, name=None):
+  del c, affine
   _check_stride(stride)
-  return AvgPool(stride, name=name)
+  return AvgPool(name=name)
 
 
 def op_cost(name: str, c: int, y: int, stride: int = 1) -> tuple:
@@ -347,7 +324,7 @@ split_channels.defvjp(_split_fwd, _split_bwd)
 
 
 class SupernetReLUConvBN(nn.Module):
-  """``ReLUConvBN(c_out, kernel, affine=False, track_running_stats)`` of the supernet's
+  """AutoDL's ``ReLUConvBN(affine=False, track_running_stats)`` of the supernet's
   edges, on x already through the ReLU: the same variables and outputs, computed for
   speed. In training (and with ``track_running_stats=False`` always), BN subtracts the
   batch mean, so the conv's bias cancels: it is not added (its gradient is exactly 0,
@@ -411,8 +388,7 @@ class EdgeBatch(nn.Module):
         op = wide(g * self.c, CONV_KERNELS[name], self.track_running_stats, name=name)
         ys[name] = split_channels(op(relu_x, self.train), g)
         continue
-      op = OPS[name].module(self.c, 1, affine=False, name=name,
-                            track_running_stats=self.track_running_stats)
+      op = OPS[name].module(self.c, 1, affine=False, name=name)
       if op is not None:  # 'none' adds z·0
         ys[name] = (op(x, self.train),) * g
     outputs = []
