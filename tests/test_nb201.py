@@ -290,13 +290,34 @@ def test_box_sum_average_pool_and_its_gradient_equal_the_reduce_window_pool(h, w
                              jax.vjp(reference, x)[1](g)[0], rtol=1e-6, atol=1e-6)
 
 
-def test_split_channels_gradient_concatenates_the_cotangents():
-  y = jnp.arange(2 * 3 * 6, dtype=jnp.float32).reshape(2, 3, 6)
-  parts = nb201.split_channels(y, 3)
-  np.testing.assert_array_equal(parts[1], y[..., 2:4])
-  weights = (1.0, -2.0, 3.0)
-  grad = jax.grad(lambda v: sum(w * p.sum() for w, p in zip(weights, nb201.split_channels(v, 3))))(y)
-  np.testing.assert_array_equal(grad, jnp.broadcast_to(jnp.repeat(jnp.asarray(weights), 2), y.shape))
+@pytest.mark.parametrize('offset', [0.0, 3.0])
+def test_mix_edges_gradient_is_batch_norms_whole_gradient(offset):
+  """mix_edges (statistics in without gradient) against autodiff of the same mix with the
+  statistics computed inside, for every input; offset: conv outputs whose mean is 3 std."""
+  rng = np.random.default_rng(1)
+  g, c = 3, 4
+  arrays = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  z_shared, z_wide = arrays(g, 2), arrays(g, 2)
+  shared = (arrays(2, 5, 5, c), arrays(2, 5, 5, c))
+  ys = (arrays(2, 5, 5, g * c) + offset, arrays(2, 5, 5, g * c) - offset)
+  weights = [arrays(2, 5, 5, c) for _ in range(g)]
+
+  def stats(y):
+    mean = y.mean((0, 1, 2))
+    return mean, jnp.square(y).mean((0, 1, 2)) - jnp.square(mean)
+
+  def loss(mix, stats_of, z_shared, shared, z_wide, ys):
+    wide = tuple((y, *stats_of(y)) for y in ys)
+    return sum((w * out).sum() for w, out in zip(weights, mix(z_shared, shared, z_wide, wide)))
+
+  args = (z_shared, shared, z_wide, ys)
+  ours = jax.grad(functools.partial(loss, nb201.mix_edges, lambda y: stats(jax.lax.stop_gradient(y))),
+                  argnums=(0, 1, 2, 3))(*args)
+  autodiff = jax.grad(functools.partial(loss, nb201._mix, stats), argnums=(0, 1, 2, 3))(*args)
+  np.testing.assert_allclose(nb201.mix_edges(z_shared, shared, z_wide, tuple((y, *stats(y)) for y in ys)),
+                             nb201._mix(z_shared, shared, z_wide, tuple((y, *stats(y)) for y in ys)))
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(autodiff)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
 
 
 def test_op_costs():

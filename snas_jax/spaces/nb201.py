@@ -304,32 +304,20 @@ class _RunningStats(nn.Module):
             self.variable('batch_stats', 'var', jnp.ones, (self.c,), jnp.float32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def split_channels(y, parts: int):
-  """y [..., P·C] as P arrays [..., C]; the gradient is their cotangents concatenated (one
-  pass; the slices' own transpose pads each to P·C channels and adds them)."""
-  c = y.shape[-1] // parts
-  return tuple(y[..., i * c:(i + 1) * c] for i in range(parts))
-
-
-def _split_fwd(y, parts):
-  return split_channels(y, parts), None
-
-
-def _split_bwd(parts, _, cotangents):
-  return (jnp.concatenate(cotangents, axis=-1),)
-
-
-split_channels.defvjp(_split_fwd, _split_bwd)
-
-
 class SupernetReLUConvBN(nn.Module):
   """AutoDL's ``ReLUConvBN(affine=False, track_running_stats)`` of the supernet's
-  edges, on x already through the ReLU: the same variables and outputs, computed for
-  speed. In training (and with ``track_running_stats=False`` always), BN subtracts the
-  batch mean, so the conv's bias cancels: it is not added (its gradient is exactly 0,
-  as the reference's up to rounding) and the running mean takes it instead. The
-  batch variance comes from the same pass as the mean: E[y²] − E[y]².
+  edges, on x already through the ReLU, in two halves: this module's conv and BN
+  statistics, and the normalisation, which ``mix_edges`` does as it mixes the
+  edges. Returns (y, mean, var): y the conv's output *without its bias*, and the
+  mean and variance that normalise it, ŷ = (y − mean)/√(var + ε).
+
+  In training (and with ``track_running_stats=False`` always), BN subtracts the
+  batch mean, so the conv's bias cancels: it is not added (its gradient is
+  exactly 0, as the reference's up to rounding) and the running mean takes it
+  instead. The batch variance comes from the same pass as the mean:
+  E[y²] − E[y]². Batch statistics leave through ``stop_gradient``: their
+  dependence on y is in ``mix_edges``'s gradient. In evaluation with running
+  statistics they are (running mean − bias, running var), constants.
   """
   c_out: int
   kernel: int
@@ -343,16 +331,84 @@ class SupernetReLUConvBN(nn.Module):
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     running = (_RunningStats(self.c_out, name='bn')() if self.track_running_stats else None)
     if running is not None and not train:
-      mean, var = running[0].value - bias, running[1].value
-    else:
-      axes = tuple(range(y.ndim - 1))
-      mean = y.mean(axes)
-      var = jnp.maximum(jnp.square(y).mean(axes) - jnp.square(mean), 0.0)
-      if running is not None and not self.is_initializing():
-        n, m = y.size // self.c_out, layers.BN_MOMENTUM
-        running[0].value = (1 - m) * running[0].value + m * (mean + bias)
-        running[1].value = (1 - m) * running[1].value + m * var * (n / max(n - 1, 1))
-    return (y - mean) * jax.lax.rsqrt(var + layers.BN_EPSILON)
+      return y, running[0].value - bias, running[1].value
+    axes = tuple(range(y.ndim - 1))
+    y_const = jax.lax.stop_gradient(y)
+    mean = y_const.mean(axes)
+    var = jnp.maximum(jnp.square(y_const).mean(axes) - jnp.square(mean), 0.0)
+    if running is not None and not self.is_initializing():
+      n, m = y.size // self.c_out, layers.BN_MOMENTUM
+      running[0].value = (1 - m) * running[0].value + m * (mean + bias)
+      running[1].value = (1 - m) * running[1].value + m * var * (n / max(n - 1, 1))
+    return y, mean, var
+
+
+def _mix(z_shared, shared, z_wide, wide):
+  """Edge g's output Σ_s z_shared[g,s]·shared[s] + Σ_w z_wide[g,w]·ŷ_w[g], where
+  shared[s] [N,H,W,C] is an op's output for every edge, wide[w] = (y, mean, var) an
+  op's G edges' outputs side by side (y [N,H,W,G·C]) with the statistics that
+  normalise them, ŷ_w[g] the g-th block of C channels of (y − mean)/√(var + ε)."""
+  g = z_shared.shape[0]
+  c = shared[0].shape[-1]
+  normalised = [(y - mean) * jax.lax.rsqrt(var + layers.BN_EPSILON) for y, mean, var in wide]
+  outputs = []
+  for edge in range(g):
+    out = 0.0
+    for s, x in enumerate(shared):
+      out = out + z_shared[edge, s] * x
+    for w, y in enumerate(normalised):
+      out = out + z_wide[edge, w] * y[..., edge * c:(edge + 1) * c]
+    outputs.append(out)
+  return tuple(outputs)
+
+
+@jax.custom_vjp
+def mix_edges(z_shared, shared, z_wide, wide):
+  """``_mix`` with the wide ops normalised by their batch statistics, which must be
+  y's own (mean and var over every axis but the last) and carry no gradient:
+  the gradient here is BN's whole one (through the statistics too).
+
+  Why by hand: autodiff's gradient keeps every normalised output and takes each
+  edge's and op's z-gradient in a pass over memory of its own (G·ops passes), BN's
+  sums in more. The z-gradients and BN's sums are the same per-channel sums of the
+  cotangents, taken here once in the wide layout (Σ d; Σ d·y per wide op; Σ d·x per
+  shared op), and each wide op's input gradient is one elementwise pass in the
+  layout its convolution's gradient reads. Σ d·(y − mean) is Σ d·y − mean·Σ d, so
+  y − mean is never stored (as the forward pass's variance is E[y²] − E[y]²).
+  """
+  return _mix(z_shared, shared, z_wide, wide)
+
+
+def _mix_edges_fwd(z_shared, shared, z_wide, wide):
+  return _mix(z_shared, shared, z_wide, wide), (z_shared, shared, z_wide, wide)
+
+
+def _mix_edges_bwd(residuals, douts):
+  z_shared, shared, z_wide, wide = residuals
+  g = z_shared.shape[0]
+  d = jnp.concatenate(douts, axis=-1)  # [N,H,W,G·C], edge g's cotangent the g-th block
+  axes = tuple(range(d.ndim - 1))
+  n = d.size // d.shape[-1]
+  # Per channel of the wide layout: Σ d, Σ d·y for each wide op, Σ d·x for each shared x.
+  tile = lambda x: jnp.tile(x, (1,) * (x.ndim - 1) + (g,))
+  sum_d = d.sum(axes)
+  sum_dy = [(d * y).sum(axes) for y, _, _ in wide]
+  sum_dx = jnp.stack([(d * tile(x)).sum(axes) for x in shared])
+  dz_shared = sum_dx.reshape(len(shared), g, -1).sum(-1).T
+  dshared = tuple(sum(z_shared[edge, s] * douts[edge] for edge in range(g))
+                  for s in range(len(shared)))
+  dz_wide, dwide = [], []
+  for w, (y, mean, var) in enumerate(wide):
+    rstd = jax.lax.rsqrt(var + layers.BN_EPSILON)
+    sum_dc = sum_dy[w] - mean * sum_d  # Σ d·(y − mean) per channel
+    dz_wide.append((rstd * sum_dc).reshape(g, -1).sum(1))  # Σ d·ŷ over each edge's block
+    scale = jnp.repeat(z_wide[:, w], d.shape[-1] // g) * rstd
+    dy = scale * (d - sum_d / n - (y - mean) * (jnp.square(rstd) * sum_dc / n))
+    dwide.append((dy, jnp.zeros_like(mean), jnp.zeros_like(var)))
+  return dz_shared, dshared, jnp.stack(dz_wide, -1), tuple(dwide)
+
+
+mix_edges.defvjp(_mix_edges_fwd, _mix_edges_bwd)
 
 
 class EdgeBatch(nn.Module):
@@ -368,6 +424,8 @@ class EdgeBatch(nn.Module):
   ``nor_conv_3x3/bn/mean`` [G,C]) and are mapped to the wide one inside the
   step. One wide convolution per op rather than G small ones, and not a vmap:
   that makes a grouped convolution, which XLA:CPU runs slowly (docs/performance.md).
+  ``mix_edges`` normalises the wide outputs and weighs the ops by z, in training
+  with BN's gradient written out.
   """
   c: int
   train: bool
@@ -378,27 +436,24 @@ class EdgeBatch(nn.Module):
     g = z.shape[0]
     # init: the wide module creates its variables, stored per edge; apply: it reads them
     # through the mapping (and writes its BN statistics back through the inverse).
-    wide = nn.map_variables(SupernetReLUConvBN, ('params', 'batch_stats'), _edges_to_wide,
+    wide_op = nn.map_variables(SupernetReLUConvBN, ('params', 'batch_stats'), _edges_to_wide,
                             functools.partial(_wide_to_edges, g),
                             init=self.is_initializing(), mutable=True)
     relu_x = nn.relu(x)  # shared by the convs
-    ys = {}  # op -> its output for each edge
-    for name in OP_NAMES:
+    shared, z_shared, wide, z_wide = [], [], [], []
+    for k, name in enumerate(OP_NAMES):
       if name in CONV_KERNELS:
-        op = wide(g * self.c, CONV_KERNELS[name], self.track_running_stats, name=name)
-        ys[name] = split_channels(op(relu_x, self.train), g)
+        op = wide_op(g * self.c, CONV_KERNELS[name], self.track_running_stats, name=name)
+        wide.append(op(relu_x, self.train))
+        z_wide.append(z[:, k])
         continue
       op = OPS[name].module(self.c, 1, affine=False, name=name)
       if op is not None:  # 'none' adds z·0
-        ys[name] = (op(x, self.train),) * g
-    outputs = []
-    for edge in range(g):
-      out = 0.0
-      for k, name in enumerate(OP_NAMES):
-        if name in ys:
-          out = out + z[edge, k] * ys[name][edge]
-      outputs.append(out)
-    return outputs
+        shared.append(op(x, self.train))
+        z_shared.append(z[:, k])
+    args = (jnp.stack(z_shared, -1), tuple(shared), jnp.stack(z_wide, -1), tuple(wide))
+    batch_statistics = self.train or not self.track_running_stats
+    return list(mix_edges(*args) if batch_statistics else _mix(*args))
 
 
 class SearchCell(nn.Module):
