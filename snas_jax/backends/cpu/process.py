@@ -50,7 +50,7 @@ def default_devices(space: str, batch_sizes, processes: int = 1, cores: int | No
   A space with the backend's forms: 1. Otherwise (NB201, whose reference
   modules run) one device per core: XLA:CPU runs each convolution (YNNPACK)
   on one thread, so on one device the other cores idle through the
-  convolutions, while devices run side by side (NB201's search step: 1.36x
+  convolutions, while devices run side by side (NB201's search step: 1.3x
   on 2 cores, docs/performance.md). The count is the largest that divides
   every batch and leaves each device MIN_IMAGES_PER_DEVICE images; a
   multi-process run keeps one device per process."""
