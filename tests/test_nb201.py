@@ -273,7 +273,7 @@ def test_a_cell_without_a_path_from_input_to_output_is_reported():
 
 
 # ----------------------------------------------------------------------------
-# Costs.
+# Ops.
 
 
 @pytest.mark.parametrize('h,w', [(1, 1), (1, 3), (2, 2), (5, 7)])
@@ -314,10 +314,15 @@ def test_mix_edges_gradient_is_batch_norms_whole_gradient(offset):
   ours = jax.grad(functools.partial(loss, nb201.mix_edges, lambda y: stats(jax.lax.stop_gradient(y))),
                   argnums=(0, 1, 2, 3))(*args)
   autodiff = jax.grad(functools.partial(loss, nb201._mix, stats), argnums=(0, 1, 2, 3))(*args)
-  np.testing.assert_allclose(nb201.mix_edges(z_shared, shared, z_wide, tuple((y, *stats(y)) for y in ys)),
-                             nb201._mix(z_shared, shared, z_wide, tuple((y, *stats(y)) for y in ys)))
+  wide = tuple((y, *stats(y)) for y in ys)
+  np.testing.assert_allclose(nb201.mix_edges(z_shared, shared, z_wide, wide),
+                             nb201._mix(z_shared, shared, z_wide, wide))
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(autodiff)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
+
+
+# ----------------------------------------------------------------------------
+# Costs.
 
 
 def test_op_costs():

@@ -437,8 +437,8 @@ class EdgeBatch(nn.Module):
     # init: the wide module creates its variables, stored per edge; apply: it reads them
     # through the mapping (and writes its BN statistics back through the inverse).
     wide_op = nn.map_variables(SupernetReLUConvBN, ('params', 'batch_stats'), _edges_to_wide,
-                            functools.partial(_wide_to_edges, g),
-                            init=self.is_initializing(), mutable=True)
+                               functools.partial(_wide_to_edges, g),
+                               init=self.is_initializing(), mutable=True)
     relu_x = nn.relu(x)  # shared by the convs
     shared, z_shared, wide, z_wide = [], [], [], []
     for k, name in enumerate(OP_NAMES):
